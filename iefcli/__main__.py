@@ -1,0 +1,3 @@
+from iefcli.cli import app
+
+app(prog_name="ief")

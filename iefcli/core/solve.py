@@ -1,0 +1,111 @@
+"""The N x N damped Gram solve shared by EF, iEF and SF, in float64.
+
+Given the Gram matrix C = R R^T of M gradient rows R (M x P), a right-hand side
+b (M,) and damping lambda >= 0, :func:`solve_gram` returns x with
+(C_KK + lambda I) x_K = b_K on the kept rows K and x = 0 on dropped rows, so
+that R^T x = R_K^T (R_K R_K^T + lambda I)^{-1} b_K.
+
+Rows are dropped (when ``dup_threshold`` is set) as the authors do: of any pair
+of rows with |cosine| > threshold, the smaller-norm one (ties: the later one);
+all-zero rows are dropped too. Dropped rows are replaced by identity rows and
+columns instead of being cut out, so shapes stay static and nothing waits on
+the host to learn how many rows survived.
+
+Cholesky first; if it fails (not positive definite in float64), a symmetric
+eigen-decomposition with the pseudo-inverse (eigenvalues below
+M * eps * max|eig| treated as zero). That choice reads one flag back to the host
+per solve; nothing else in the core does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """Diagnostics of one damped Gram solve (0-d tensors, on the solve's device).
+
+    residual:   ||(C_KK + lambda I) x_K - b_K|| / ||b_K||  (relative residual)
+    rows_kept:  |K|, rows left after duplicate filtering
+    cond:       condition estimate of C_KK + lambda I (from the Cholesky
+                diagonal: (max L_ii / min L_ii)^2, a lower bound; exact
+                max/min eigenvalue when the eigen fallback ran)
+    fallback:   True when Cholesky failed and the eigen path was used
+    """
+
+    residual: Tensor
+    rows_kept: Tensor
+    cond: Tensor
+    fallback: Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """Host-side numbers for logging (this is where the sync belongs)."""
+        return {
+            "solve_residual": float(self.residual),
+            "rows_kept": int(self.rows_kept),
+            "cond_estimate": float(self.cond),
+            "solve_fallback": bool(self.fallback),
+        }
+
+
+def duplicate_mask(gram: Tensor, threshold: float | None) -> Tensor:
+    """Bool (M,) mask of rows to KEEP.
+
+    Row i is dropped when it is all-zero, or when some row j has
+    |cos(i, j)| > threshold and a larger norm (or the same norm and j < i).
+    ``threshold`` None or 0 keeps every non-zero row.
+    """
+    norms2 = torch.diagonal(gram)
+    nonzero = norms2 > 0
+    if not threshold:
+        return nonzero
+    norms = norms2.clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
+    cos = gram / (norms[:, None] * norms[None, :])
+    m = gram.shape[0]
+    idx = torch.arange(m, device=gram.device)
+    # j "beats" i when it is larger, or equal and earlier.
+    beats = (norms[None, :] > norms[:, None]) | ((norms[None, :] == norms[:, None]) & (idx[None, :] < idx[:, None]))
+    close = (cos.abs() > threshold) & beats & nonzero[None, :]
+    close.fill_diagonal_(False)
+    return nonzero & ~close.any(dim=1)
+
+
+def solve_gram(
+    gram: Tensor,
+    rhs: Tensor,
+    damping: float,
+    *,
+    dup_threshold: float | None = 0.99,
+) -> tuple[Tensor, SolveInfo]:
+    """Solve (C_KK + damping I) x_K = b_K in float64; x is 0 off K. See module doc."""
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    c = gram.to(torch.float64)
+    b = rhs.to(torch.float64)
+    keep = duplicate_mask(c, dup_threshold)
+    keepf = keep.to(torch.float64)
+    m = c.shape[0]
+    eye = torch.eye(m, dtype=torch.float64, device=c.device)
+    # Dropped rows/columns become identity rows/columns with a zero right-hand side.
+    a = c * keepf[:, None] * keepf[None, :] + eye * torch.where(keep, damping, 1.0)
+    bk = b * keepf
+
+    chol, info = torch.linalg.cholesky_ex(a)
+    failed = info != 0
+    if bool(failed):  # the one host read-back: choose the fallback
+        evals, evecs = torch.linalg.eigh(a)
+        tol = evals.abs().max() * m * torch.finfo(torch.float64).eps
+        inv = torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
+        x = evecs @ (inv * (evecs.T @ bk))
+        cond = evals.max() / evals.clamp_min(tol).min()
+    else:
+        x = torch.cholesky_solve(bk.unsqueeze(1), chol).squeeze(1)
+        d = torch.diagonal(chol)
+        cond = (d.max() / d.min()) ** 2
+    resid = torch.linalg.vector_norm(a @ x - bk) / torch.linalg.vector_norm(bk).clamp_min(torch.finfo(torch.float64).tiny)
+    info_out = SolveInfo(residual=resid, rows_kept=keep.sum(), cond=cond, fallback=failed)
+    return x * keepf, info_out

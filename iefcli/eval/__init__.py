@@ -1,0 +1,1 @@
+"""Evaluation over checkpoints: the gamma framework (:mod:`iefcli.eval.gamma_eval`) and reports."""

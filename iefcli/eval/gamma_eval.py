@@ -1,0 +1,319 @@
+"""The paper's evaluation framework: how close is each method's update to the natural gradient?
+
+For one parameter point theta and a sequence of evaluation batches, every
+requested method's direction d is computed at every damping lambda and scored by
+
+    gamma(d) = sqrt(d^T G d) / (d^T g)          (:func:`iefcli.gamma.gamma`)
+    ratio(d) = gamma(d) / gamma(g)              (below 1: closer to NG than SGD)
+
+where g is the batch's mean-loss gradient and G its GGN (= Fisher). No Fisher is
+inverted: d^T G d comes from one Jacobian-vector product. Optionally the exact
+natural gradient d_NG = (G_sum + lambda I)^{-1} g (by CG) is added, together with
+the cosine between each direction and d_NG at the same damping.
+
+Everything here reuses the core: :func:`iefcli.core.batch_grads` is called ONCE
+per batch and its rows / Gram matrix are shared by all methods and dampings; SF's
+sampled-label rows are drawn once per batch (from the caller's generator) and
+shared by all dampings; the SGD direction and gamma(g) are damping-independent
+and computed once per batch (the SGD row is repeated at every damping so that
+tables and plots have their reference line at ratio 1).
+
+This module is pure: no printing, no files, no clock, no hidden randomness.
+Results come back as plain Python floats (the host reads happen here because
+this is an evaluation, not a training hot path).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from iefcli import directions
+from iefcli.core.jacobian import BatchGrads, Forward, batch_grads, default_forward, sampled_rows
+from iefcli.core.losses import Loss
+from iefcli.core.stats import batch_imbalance
+from iefcli.gamma import gamma
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHODS",
+    "DEFAULT_DAMPINGS",
+    "IMBALANCE_KEYS",
+    "ROW_COLUMNS",
+    "SUMMARY_KEYS",
+    "GammaEval",
+    "check_methods",
+    "evaluate_gamma",
+    "aggregate",
+    "aggregate_imbalance",
+]
+
+METHODS = ("sgd", "ef", "ief", "sf", "ngd")
+DEFAULT_METHODS = ("sgd", "ef", "ief", "sf")
+DEFAULT_DAMPINGS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
+IMBALANCE_KEYS = (
+    "grad_norm_max_min",
+    "grad_norm_top10_bottom10",
+    "logit_grad_norm_max_min",
+    "logit_grad_norm_top10_bottom10",
+)
+# One tidy row per (batch, method, damping); cos_to_ngd is None unless ngd was requested.
+ROW_COLUMNS = ("batch", "method", "damping", "gamma", "gamma_ratio", "cos_to_ngd", *IMBALANCE_KEYS)
+SUMMARY_KEYS = (
+    "method",
+    "damping",
+    "gamma_ratio_median",
+    "gamma_ratio_mean",
+    "gamma_ratio_iqr",
+    "gamma_median",
+    "cos_to_ngd_median",
+    "n_batches",
+)
+
+
+@dataclass
+class GammaEval:
+    """The result of :func:`evaluate_gamma`.
+
+    rows:       tidy rows, dicts with keys ROW_COLUMNS, batch-major, then method, then damping
+    imbalance:  one dict per batch (IMBALANCE_KEYS -> float)
+    summary:    :func:`aggregate` of the rows (one dict per method x damping)
+    imbalance_summary: :func:`aggregate_imbalance` (median over batches)
+    methods, dampings: as evaluated (deduplicated, in the caller's order)
+    ngd_info:   per (batch, damping) CG diagnostics when ngd was requested
+    """
+
+    rows: list[dict[str, Any]]
+    imbalance: list[dict[str, float]]
+    summary: list[dict[str, Any]]
+    imbalance_summary: dict[str, float]
+    methods: tuple[str, ...]
+    dampings: tuple[float, ...]
+    ngd_info: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.imbalance)
+
+
+def check_methods(methods: Iterable[str], dampings: Iterable[float]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Validate and deduplicate (keeping order); raise ValueError with a one-line reason."""
+    ms: list[str] = []
+    for m in methods:
+        m = m.strip().lower()
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in ms:
+            ms.append(m)
+    if not ms:
+        raise ValueError("no methods given")
+    ds: list[float] = []
+    for d in dampings:
+        d = float(d)
+        if not (math.isfinite(d) and d >= 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {d}")
+        if d not in ds:
+            ds.append(d)
+    if not ds:
+        raise ValueError("no damping values given")
+    if "sf" in ms and 0.0 in ds:
+        raise ValueError("sf needs damping > 0 (its Woodbury form divides by the damping)")
+    return tuple(ms), tuple(ds)
+
+
+def _split_batch(batch: Any) -> tuple[Any, Tensor]:
+    if hasattr(batch, "inputs") and hasattr(batch, "targets"):
+        return batch.inputs, batch.targets
+    inputs, targets = batch
+    return inputs, targets
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.to(torch.float64), b.to(torch.float64), dim=0))
+
+
+def evaluate_gamma(
+    *,
+    model: nn.Module,
+    params: dict[str, Tensor],
+    loss_fn: Loss,
+    batches: Iterable[Any],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    dampings: Sequence[float] = DEFAULT_DAMPINGS,
+    sf_samples: int = 1,
+    generator: torch.Generator | None = None,
+    forward: Forward = default_forward,
+    max_batches: int | None = None,
+    jacobian: str = "auto",
+    chunk_size: int | None = None,
+    dup_threshold: float | None = directions.DEFAULT_DUP_THRESHOLD,
+    ngd_maxiter: int = 500,
+    ngd_tol: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> GammaEval:
+    """Score every method's direction by gamma at every damping, on every batch.
+
+    model, params: the module and its TRAINABLE params dict (detached), as for
+        :func:`iefcli.core.batch_grads`; ``forward(model, params, inputs) -> logits``.
+    batches: an iterable of ``Batch(inputs, targets)`` or ``(inputs, targets)``;
+        at most ``max_batches`` are used.
+    methods: from METHODS (sgd, ef, ief, sf, ngd); dampings: lambda >= 0 values
+        (added to the Gram of the UNSCALED per-sample gradients; for ngd to the
+        GGN of the summed loss; see docs/DESIGN.md "Scale convention").
+    sf_samples: k label draws per datum for SF, drawn from ``generator``
+        (the only randomness; same generator state -> same result).
+    ngd_maxiter / ngd_tol: the CG budget for ngd (see :func:`iefcli.directions.ngd`).
+    on_batch: called with the number of batches done after each batch (progress).
+
+    Returns a :class:`GammaEval`. Raises ValueError for bad methods/dampings or
+    when ``batches`` yields nothing.
+    """
+    methods, dampings = check_methods(methods, dampings)
+    if sf_samples < 1:
+        raise ValueError(f"sf_samples must be >= 1, got {sf_samples}")
+    want_ngd = "ngd" in methods
+    rows: list[dict[str, Any]] = []
+    imbs: list[dict[str, float]] = []
+    ngd_info: list[dict[str, Any]] = []
+    it = batches if max_batches is None else islice(batches, max_batches)
+    for b, batch in enumerate(it):
+        inputs, targets = _split_batch(batch)
+        bg = batch_grads(
+            model, params, inputs, targets, loss_fn, jacobian=jacobian, forward=forward, chunk_size=chunk_size
+        )
+        imb = {k: float(v) for k, v in batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s).items()}
+        imbs.append(imb)
+        batch_rows, info = _one_batch(bg, methods, dampings, sf_samples, generator, dup_threshold, ngd_maxiter, ngd_tol)
+        for r in batch_rows:
+            rows.append({"batch": b, **r, **imb})
+        ngd_info.extend({"batch": b, **i} for i in info)
+        del bg
+        if on_batch is not None:
+            on_batch(b + 1)
+    if not imbs:
+        raise ValueError("no evaluation batches (the data split is empty or smaller than one batch)")
+    return GammaEval(
+        rows=rows,
+        imbalance=imbs,
+        summary=aggregate(rows, methods, dampings),
+        imbalance_summary=aggregate_imbalance(imbs),
+        methods=methods,
+        dampings=dampings,
+        ngd_info=ngd_info,
+    )
+
+
+def _one_batch(
+    bg: BatchGrads,
+    methods: tuple[str, ...],
+    dampings: tuple[float, ...],
+    sf_samples: int,
+    generator: torch.Generator | None,
+    dup_threshold: float | None,
+    ngd_maxiter: int,
+    ngd_tol: float | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(method, damping, direction) for one batch, then gamma, ratio and cosine."""
+    gamma_sgd = float(gamma(bg, bg.g))  # damping-independent: computed once
+    dirs: dict[tuple[str, float], Tensor] = {}
+    sf_rows = sampled_rows(bg, sf_samples, generator) if "sf" in methods else None  # one draw, all dampings
+    ngd_info: list[dict[str, Any]] = []
+    for lam in dampings:
+        for m in methods:
+            if m == "sgd":
+                dirs[(m, lam)] = bg.g
+            elif m == "ef":
+                dirs[(m, lam)] = directions.ef(bg.rows, lam, dup_threshold=dup_threshold)
+            elif m == "ief":
+                dirs[(m, lam)] = directions.ief(bg.rows, bg.s, lam, dup_threshold=dup_threshold)
+            elif m == "sf":
+                dirs[(m, lam)] = directions.sf(sf_rows, bg.g, lam, dup_threshold=dup_threshold)
+            elif m == "ngd":
+                d, cg = directions.ngd(bg, lam, tol=ngd_tol, maxiter=ngd_maxiter, return_info=True)
+                dirs[(m, lam)] = d
+                ngd_info.append(
+                    {"damping": lam, "cg_iterations": cg.iterations, "cg_residual": cg.residual, "cg_converged": cg.converged}
+                )
+    out: list[dict[str, Any]] = []
+    for m in methods:
+        for lam in dampings:
+            d = dirs[(m, lam)]
+            gam = gamma_sgd if m == "sgd" else float(gamma(bg, d))
+            out.append(
+                {
+                    "method": m,
+                    "damping": lam,
+                    "gamma": gam,
+                    "gamma_ratio": gam / gamma_sgd,
+                    "cos_to_ngd": _cos(d, dirs[("ngd", lam)]) if "ngd" in methods else None,
+                }
+            )
+    return out, ngd_info
+
+
+def _quantile(sorted_x: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a sorted non-empty list."""
+    pos = q * (len(sorted_x) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_x) - 1)
+    frac = pos - lo
+    if frac == 0:
+        return sorted_x[lo]
+    return sorted_x[lo] + (sorted_x[hi] - sorted_x[lo]) * frac
+
+
+def _stats(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, median, q25, q75) over the non-NaN values; NaN when none."""
+    x = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not x:
+        return (math.nan,) * 4
+    mean = sum(x) / len(x)  # plain sum: +-inf (a non-descent direction) propagates instead of raising
+    return mean, statistics.median(x), _quantile(x, 0.25), _quantile(x, 0.75)
+
+
+def aggregate(
+    rows: list[dict[str, Any]], methods: Sequence[str] | None = None, dampings: Sequence[float] | None = None
+) -> list[dict[str, Any]]:
+    """Per (method, damping) over batches: mean, median and inter-quartile range
+    [25th, 75th percentile] (linear interpolation) of the gamma ratio; the median
+    gamma and the median cosine to NG (None when ngd was not evaluated).
+
+    NaN values are left out of the statistics; n_batches counts every batch.
+    Order: methods, then dampings, in the given (or first-seen) order.
+    """
+    if methods is None:
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+    if dampings is None:
+        dampings = list(dict.fromkeys(r["damping"] for r in rows))
+    out: list[dict[str, Any]] = []
+    for m in methods:
+        for lam in dampings:
+            sel = [r for r in rows if r["method"] == m and r["damping"] == lam]
+            if not sel:
+                continue
+            mean, med, q25, q75 = _stats([r["gamma_ratio"] for r in sel])
+            cos = [r["cos_to_ngd"] for r in sel if r.get("cos_to_ngd") is not None]
+            out.append(
+                {
+                    "method": m,
+                    "damping": lam,
+                    "gamma_ratio_median": med,
+                    "gamma_ratio_mean": mean,
+                    "gamma_ratio_iqr": [q25, q75],
+                    "gamma_median": _stats([r["gamma"] for r in sel])[1],
+                    "cos_to_ngd_median": _stats(cos)[1] if cos else None,
+                    "n_batches": len({r["batch"] for r in sel}),
+                }
+            )
+    return out
+
+
+def aggregate_imbalance(per_batch: list[dict[str, float]]) -> dict[str, float]:
+    """The median over batches of each imbalance figure (robust to one extreme batch)."""
+    return {k: _stats([b[k] for b in per_batch])[1] for k in IMBALANCE_KEYS if per_batch and k in per_batch[0]}

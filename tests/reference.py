@@ -1,0 +1,150 @@
+"""Slow, obviously-correct float64 references for the core tests.
+
+Nothing here uses torch.func or iefcli.core: per-sample gradients are a loop
+of ``torch.autograd.grad`` on the module itself, Jacobians are one backward
+pass per logit, loss Hessians come from ``torch.autograd.functional.hessian``
+of the plain ``torch.nn.functional`` loss, and the directions are explicit
+P x P formulas. Scale convention as in docs/DESIGN.md: per-sample losses are
+unscaled, the batch loss is the MEAN, g = J^T 1 / N, damping is added to the
+unscaled J J^T (equivalently J^T J), G is the GGN of the SUMMED loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cases import Case
+
+
+def _trainable(case: Case) -> list[Tensor]:
+    # Same order as iefcli.core.params.trainable_params (named_parameters order).
+    return [p for _, p in case.model.named_parameters() if p.requires_grad]
+
+
+def _flat(ts) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]).to(torch.float64)
+
+
+def logits(case: Case) -> Tensor:
+    """Batched forward of the module, (N, ...)."""
+    with torch.no_grad():
+        return case.call(case.inputs)
+
+
+def per_sample_losses(case: Case) -> Tensor:
+    """(N,) l_n by the plain torch.nn.functional loss on each sample's own forward."""
+    with torch.no_grad():
+        return torch.stack(
+            [case.ref_loss(case.call(case.sample_inputs(n))[0], case.targets[n]) for n in range(case.n)]
+        ).to(torch.float64)
+
+
+def per_sample_grads(case: Case, targets: Tensor | None = None) -> Tensor:
+    """J (N, P): row n = grad_theta l_n, one forward + autograd.grad per sample."""
+    y = case.targets if targets is None else targets
+    params = _trainable(case)
+    rows = []
+    for n in range(case.n):
+        z = case.call(case.sample_inputs(n))[0]
+        rows.append(_flat(torch.autograd.grad(case.ref_loss(z, y[n]), params)))
+    return torch.stack(rows)
+
+
+def logit_jacobians(case: Case) -> Tensor:
+    """Jz (N, D, P): d z_n / d theta, one autograd.grad per logit entry."""
+    params = _trainable(case)
+    out = []
+    for n in range(case.n):
+        z = case.call(case.sample_inputs(n))[0].reshape(-1)
+        out.append(
+            torch.stack([_flat(torch.autograd.grad(z[i], params, retain_graph=True)) for i in range(z.numel())])
+        )
+    return torch.stack(out)
+
+
+def logit_grad(case: Case, z: Tensor, y: Tensor) -> Tensor:
+    """d l_n / d z_n for every sample (N, ...), by autograd of the plain loss."""
+    out = []
+    for n in range(z.shape[0]):
+        zn = z[n].detach().clone().requires_grad_(True)
+        (gz,) = torch.autograd.grad(case.ref_loss(zn, y[n]), zn)
+        out.append(gz)
+    return torch.stack(out)
+
+
+def loss_hessians(case: Case, z: Tensor, y: Tensor) -> Tensor:
+    """H_n (N, D, D) over the flattened logits, by autograd.functional.hessian."""
+    out = []
+    for n in range(z.shape[0]):
+        shape = z[n].shape
+        h = torch.autograd.functional.hessian(lambda v: case.ref_loss(v.reshape(shape), y[n]), z[n].reshape(-1))
+        out.append(h)
+    return torch.stack(out)
+
+
+def ggn(case: Case) -> Tensor:
+    """Dense G = sum_n Jz_n^T H_n Jz_n (P x P), the GGN of the SUMMED loss."""
+    jz = logit_jacobians(case)
+    h = loss_hessians(case, logits(case), case.targets).to(torch.float64)
+    return sum(jz[n].T @ h[n] @ jz[n] for n in range(case.n))
+
+
+# ---------------------------------------------------------------- directions (explicit P x P forms)
+
+
+def sgd(J: Tensor) -> Tensor:
+    return J.sum(0) / J.shape[0]
+
+
+def ef(J: Tensor, lam: float) -> Tensor:
+    """(J^T J + lam I)^{-1} g, g = J^T 1 / N, by a dense P x P solve."""
+    P = J.shape[1]
+    return torch.linalg.solve(J.T @ J + lam * torch.eye(P, dtype=J.dtype), sgd(J))
+
+
+def ief(J: Tensor, s: Tensor, lam: float) -> Tensor:
+    """(J^T J + lam I)^{-1} J^T s / N (push-through of J^T (J J^T + lam I)^{-1} s / N)."""
+    P = J.shape[1]
+    return torch.linalg.solve(J.T @ J + lam * torch.eye(P, dtype=J.dtype), J.T @ s) / J.shape[0]
+
+
+def sf(Jhat: Tensor, g: Tensor, lam: float) -> Tensor:
+    """(Jhat^T Jhat + lam I)^{-1} g."""
+    P = Jhat.shape[1]
+    return torch.linalg.solve(Jhat.T @ Jhat + lam * torch.eye(P, dtype=Jhat.dtype), g)
+
+
+def ridge_svd(J: Tensor, b: Tensor, lam: float) -> Tensor:
+    """(J^T J + lam I)^{-1} J^T b by the SVD J = U S V^T: V diag(S / (S^2 + lam)) U^T b.
+
+    Well-conditioned for every lam >= 0 (lam = 0 gives the pseudo-inverse
+    J^+ b, singular values below the rank cut-off dropped).
+    """
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    cut = S.max() * max(J.shape) * torch.finfo(J.dtype).eps
+    f = torch.where(S > cut, S / (S * S + lam), torch.zeros_like(S))
+    return Vh.T @ (f * (U.T @ b))
+
+
+def ngd(G: Tensor, g: Tensor, lam: float) -> Tensor:
+    """(G + lam I)^{-1} g; lam = 0 gives the pseudo-inverse (minimum-norm) solution."""
+    if lam == 0:
+        return torch.linalg.pinv(G, hermitian=True) @ g
+    return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), g)
+
+
+def gamma(G_sum: Tensor, g: Tensor, d: Tensor, n: int) -> Tensor:
+    """sqrt(d^T (G_sum / N) d) / (d^T g)."""
+    return torch.sqrt(d @ (G_sum / n) @ d) / (d @ g)
+
+
+def cos(a: Tensor, b: Tensor) -> float:
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return float((a - b).norm() / b.norm())

@@ -1,0 +1,1 @@
+"""The impure shell around the core: recipes, task building, the training loop, the run directory."""

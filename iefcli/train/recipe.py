@@ -1,0 +1,377 @@
+"""Recipes: the YAML schema, defaults, ``--set`` overrides and validation.
+
+A recipe is loaded with ``yaml.safe_load`` (nothing in it is executed),
+``--set key.path=value`` overrides are applied (each value parsed as a YAML
+scalar), the defaults below fill what is missing, and everything is checked
+before any work starts. Problems raise :class:`iefcli.errors.UsageError` with
+one line naming the file and the dotted key, e.g.
+``recipe.yaml: optimizer.lr: must be > 0, got -1``.
+
+The ``model`` and ``data`` sections are open: their ``kind`` picks a builder
+from :mod:`iefcli.train.registry` and that builder checks its own keys.
+Everything else is fixed by :data:`SCHEMA` (documented in docs/train.md).
+
+Built-in recipes live in the repository's top-level ``recipes/`` directory
+and are addressed by file stem (``quickstart`` -> ``recipes/quickstart.yaml``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+import iefcli
+from iefcli.errors import UsageError
+
+RECIPES_DIR = Path(iefcli.__file__).resolve().parents[1] / "recipes"
+
+OPTIMIZERS = ("sgd", "adamw", "adafactor", "ef", "sf", "ief", "ngd")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: its type, default and range check.
+
+    kind: "int" | "float" | "str" | "bool" | "int_list" | "float_list"; ``optional`` allows null;
+    ``choices`` restricts strings; ``check(value) -> message | None`` adds a range check.
+    """
+
+    kind: str
+    default: Any
+    help: str
+    optional: bool = False
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+
+
+def _gt(x: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v > x else f"must be > {x:g}, got {v:g}"
+
+
+def _ge(x: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= x else f"must be >= {x:g}, got {v:g}"
+
+
+def _in01(lo_open: bool, hi_open: bool) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
+        return None if ok else f"must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, got {v:g}"
+
+    return check
+
+
+def _betas(v: list[float]) -> str | None:
+    if len(v) != 2 or not all(0 <= b < 1 for b in v):
+        return f"must be two numbers in [0, 1), got {v}"
+    return None
+
+
+# Top-level scalar keys, then the fixed sections. model/data/loss are handled separately.
+TOP: dict[str, Field] = {
+    "name": Field("str", None, "recipe name (default: the file's stem); names the run directory", optional=True),
+    "description": Field("str", "", "one line shown by `ief recipes`"),
+    "seed": Field("int", 0, "seeds model init, data split and order, and SF sampling", check=_ge(0)),
+    "device": Field("str", "auto", "auto (CUDA when present) | cpu | cuda", choices=("auto", "cpu", "cuda")),
+    "dtype": Field("str", "float32", "float32 | float64 (model and data)", choices=("float32", "float64")),
+}
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "loss": {
+        "kind": Field("str", "auto", "auto (the data's own loss) | cross_entropy | token_cross_entropy | mse",
+                      choices=("auto", "cross_entropy", "token_cross_entropy", "mse")),
+        "ignore_index": Field("int", -100, "token_cross_entropy: label of padding positions"),
+    },
+    "optimizer": {
+        "name": Field("str", "ief", "sgd | adamw | adafactor | ef | sf | ief | ngd", choices=OPTIMIZERS),
+        "lr": Field("float", None, "learning rate (null: the optimiser's default)", optional=True, check=_gt(0)),
+        "damping": Field("float", None, "ef/sf/ief/ngd: damping lambda added to J J^T or G (null: default)",
+                         optional=True, check=_ge(0)),
+        "momentum": Field("float", 0.0, "sgd/ef/sf/ief/ngd: heavy-ball momentum on the direction", check=_in01(False, True)),
+        "nesterov": Field("bool", False, "sgd: Nesterov momentum"),
+        "weight_decay": Field("float", None, "decoupled weight decay (null: 0.01 for adamw, 0 otherwise)",
+                              optional=True, check=_ge(0)),
+        "betas": Field("float_list", [0.9, 0.999], "adamw: (beta1, beta2)", check=_betas),
+        "eps": Field("float", 1e-8, "adamw: epsilon", check=_gt(0)),
+        "beta2_decay": Field("float", -0.8, "adafactor: beta2 decay exponent", check=lambda v: None if v <= 0 else f"must be <= 0, got {v:g}"),
+        "dup_threshold": Field("float", 0.99, "ef/sf/ief: drop the smaller of two rows with |cos| > this (null: off)",
+                               optional=True, check=_in01(True, False)),
+        "jacobian": Field("str", "auto", "per-sample rows: auto | vmap | fast", choices=("auto", "vmap", "fast")),
+        "chunk_size": Field("int", None, "samples per vmap chunk (null: all at once)", optional=True, check=_gt(0)),
+        "mc_samples": Field("int", 1, "sf: Monte-Carlo label draws per datum", check=_gt(0)),
+        "cg_tol": Field("float", None, "ngd: CG relative-residual tolerance (null: 1e-5 f32 / 1e-10 f64)",
+                        optional=True, check=_gt(0)),
+        "cg_maxiter": Field("int", 100, "ngd: CG iteration cap", check=_gt(0)),
+        "clip_update_norm": Field("float", None, "clip the step lr*d to this L2 norm (null: off)",
+                                  optional=True, check=_gt(0)),
+    },
+    "schedule": {
+        "kind": Field("str", "constant", "constant | linear | cosine (decay to min_lr_ratio * lr)",
+                      choices=("constant", "linear", "cosine")),
+        "warmup_steps": Field("int", 0, "linear warm-up from 0 over this many steps", check=_ge(0)),
+        "min_lr_ratio": Field("float", 0.0, "final lr / lr for linear and cosine", check=_in01(False, False)),
+    },
+    "train": {
+        "steps": Field("int", None, "total optimiser steps (wins over epochs)", optional=True, check=_gt(0)),
+        "epochs": Field("int", 10, "passes over the training split (when steps is null)", check=_gt(0)),
+        "batch_size": Field("int", 64, "training batch size", check=_gt(0)),
+        "eval_batch_size": Field("int", 512, "batch size for evaluation passes", check=_gt(0)),
+        "eval_every": Field("int", 50, "validate every N steps (and at the end)", check=_gt(0)),
+        "log_every": Field("int", 10, "write a train line every N steps", check=_gt(0)),
+        "checkpoint_every": Field("int", 100, "write checkpoints/step-N every N steps (and at the end)", check=_gt(0)),
+        "max_bad_steps": Field("int", 3, "consecutive NaN/Inf steps before the run fails", check=_gt(0)),
+        "drop_last": Field("bool", True, "skip a final short training batch each epoch"),
+    },
+    "output": {
+        "dir": Field("str", "runs/{name}", "run directory ({name} is the recipe name)"),
+    },
+}
+
+SECTIONS = ("model", "data", *SCHEMA)
+OPEN_SECTIONS = {"model": "mlp", "data": "digits"}  # section -> default kind
+
+
+class Recipe(dict):
+    """A validated, fully resolved recipe: a plain nested dict plus where it came from.
+
+    ``recipe["optimizer"]["lr"]`` etc.; ``recipe.source`` is the file (or
+    "<built-in name>") used in error messages; ``recipe.path`` the file, for
+    resolving relative paths inside it.
+    """
+
+    def __init__(self, data: Mapping[str, Any], source: str, path: Path | None = None):
+        super().__init__(data)
+        self.source = source
+        self.path = path
+
+    def error(self, key: str, message: str) -> UsageError:
+        """A UsageError for the dotted ``key`` of this recipe."""
+        return UsageError(f"{self.source}: {key}: {message}")
+
+    def plain(self) -> dict:
+        return copy.deepcopy(dict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.plain(), sort_keys=False)
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the recipe: ~ expanded; relative paths are taken from the
+        current directory when they exist there, else from the recipe's directory."""
+        p = Path(value).expanduser()
+        if p.is_absolute() or p.exists() or self.path is None:
+            return p
+        alt = self.path.parent / p
+        return alt if alt.exists() else p
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def builtin_recipes() -> list[tuple[str, str, Path]]:
+    """[(name, description, path)] for every recipes/*.yaml, sorted by name."""
+    out = []
+    if RECIPES_DIR.is_dir():
+        for p in sorted(RECIPES_DIR.glob("*.yaml")):
+            desc = ""
+            try:
+                raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+                if isinstance(raw, dict):
+                    desc = str(raw.get("description", "") or "")
+            except (OSError, yaml.YAMLError):
+                desc = "(unreadable)"
+            out.append((p.stem, desc.strip().splitlines()[0] if desc.strip() else "", p))
+    return out
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file path, or a built-in name (``quickstart``) -> recipes/quickstart.yaml."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    if p.exists():
+        raise UsageError(f"{p}: not a recipe file")
+    stem = str(name_or_path)
+    for suffix in (".yaml", ".yml"):
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+    cand = RECIPES_DIR / f"{stem}.yaml"
+    if "/" not in stem and cand.is_file():
+        return cand
+    raise UsageError(f"{name_or_path}: no such recipe file or built-in recipe (see `ief recipes`)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise UsageError(f"--set {text}: expected KEY.PATH=VALUE")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise UsageError(f"--set {text}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"--set {text}: value is not a YAML scalar") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise UsageError(f"--set {text}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe_file(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override, fill defaults and validate a recipe. Raises UsageError."""
+    path = resolve_recipe_path(name_or_path)
+    source = str(name_or_path) if Path(name_or_path).is_file() else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{source}: cannot read recipe: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"{source}: not valid YAML{line}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    return resolve(raw, source=source, path=path)
+
+
+def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate an in-memory recipe (tests, library use)."""
+    return resolve(copy.deepcopy(dict(raw)), source=source, path=None)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _typename(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _coerce(source: str, key: str, f: Field, v: Any) -> Any:
+    def bad(msg: str) -> UsageError:
+        return UsageError(f"{source}: {key}: {msg}")
+
+    if v is None:
+        if f.optional:
+            return None
+        raise bad(f"must be set (a {f.kind})")
+    if f.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise bad(f"must be an integer, got {_typename(v)} {v!r}")
+    elif f.kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            # YAML 1.1 reads "1e-7" (no dot) as a string; accept numeric strings.
+            try:
+                v = float(v) if isinstance(v, str) else None
+            except ValueError:
+                v = None
+            if v is None:
+                raise bad(f"must be a number, got {_typename(v)}")
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise bad(f"must be a finite number, got {v}")
+    elif f.kind == "bool":
+        if not isinstance(v, bool):
+            raise bad(f"must be true or false, got {_typename(v)} {v!r}")
+    elif f.kind == "str":
+        if not isinstance(v, str):
+            raise bad(f"must be a string, got {_typename(v)} {v!r}")
+        if f.choices and v not in f.choices:
+            raise bad(f"must be one of {', '.join(f.choices)}; got {v!r}")
+    elif f.kind == "int_list":
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise bad(f"must be a list of integers, got {v!r}")
+    elif f.kind == "float_list":
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise bad(f"must be a list of numbers, got {v!r}")
+        v = [float(x) for x in v]
+    if f.check is not None:
+        msg = f.check(v)
+        if msg:
+            raise bad(msg)
+    return v
+
+
+def _fill(source: str, prefix: str, fields: Mapping[str, Field], given: Mapping[str, Any]) -> dict:
+    unknown = [k for k in given if k not in fields]
+    if unknown:
+        raise UsageError(
+            f"{source}: {prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})"
+        )
+    return {k: _coerce(source, f"{prefix}{k}", f, given.get(k, copy.deepcopy(f.default))) for k, f in fields.items()}
+
+
+def resolve(raw: dict, *, source: str, path: Path | None) -> Recipe:
+    """Fill defaults and validate every fixed key; check model/data kinds exist."""
+    from iefcli.train.registry import DATA_KINDS, MODEL_KINDS
+
+    unknown = [k for k in raw if k not in TOP and k not in SECTIONS]
+    if unknown:
+        raise UsageError(f"{source}: {unknown[0]}: unknown key (known: {', '.join([*TOP, *SECTIONS])})")
+    out: dict[str, Any] = _fill(source, "", TOP, {k: raw[k] for k in TOP if k in raw})
+    if out["name"] is None:
+        out["name"] = path.stem if path is not None else "run"
+    for section, default_kind in OPEN_SECTIONS.items():
+        sec = raw.get(section) or {}
+        if not isinstance(sec, dict):
+            raise UsageError(f"{source}: {section}: must be a mapping, got {_typename(sec)}")
+        sec = copy.deepcopy(sec)
+        kind = sec.setdefault("kind", default_kind)
+        kinds = MODEL_KINDS if section == "model" else DATA_KINDS
+        if not isinstance(kind, str) or kind not in kinds:
+            raise UsageError(f"{source}: {section}.kind: must be one of {', '.join(kinds)}; got {kind!r}")
+        out[section] = sec
+    for section, fields in SCHEMA.items():
+        sec = raw.get(section)
+        if sec is None:
+            sec = {}
+        if not isinstance(sec, dict):
+            raise UsageError(f"{source}: {section}: must be a mapping, got {_typename(sec)}")
+        out[section] = _fill(source, f"{section}.", fields, sec)
+    _cross_checks(source, out)
+    return Recipe({k: out[k] for k in [*TOP, *SECTIONS]}, source=source, path=path)
+
+
+def _cross_checks(source: str, r: dict) -> None:
+    opt = r["optimizer"]
+    if opt["name"] == "sf" and opt["damping"] is not None and opt["damping"] == 0:
+        raise UsageError(f"{source}: optimizer.damping: sf needs damping > 0 (it divides by it), got 0")
+    if r["train"]["steps"] is not None and r["schedule"]["warmup_steps"] > r["train"]["steps"]:
+        raise UsageError(
+            f"{source}: schedule.warmup_steps: must be <= train.steps ({r['train']['steps']}), "
+            f"got {r['schedule']['warmup_steps']}"
+        )
+    if "{" in r["output"]["dir"].replace("{name}", ""):
+        raise UsageError(f"{source}: output.dir: only {{name}} may be substituted, got {r['output']['dir']!r}")
+
+
+def check_keys(recipe: Recipe, section: str, given: Mapping[str, Any], fields: Mapping[str, Field]) -> dict:
+    """For builders: validate an open section (model/data) against ``fields``
+    (``kind`` is allowed implicitly) and return it with defaults filled."""
+    body = {k: v for k, v in given.items() if k != "kind"}
+    filled = _fill(recipe.source, f"{section}.", fields, body)
+    return {"kind": given.get("kind"), **filled}

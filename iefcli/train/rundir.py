@@ -1,0 +1,384 @@
+"""The run directory: atomic writers and the readers other commands use.
+
+Layout (the contract read by eval-gamma, compare, plot and --resume)::
+
+    RUN/
+      recipe.yaml              the fully resolved recipe (defaults + --set applied)
+      metrics.jsonl            one JSON object per line (step, epoch, split, loss, metrics, lr, time, ...)
+      checkpoints/step-<N>/    a checkpoint (see below)
+      best/                    the best-validation checkpoint, same layout
+      summary.json             written when the run ends (any status)
+
+A checkpoint directory holds::
+
+    params.safetensors         trainable parameters by name
+    optimizer.safetensors      optimiser state tensors, nested keys joined by "/"
+    trainer_state.json         data order + RNG state + loop counters (what --resume needs)
+    meta.json                  {"step", "epoch", "metrics"}
+
+Every file is written to a temporary name in the same directory and moved into
+place with ``os.replace``; a checkpoint directory is assembled under a hidden
+temporary name and renamed as a whole, so a crash at any moment leaves the
+previous checkpoint intact and loadable. Replacing ``best/`` takes two renames
+(old best -> ``.best-old``, new -> ``best``); the readers fall back to
+``.best-old`` if a crash happened between them.
+
+Readers raise :class:`iefcli.errors.UsageError` naming the file when it is
+missing or corrupt. Do not parse these files anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from iefcli.errors import UsageError
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+BEST_OLD_DIR = ".best-old"
+PARAMS_FILE = "params.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+META_FILE = "meta.json"
+
+# ----------------------------------------------------------------------------- writers
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _finite_or_none(o: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null (readers see None)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_or_none(v) for v in o]
+    return o
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_finite_or_none(obj), default=_json_default, indent=indent, allow_nan=False)
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_text(path, to_json(obj, indent=2) + "\n")
+
+
+def save_tensors_atomic(path: Path | str, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a flat name -> tensor dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata=metadata))
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """Nested dict of tensors -> flat dict with keys joined by "/"."""
+    out: dict[str, Tensor] = {}
+    for k, v in tree.items():
+        if "/" in k:
+            raise ValueError(f"state key {k!r} must not contain '/'")
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_tree(v, key + "/"))
+        elif isinstance(v, Tensor):
+            out[key] = v
+        else:
+            raise TypeError(f"state entry {key!r} is a {type(v).__name__}, not a tensor")
+    return out
+
+
+def unflatten_tree(flat: Mapping[str, Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        parts = key.split("/")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl, flushed per line.
+
+    Appending is not atomic per file, but a torn last line is the only possible
+    damage and :func:`read_metrics` skips it.
+    """
+
+    def __init__(self, run_dir: Path | str, *, truncate_after_step: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        if truncate_after_step is not None and self.path.exists():
+            # On resume: drop lines logged after the checkpoint we restart from.
+            keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= truncate_after_step]
+            atomic_write_text(self.path, "".join(to_json(r) + "\n" for r in keep))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._f.write(to_json(dict(record)) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_checkpoint(
+    ckpt_dir: Path | str,
+    *,
+    params: Mapping[str, Tensor],
+    optimizer_state: Mapping[str, Any],
+    trainer_state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> Path:
+    """Write a complete checkpoint to ``ckpt_dir`` atomically (replacing any old one).
+
+    Assembled in a hidden sibling directory, then renamed into place.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    parent = ckpt_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt_dir.name}.", suffix=".tmp", dir=parent))
+    try:
+        save_tensors_atomic(tmp / PARAMS_FILE, params)
+        save_tensors_atomic(tmp / OPTIMIZER_FILE, flatten_tree(optimizer_state))
+        atomic_write_json(tmp / TRAINER_STATE_FILE, trainer_state)
+        atomic_write_json(tmp / META_FILE, meta)
+        if ckpt_dir.exists():
+            old = parent / (BEST_OLD_DIR if ckpt_dir.name == BEST_DIR else f".{ckpt_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(ckpt_dir, old)
+            os.replace(tmp, ckpt_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ckpt_dir
+
+
+def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step}"
+
+
+def remove_stale_temps(run_dir: Path | str) -> None:
+    """Delete hidden temporaries a crash may have left (never a complete checkpoint)."""
+    run_dir = Path(run_dir)
+    for parent in (run_dir, run_dir / CHECKPOINTS_DIR):
+        if parent.is_dir():
+            for p in parent.glob(".*.tmp"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read {what}: {e}") from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    text = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: corrupt {what} (invalid JSON: {e.msg} at line {e.lineno})") from None
+
+
+def _require_run_dir(run_dir: Path | str) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: run directory not found")
+    return run_dir
+
+
+def load_recipe(run_dir: Path | str):
+    """The run's resolved recipe (a validated :class:`iefcli.train.recipe.Recipe`)."""
+    from iefcli.train.recipe import load_recipe_file
+
+    run_dir = _require_run_dir(run_dir)
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: recipe not found (is {run_dir} a run directory?)")
+    return load_recipe_file(path)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """Every record of metrics.jsonl, in file order. A torn LAST line is skipped;
+    a corrupt line elsewhere raises UsageError."""
+    run_dir = _require_run_dir(run_dir)
+    path = run_dir / METRICS_FILE
+    lines = _read_text(path, "metrics file").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn write of the last line (a crash mid-append)
+            raise UsageError(f"{path}: corrupt metrics file (line {i + 1} is not JSON)") from None
+        if not isinstance(rec, dict):
+            raise UsageError(f"{path}: corrupt metrics file (line {i + 1} is not an object)")
+        out.append(rec)
+    return out
+
+
+def read_summary(run_dir: Path | str) -> dict:
+    run_dir = _require_run_dir(run_dir)
+    path = run_dir / SUMMARY_FILE
+    obj = _read_json(path, "summary")
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: corrupt summary (not a JSON object)")
+    return obj
+
+
+def _step_of(p: Path) -> int | None:
+    name = p.name
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
+    """[(step, path)] of the complete step checkpoints, in step order."""
+    run_dir = _require_run_dir(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        step = _step_of(p)
+        if step is not None and p.is_dir() and (p / PARAMS_FILE).is_file():
+            found.append((step, p))
+    return sorted(found)
+
+
+def is_checkpoint(path: Path | str) -> bool:
+    return (Path(path) / PARAMS_FILE).is_file()
+
+
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A checkpoint directory as given, or a run directory -> its best/ checkpoint
+    (falling back to ``.best-old`` after an interrupted replace, then to the last step checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: checkpoint or run directory not found")
+    if is_checkpoint(path):
+        return path
+    for cand in (path / BEST_DIR, path / BEST_OLD_DIR):
+        if is_checkpoint(cand):
+            return cand
+    if path.is_dir() and (path / RECIPE_FILE).is_file():
+        ckpts = list_checkpoints(path)
+        if ckpts:
+            return ckpts[-1][1]
+        raise UsageError(f"{path}: run directory has no checkpoint yet")
+    raise UsageError(f"{path}: not a checkpoint directory ({PARAMS_FILE} missing) nor a run directory")
+
+
+def load_checkpoint_params(ckpt_dir: Path | str, device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """The trainable parameters saved in a checkpoint (a run dir resolves to best/)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(ckpt_dir)
+    path = ckpt / PARAMS_FILE
+    try:
+        return load_file(str(path), device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path}: corrupt parameters file: {e}") from None
+
+
+def load_optimizer_state(ckpt_dir: Path | str, device: torch.device | str | None = None) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: optimizer state not found")
+    try:
+        flat = load_file(str(path), device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path}: corrupt optimizer state: {e}") from None
+    return unflatten_tree(flat)
+
+
+def checkpoint_meta(ckpt_dir: Path | str) -> dict:
+    """meta.json of a checkpoint: {"step", "epoch", "metrics"} (a run dir resolves to best/)."""
+    ckpt = resolve_checkpoint(ckpt_dir)
+    path = ckpt / META_FILE
+    obj = _read_json(path, "checkpoint metadata")
+    if not isinstance(obj, dict) or "step" not in obj:
+        raise UsageError(f"{path}: corrupt checkpoint metadata (no 'step')")
+    return obj
+
+
+def read_trainer_state(ckpt_dir: Path | str) -> dict:
+    path = Path(ckpt_dir) / TRAINER_STATE_FILE
+    obj = _read_json(path, "trainer state")
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: corrupt trainer state")
+    return obj
+
+
+def is_nonempty_dir(path: Path | str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(p.iterdir())
+
+
+def iter_records(records: Iterable[dict], split: str) -> list[dict]:
+    """The records of one split (train | val | test), in order."""
+    return [r for r in records if r.get("split") == split]

@@ -91,7 +91,9 @@ def solve_gram(
     m = c.shape[0]
     eye = torch.eye(m, dtype=torch.float64, device=c.device)
     # Dropped rows/columns become identity rows/columns with a zero right-hand side.
-    a = c * keepf[:, None] * keepf[None, :] + eye * torch.where(keep, damping, 1.0)
+    # (Built from keepf, not torch.where(keep, damping, 1.0): that makes a float32
+    # tensor and would round the damping to float32.)
+    a = c * keepf[:, None] * keepf[None, :] + eye * (keepf * damping + (1.0 - keepf))
     bk = b * keepf
 
     chol, info = torch.linalg.cholesky_ex(a)

@@ -20,6 +20,9 @@ from iefcli.core.params import ParamLayout, trainable_params
 from iefcli.core.solve import SolveInfo, duplicate_mask, solve_gram
 from iefcli.core.stats import batch_imbalance, imbalance
 
+# Registers the fast OutputJacobian as "fast" (make_jacobian(jacobian="auto") then picks it).
+from iefcli.core import fast as _fast  # noqa: E402,F401
+
 __all__ = [
     "BatchGrads", "DenseRows", "OutputJacobian", "Rows", "VmapJacobian", "batch_grads",
     "check_all_params_used", "default_forward", "make_jacobian", "per_sample_grads",

@@ -165,19 +165,23 @@ class _Layer:
         # which would move the autograd history of ``output``; it gets a copy.
         return output.clone()
 
-    def validate(self, uses: dict[int, int], leaves: dict[str, Tensor]) -> str:
-        """'' when the rule applies exactly, else the reason it does not."""
+    def validate(self, uses: dict[int, int], leaves: dict[str, Tensor]) -> dict[str, str]:
+        """Parameter name -> why the rule does not apply exactly to it ('' when it does)."""
         if self.calls != 1:
-            return f"module called {self.calls} times in one forward"
-        if self.reason:
-            return self.reason
-        if self.x_ref._version != self.x_version:
-            return "layer input modified in place after the call"
-        for role, pname in self.roles.items():
+            reason = f"module called {self.calls} times in one forward"
+        elif self.reason:
+            reason = self.reason
+        elif self.x_ref._version != self.x_version:
+            reason = "layer input modified in place after the call"
+        else:
+            reason = ""
+        out = {}
+        for pname in self.roles.values():
             n_uses = uses.get(id(leaves[pname]), 0)
-            if n_uses != 1:
-                return f"parameter {pname} used by {n_uses} operations (shared or used outside the layer)"
-        return ""
+            out[pname] = reason or (
+                "" if n_uses == 1 else f"parameter used by {n_uses} operations (shared or used outside the layer)"
+            )
+        return out
 
 
 def _leaf_uses(root: Tensor, leaves: dict[str, Tensor]) -> dict[int, int]:
@@ -555,11 +559,16 @@ class FastJacobian:
         uses = _leaf_uses(out, self._leaves) if out.requires_grad else {}
         self._layers: list[_Layer] = []
         for layer in layers:
-            reason = layer.validate(uses, self._leaves) if out.requires_grad else "logits do not require grad"
-            if reason:
-                for pname in layer.roles.values():
+            reasons = (
+                layer.validate(uses, self._leaves) if out.requires_grad
+                else {p: "logits do not require grad" for p in layer.roles.values()}
+            )
+            for pname, reason in reasons.items():
+                if reason:
                     self.fallback_reasons[pname] = f"{layer.name}: {reason}"
-            else:
+            # Per parameter: e.g. a bias keeps its rule when only the weight is also used elsewhere.
+            layer.roles = {r: p for r, p in layer.roles.items() if not reasons[p]}
+            if layer.roles:
                 self._layers.append(layer)
             layer.x_ref = None  # only the detached copy is needed from here on
         fast = {p: layer.kind for layer in self._layers for p in layer.roles.values()}
@@ -585,9 +594,12 @@ class FastJacobian:
             if kind is not None and set(roles) - {"weight", "bias"}:
                 kind, reason = None, f"unexpected parameters {sorted(set(roles) - {'weight', 'bias'})}"
             if kind is not None:
-                tied = [n for a, n in roles.items() if aliases.get(id(getattr(module, a, None)), 0) > 1]
-                if tied:
-                    kind, reason = None, f"parameter shared with another module ({', '.join(tied)})"
+                for attr, pname in list(roles.items()):
+                    if aliases.get(id(getattr(module, attr, None)), 0) > 1:  # tied weights
+                        self.fallback_reasons[pname] = f"{mod_name}: parameter shared with another module"
+                        del roles[attr]
+                if not roles:
+                    continue
             if kind is None:
                 for pname in roles.values():
                     self.fallback_reasons[pname] = f"{mod_name or type(model).__name__}: {reason}"

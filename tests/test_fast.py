@@ -1,0 +1,309 @@
+"""The fast path (iefcli.core.fast) against the plain vmap path and the float64 loop references.
+
+Every case of the core's table: Gram, combine (g), dot and the EF / iEF / SF
+directions equal the plain path's (float64: 1e-10 relative; float32: 1e-5);
+the rows themselves equal a loop of torch.autograd.grad in float64. Then the
+path choice: which layers took the fast rule, and the vmap fallback for
+parameters without one (raw nn.Parameter, tied weights, a reused layer, a
+weight read outside its layer), sequence strategies, padding, dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reference as ref
+from cases import CASE_NAMES, DAMPINGS, make_case
+from iefcli import directions
+from iefcli.core import CrossEntropy, TokenCrossEntropy, batch_grads, sampled_rows, trainable_params
+from iefcli.core import fast as fastmod
+from iefcli.core.fast import FastJacobian, FastRows
+from iefcli.core.jacobian import VmapJacobian, make_jacobian
+from iefcli.errors import ModelError
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def both(case, **kw):
+    args = (case.model, case.params, case.inputs, case.targets, case.loss_fn)
+    return batch_grads(*args, jacobian="fast", **kw), batch_grads(*args, jacobian="vmap", **kw)
+
+
+def test_auto_picks_fast():
+    case = make_case("mlp_ce")
+    jac = make_jacobian(case.model, case.params, case.inputs)
+    assert isinstance(jac, FastJacobian)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_directions_equal_plain_path(name, dtype):
+    case = make_case(name, dtype)
+    bf, bv = both(case)
+    assert isinstance(bf.rows, FastRows)
+    tol = TOL[dtype]
+    # Gram, g = J^T 1 / N, and R v against the dense rows.
+    assert bf.rows.gram().dtype == torch.float64
+    assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < tol
+    assert ref.rel_err(bf.g, bv.g) < tol and bf.g.dtype == dtype
+    v = torch.randn(bf.layout.size, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    assert ref.rel_err(bf.rows.dot(v), bv.rows.dot(v)) < tol
+    for lam in DAMPINGS:
+        assert ref.rel_err(directions.ief(bf.rows, bf.s, lam), directions.ief(bv.rows, bv.s, lam)) < tol, lam
+        assert ref.rel_err(directions.ef(bf.rows, lam), directions.ef(bv.rows, lam)) < tol, lam
+        # SF with k = 2 sampled labels per datum: K = 2 cotangent sets, 2N rows.
+        sf_f = directions.sf(sampled_rows(bf, 2, torch.Generator().manual_seed(7)), bf.g, lam)
+        sf_v = directions.sf(sampled_rows(bv, 2, torch.Generator().manual_seed(7)), bv.g, lam)
+        assert ref.rel_err(sf_f, sf_v) < tol, lam
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_rows_equal_autograd_loop(name):
+    """Independent of the vmap path: R (materialised row by row from combine) vs a loop of autograd.grad."""
+    case = make_case(name, torch.float64)
+    bf, _ = both(case)
+    assert ref.rel_err(bf.rows.matrix, ref.per_sample_grads(case)) < 1e-12
+
+
+def test_sampled_rows_against_loop():
+    """Rows for K = 3 label sets (k-major) vs per-sample grads at those labels."""
+    case = make_case("transformer_tokce", torch.float64)
+    bf, _ = both(case)
+    yhat = case.loss_fn.sample(bf.logits, bf.targets, 3, torch.Generator().manual_seed(1))
+    rows = sampled_rows(bf, 3, torch.Generator().manual_seed(1))
+    want = torch.cat([ref.per_sample_grads(case, yhat[i]) for i in range(3)]) / math.sqrt(3)
+    assert ref.rel_err(rows.gram(), want @ want.T) < 1e-12
+    x = torch.randn(rows.n_rows, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert ref.rel_err(rows.combine(x), want.T @ x) < 1e-12
+
+
+EXPECTED_PATHS = {
+    "mlp_ce": {"fc1.weight": "linear", "fc1.bias": "linear", "fc2.weight": "linear", "fc2.bias": "linear"},
+    "cnn_ce": {"conv.weight": "conv2d", "conv.bias": "conv2d", "fc.weight": "linear", "fc.bias": "linear"},
+    "transformer_tokce": {"pos": "vmap", "emb.weight": "embedding", "ln1.weight": "layernorm",
+                          "ln1.bias": "layernorm", "q.weight": "linear", "head.bias": "linear"},
+    "mlp_mse": {"fc1.weight": "linear", "fc2.bias": "linear"},
+    "frozen_ce": {"fc2.weight": "linear", "fc2.bias": "linear"},
+}
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_fast_path_taken(name):
+    case = make_case(name, torch.float32)
+    jac = FastJacobian(case.model, case.params, case.inputs)
+    want = EXPECTED_PATHS[name]
+    assert {k: jac.param_paths[k] for k in want} == want
+    assert set(jac.param_paths) == set(case.params)
+    assert set(jac.fallback_reasons) == {k for k, v in jac.param_paths.items() if v == "vmap"}
+
+
+def test_sequence_linear_strategies_agree(monkeypatch):
+    """The ghost and materialise forms of a sequence Linear give the same Gram (float64)."""
+    case = make_case("transformer_tokce", torch.float64)
+    bf, bv = both(case)
+    strategies = bf.rows.strategies
+    assert strategies["pos"] == "vmap" and strategies["q.weight"].startswith("linear:")
+    want = bv.rows.gram()
+    for cap, label in ((0, "ghost"), (1 << 40, None)):
+        monkeypatch.setattr(fastmod, "MATERIALISE_MAX_ELEMENTS", cap)
+        monkeypatch.setattr(fastmod, "GHOST_CHUNK_ELEMENTS", 64)  # several row chunks
+        rows = FastJacobian(case.model, case.params, case.inputs).rows(bf.logit_grads[None])
+        if label:
+            assert rows.strategies["q.weight"] == "linear:ghost"
+        assert ref.rel_err(rows.gram(), want) < 1e-12
+
+
+# ---------------------------------------------------------------- fallback and path choice
+
+
+class RawParam(nn.Module):
+    """A custom module with a raw nn.Parameter used in its forward (no fast rule)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Mixed(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.fc1 = nn.Linear(5, 7)
+        self.raw = RawParam(7)
+        self.fc2 = nn.Linear(7, 7)
+        self.head = nn.Linear(7, 3)
+        if mode == "tied":
+            self.head.weight = nn.Parameter(torch.randn(3, 7, dtype=torch.float64))
+            self.fc3 = nn.Linear(7, 3)
+            self.fc3.weight = self.head.weight  # the same Parameter in two modules
+
+    def forward(self, x):
+        h = torch.tanh(self.raw(self.fc1(x)))
+        if self.mode == "reused":
+            h = torch.tanh(self.fc2(h))
+            h = torch.tanh(self.fc2(h))  # the same layer twice
+        elif self.mode == "outside":
+            h = torch.tanh(self.fc2(h)) + h @ self.fc2.weight.T  # weight read outside the layer
+        elif self.mode == "inplace":
+            h = F.relu(self.fc2(h), inplace=True)  # in-place op on the layer's output
+        else:
+            h = torch.tanh(self.fc2(h))
+        out = self.head(h)
+        if self.mode == "tied":
+            out = out + self.fc3(h)
+        return out
+
+
+def _mixed_case(mode):
+    torch.manual_seed(0)  # test-local init; the core never touches the global RNG
+    model = Mixed(mode).double().eval()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    return model, trainable_params(model), x, y
+
+
+@pytest.mark.parametrize(
+    "mode, fast_params, vmap_params",
+    [
+        ("plain", ["fc1.weight", "fc2.weight", "head.weight"], ["raw.scale"]),
+        ("reused", ["fc1.weight", "head.weight"], ["raw.scale", "fc2.weight", "fc2.bias"]),
+        ("outside", ["fc1.weight", "fc2.bias", "head.weight"], ["raw.scale", "fc2.weight"]),
+        ("inplace", ["fc1.weight", "fc2.weight", "head.weight"], ["raw.scale"]),
+        ("tied", ["fc1.weight", "fc2.weight", "head.bias", "fc3.bias"], ["raw.scale", "head.weight"]),
+    ],
+)
+def test_fallback_gives_same_rows(mode, fast_params, vmap_params):
+    model, params, x, y = _mixed_case(mode)
+    bf = batch_grads(model, params, x, y, CrossEntropy(), jacobian="fast")
+    bv = batch_grads(model, params, x, y, CrossEntropy(), jacobian="vmap")
+    paths = bf.jac.param_paths
+    assert all(paths[p] != "vmap" for p in fast_params), paths
+    assert all(paths[p] == "vmap" for p in vmap_params), paths
+    assert all(p in bf.jac.fallback_reasons for p in vmap_params)
+    assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-12
+    assert ref.rel_err(bf.g, bv.g) < 1e-12
+    for lam in (1e-8, 1e-2):
+        assert ref.rel_err(directions.ief(bf.rows, bf.s, lam), directions.ief(bv.rows, bv.s, lam)) < 1e-10
+
+
+def test_fallback_reason_is_specific():
+    model, params, x, _ = _mixed_case("reused")
+    jac = FastJacobian(model, params, x)
+    assert "called 2 times" in jac.fallback_reasons["fc2.weight"]
+    assert "RawParam" in jac.fallback_reasons["raw.scale"]
+    model, params, x, _ = _mixed_case("outside")
+    assert "used by 2 operations" in FastJacobian(model, params, x).fallback_reasons["fc2.weight"]
+
+
+def test_vjp_jvp_match_plain():
+    case = make_case("transformer_tokce", torch.float64)
+    jf = FastJacobian(case.model, case.params, case.inputs)
+    jv = VmapJacobian(case.model, case.params, case.inputs)
+    gen = torch.Generator().manual_seed(5)
+    u = torch.randn(jv.logits.shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(jv.layout.size, generator=gen, dtype=torch.float64)
+    assert ref.rel_err(jf.logits, jv.logits) < 1e-14
+    assert ref.rel_err(jf.vjp(u), jv.vjp(u)) < 1e-12
+    assert ref.rel_err(jf.jvp(v), jv.jvp(v)) < 1e-12
+    # a second vjp on the retained graph still works
+    assert ref.rel_err(jf.vjp(2 * u), 2 * jv.vjp(u)) < 1e-12
+
+
+def test_ngd_dense_and_cg_on_fast_path():
+    case = make_case("mlp_ce", torch.float64)
+    bf, bv = both(case)
+    for method in ("dense", "cg"):
+        assert ref.rel_err(directions.ngd(bf, 1e-3, method=method), directions.ngd(bv, 1e-3, method=method)) < 1e-8
+
+
+class PaddedEmbedNet(nn.Module):
+    """Embedding with padding_idx, a prompt-tuning-style embedding fed arange ids, per-token head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4, padding_idx=0)
+        self.prompt = nn.Embedding(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, ids):
+        n = ids.shape[0]
+        prompt = self.prompt(torch.arange(2).unsqueeze(0).expand(n, 2))  # (N, 2, 4), every sample shares ids
+        h = torch.cat([prompt, self.emb(ids)], dim=1)
+        return self.head(torch.tanh(self.ln(h)))[:, 2:]
+
+
+def test_embedding_padding_and_prompt_tokens():
+    torch.manual_seed(0)
+    model = PaddedEmbedNet().double().eval()
+    params = trainable_params(model)
+    ids = torch.tensor([[1, 2, 2, 0], [3, 1, 0, 0], [2, 2, 2, 5], [4, 0, 0, 0]])
+    y = torch.tensor([[1, 2, 3, -100], [0, 4, -100, -100], [1, 1, 2, 3], [2, -100, -100, -100]])
+    loss = TokenCrossEntropy(-100)
+    bf = batch_grads(model, params, ids, y, loss, jacobian="fast")
+    bv = batch_grads(model, params, ids, y, loss, jacobian="vmap")
+    assert bf.jac.param_paths["emb.weight"] == "embedding" and bf.jac.param_paths["prompt.weight"] == "embedding"
+    assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-12
+    assert float(bf.g.abs().max()) > 0
+    assert ref.rel_err(bf.rows.matrix, bv.rows.matrix) < 1e-12  # padding row 0 of emb gets no gradient
+    assert ref.rel_err(directions.ief(bf.rows, bf.s, 1e-6), directions.ief(bv.rows, bv.s, 1e-6)) < 1e-10
+
+
+class StridedConv(nn.Module):
+    def __init__(self, padding):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=padding, dilation=1)
+        self.conv2 = nn.Conv2d(3, 2, kernel_size=2, dilation=2, padding="same", bias=False)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.fc(torch.tanh(self.conv2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_conv_stride_padding_dilation(padding):
+    torch.manual_seed(0)
+    model = StridedConv(padding).double().eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 2, 7, 7, generator=gen, dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    params = trainable_params(model)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    bf = batch_grads(model, params, x, y, CrossEntropy(), jacobian="fast")
+    bv = batch_grads(model, params, x, y, CrossEntropy(), jacobian="vmap")
+    assert bf.jac.param_paths["conv.weight"] == "conv2d" and bf.jac.param_paths["conv2.weight"] == "conv2d"
+    assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-12
+    assert ref.rel_err(bf.g, bv.g) < 1e-12
+
+
+def test_active_dropout_refused_unless_different():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    params = trainable_params(model)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ModelError, match="dropout"):
+        FastJacobian(model, params, x)
+    jac = FastJacobian(model, params, x, randomness="different")
+    assert set(jac.param_paths.values()) == {"linear"}
+
+
+def test_low_precision_model_gram_upcast():
+    """A bf16 model: the Gram is float64 and matches the float64 model's to bf16 precision."""
+    case = make_case("mlp_ce", torch.float64)
+    z = case.loss_fn.logit_grad(case.call(case.inputs).detach(), case.targets)
+    want = FastJacobian(case.model, case.params, case.inputs).rows(z[None]).gram()
+    case.model.to(torch.bfloat16)
+    params = trainable_params(case.model)
+    rows = FastJacobian(case.model, params, case.inputs.to(torch.bfloat16)).rows(z[None].to(torch.bfloat16))
+    assert rows.gram().dtype == torch.float64
+    assert ref.rel_err(rows.gram(), want) < 5e-2
+    assert rows.combine(torch.ones(rows.n_rows, dtype=torch.float64)).dtype == torch.bfloat16

@@ -43,12 +43,15 @@ import torch
 MODEL_KINDS: dict[str, str] = {
     "mlp": "iefcli.train.models:build_mlp",
     "linear": "iefcli.train.models:build_linear",
+    "hf": "iefcli.hf.models:build_hf",
 }
 
 DATA_KINDS: dict[str, str] = {
     "digits": "iefcli.train.data:build_digits",
     "fashion_mnist": "iefcli.train.data:build_fashion_mnist",
     "toy_lsq": "iefcli.train.data:build_toy_lsq",
+    "text": "iefcli.hf.data:build_text",
+    "mnist5k": "iefcli.hf.data:build_mnist5k",
 }
 
 

@@ -1,0 +1,99 @@
+"""`ief train RECIPE`: train with iEF or a baseline, leaving a run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from iefcli.commands._common import cli_errors, err
+from iefcli.errors import EXIT_INTERRUPTED
+
+
+def _summary_line(s: dict) -> str:
+    def f(v, spec=".4g"):
+        return "-" if v is None else format(v, spec)
+
+    return (
+        f"{s['status']}: {s['recipe']} ({s['optimizer']}) {s['total_steps']} steps in {f(s['wall_time_s'], '.1f')}s; "
+        f"final train loss {f(s['final_train_loss'])}; best val {s['metric']} {f(s['best_val_metric'])} "
+        f"at step {s['best_val_step']}; test {s['metric']} {f(s['test_metric'])}; run dir {s['run_dir']}"
+    )
+
+
+class _Progress:
+    """Rich progress bar on stderr: step, epoch, loss, val metric, lr, step time."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("ep {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[metric]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[dt]}/step"), TimeRemainingColumn(),
+            console=err, transient=False,
+        )
+        self.task = None
+        self.metric = "val -"
+
+    def __call__(self, kind: str, e: dict) -> None:
+        if kind == "start":
+            self.metric_name = e["metric"]
+            self.p.start()
+            self.task = self.p.add_task("train", total=e["total_steps"], completed=e["start_step"],
+                                        epoch="0.00", loss="-", metric=self.metric, lr="-", dt="-")
+        elif kind == "step" and self.task is not None:
+            self.p.update(self.task, completed=e["step"], epoch=f"{e['epoch']:.2f}", loss=f"{e['loss']:.4g}",
+                          lr=f"{e['lr']:.3g}", dt=f"{e['step_time_s'] * 1000:.0f}ms")
+        elif kind == "eval" and e.get("split") == "val" and self.task is not None:
+            v = e.get(self.metric_name)
+            self.metric = f"val {self.metric_name} {v:.4g}" if v is not None else "val -"
+            self.p.update(self.task, metric=self.metric)
+        elif kind == "bad_step":
+            err.print(f"[yellow]step {e['step']}: NaN/Inf loss or update; step skipped "
+                      f"({e['consecutive_bad_steps']} in a row)[/yellow]")
+
+    def stop(self) -> None:
+        self.p.stop()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        recipe: Annotated[Optional[str], typer.Argument(
+            help="Recipe YAML file, or a built-in name (see `ief recipes`); omit with --resume.")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option(
+            "--set", help="Override a recipe key: --set optimizer.lr=10 (repeatable; value parsed as YAML).")] = None,
+        out: Annotated[Optional[str], typer.Option(
+            "--out", "-o", help="Run directory (default: the recipe's output.dir, runs/<name>).")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+        resume: Annotated[Optional[str], typer.Option(
+            "--resume", help="Continue the run in RUN_DIR from its last checkpoint.", metavar="RUN_DIR")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final one-line summary.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    ) -> None:
+        """Train a model from a YAML recipe with iEF or a baseline optimiser.
+
+        Writes RUN/recipe.yaml, metrics.jsonl, checkpoints/step-N/, best/ and
+        summary.json. Exit codes: 0 ok, 1 run failed (diverged), 2 bad recipe or
+        usage, 130 interrupted (a checkpoint is saved; continue with --resume).
+        """
+        from iefcli.train.loop import train_from_cli
+
+        progress = None if quiet else _Progress()
+        try:
+            with cli_errors():
+                try:
+                    summary = train_from_cli(recipe=recipe, sets=list(set_ or ()), out=out, overwrite=overwrite,
+                                             resume=resume, on_event=progress)
+                finally:
+                    if progress is not None:
+                        progress.stop()
+        except KeyboardInterrupt:  # pragma: no cover - cli_errors handles it; kept for safety
+            raise typer.Exit(EXIT_INTERRUPTED)
+        print(_summary_line(summary), file=sys.stderr)
+        if json_out:
+            sys.stdout.write(json.dumps(summary, indent=2) + "\n")

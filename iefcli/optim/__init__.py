@@ -1,0 +1,63 @@
+"""Pure optimisers: ONE registry, ONE contract (see :mod:`iefcli.optim.base`).
+
+``make_optimizer(config, model=..., loss_fn=..., forward=...)`` builds one by
+``config.name``; :data:`DEFAULTS` gives the lr / damping / weight decay used
+when a recipe leaves them null.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from iefcli.core.jacobian import Forward, default_forward
+from iefcli.core.losses import Loss
+from iefcli.optim.base import ModelFn, OptimConfig, Optimizer, State, finish_step
+from iefcli.optim.curvature import CurvatureOptimizer
+from iefcli.optim.torch_optims import TorchOptimizer
+
+REGISTRY = {
+    "sgd": TorchOptimizer,
+    "adamw": TorchOptimizer,
+    "adafactor": TorchOptimizer,
+    "ef": CurvatureOptimizer,
+    "sf": CurvatureOptimizer,
+    "ief": CurvatureOptimizer,
+    "ngd": CurvatureOptimizer,
+}
+
+# Defaults for null recipe values, per optimiser (lr on MEAN-loss gradients).
+DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.1, "damping": 0.0, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "damping": 0.0, "weight_decay": 0.01},
+    "adafactor": {"lr": 1e-2, "damping": 0.0, "weight_decay": 0.0},
+    "ef": {"lr": 0.1, "damping": 1e-3, "weight_decay": 0.0},
+    "sf": {"lr": 0.1, "damping": 1e-3, "weight_decay": 0.0},
+    "ief": {"lr": 1.0, "damping": 1e-7, "weight_decay": 0.0},
+    "ngd": {"lr": 0.1, "damping": 1e-3, "weight_decay": 0.0},
+}
+
+CURVATURE = ("ef", "sf", "ief", "ngd")
+
+
+def config_from_recipe(section: Mapping[str, Any]) -> OptimConfig:
+    """The recipe's ``optimizer`` section -> OptimConfig, nulls replaced by DEFAULTS."""
+    name = section["name"]
+    d = DEFAULTS[name]
+    kw = {k: section[k] for k in OptimConfig.__dataclass_fields__ if k in section}
+    for k in ("lr", "damping", "weight_decay"):
+        if kw.get(k) is None:
+            kw[k] = d[k]
+    kw["betas"] = tuple(kw.get("betas", (0.9, 0.999)))
+    return OptimConfig(**kw)
+
+
+def make_optimizer(config: OptimConfig, *, model, loss_fn: Loss, forward: Forward = default_forward) -> Optimizer:
+    try:
+        cls = REGISTRY[config.name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {config.name!r}; choose one of {', '.join(REGISTRY)}") from None
+    return cls(config, ModelFn(model, loss_fn, forward))
+
+
+__all__ = ["REGISTRY", "DEFAULTS", "CURVATURE", "OptimConfig", "Optimizer", "State", "ModelFn",
+           "config_from_recipe", "make_optimizer", "finish_step"]

@@ -1,0 +1,118 @@
+"""One contract for every optimiser: a pure pair (init, update), optax-style.
+
+    opt = make_optimizer(name, config, model=..., loss_fn=..., forward=...)
+    state = opt.init(params)
+    new_params, state, metrics = opt.update(params, state, batch, key=seed, lr=lr)
+
+- ``params``: the trainable params dict (detached tensors); never modified in
+  place: ``update`` returns new tensors.
+- ``state``: a nested dict of tensors (saved as safetensors by the shell).
+- ``batch``: anything with ``.inputs`` and ``.targets`` (a Batch).
+- ``key``: an int seed for the step's randomness (SF's label draws), turned
+  into a fresh ``torch.Generator`` on the batch's device: the same key gives
+  the same step, which is what makes --resume exact.
+- ``lr``: the learning rate for this step (the schedule lives in the shell).
+- ``metrics``: dict of 0-d tensors (loss = mean batch loss BEFORE the step,
+  grad_norm, update_norm, and for ef/sf/ief/ngd the solve diagnostics and
+  cos_update_grad). The shell reads them back to the host when it logs.
+
+Scale: the loss is the MEAN per-sample loss; curvature directions follow
+:mod:`iefcli.directions` (damping added to the Gram of UNSCALED per-sample
+gradients). The step is theta <- theta - lr * d, then optionally clipped to
+``clip_update_norm`` in L2 over all parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from iefcli.core.jacobian import Forward, default_forward
+from iefcli.core.losses import Loss
+from iefcli.core.params import ParamLayout, Params
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser options (the recipe's ``optimizer`` section, resolved)."""
+
+    name: str
+    lr: float
+    damping: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    beta2_decay: float = -0.8
+    dup_threshold: float | None = 0.99
+    jacobian: str = "auto"
+    chunk_size: int | None = None
+    mc_samples: int = 1
+    cg_tol: float | None = None
+    cg_maxiter: int = 100
+    clip_update_norm: float | None = None
+
+
+class Optimizer(Protocol):
+    name: str
+    config: OptimConfig
+
+    def init(self, params: Params) -> State: ...
+
+    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float) -> tuple[Params, State, dict[str, Tensor]]: ...
+
+
+@dataclass
+class ModelFn:
+    """The model as the step sees it: module (holds frozen params and buffers), loss and forward."""
+
+    model: nn.Module
+    loss_fn: Loss
+    forward: Forward = default_forward
+
+    def mean_loss_and_grad(self, params: Params, inputs: Any, targets: Tensor) -> tuple[Tensor, Params]:
+        """(mean loss, its gradient dict) by torch.func.grad: one backward, no per-sample rows."""
+
+        def f(p: Params) -> tuple[Tensor, Tensor]:
+            loss = self.loss_fn.per_sample(self.forward(self.model, p, inputs), targets).mean()
+            return loss, loss.detach()
+
+        grads, loss = torch.func.grad(f, has_aux=True)(params)
+        return loss, grads
+
+
+def finish_step(
+    params: Params,
+    new_params: Params,
+    grad_flat: Tensor,
+    cfg: OptimConfig,
+    metrics: dict[str, Tensor],
+) -> tuple[Params, dict[str, Tensor]]:
+    """Shared tail: optional update-norm clipping, and update/gradient norms + cosine.
+
+    All on-device; no host reads.
+    """
+    layout = ParamLayout.of(params)
+    old = layout.flatten(params)
+    step = old - layout.flatten(new_params)  # the applied update lr*d (+ decay)
+    norm = torch.linalg.vector_norm(step.to(torch.float64))
+    if cfg.clip_update_norm is not None:
+        scale = torch.clamp(cfg.clip_update_norm / norm.clamp_min(1e-300), max=1.0).to(step.dtype)
+        step = step * scale
+        new_params = {k: v.clone() for k, v in layout.unflatten(old - step).items()}
+        metrics["update_clipped"] = scale < 1
+        norm = torch.linalg.vector_norm(step.to(torch.float64))
+    gnorm = torch.linalg.vector_norm(grad_flat.to(torch.float64))
+    metrics["grad_norm"] = gnorm
+    metrics["update_norm"] = norm
+    metrics["cos_update_grad"] = (step.to(torch.float64) @ grad_flat.to(torch.float64)) / (norm * gnorm).clamp_min(1e-300)
+    return new_params, metrics
+
+
+Factory = Callable[[OptimConfig, ModelFn], Optimizer]

@@ -235,8 +235,14 @@ class _Block:
     def dot(self, v: dict[str, Tensor]) -> Tensor: ...
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-layer inner products for parameters of ``dtype``: float64 stays
+    float64, anything else (float32, bf16, fp16) runs in float32 (see the module doc)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
-    """sum_{t,t'} (X_i X_j^T)_{tt'} (E_i E_j^T)_{tt'} for X (M,T,a), E (M,T,b), chunked over i."""
+    """sum_{t,t'} (X_i X_j^T)_{tt'} (E_i E_j^T)_{tt'} for X (M,T,a), E (M,T,b), chunked over i. (M, M)."""
     m, t = x.shape[:2]
     out = torch.empty(m, m, dtype=ACC, device=x.device)
     step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m * t * t))
@@ -247,18 +253,21 @@ def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
     return out
 
 
+def _cat(grads: list[Tensor]) -> Tensor:
+    return grads[0] if len(grads) == 1 else torch.cat(grads)
+
+
 class _MatmulBlock(_Block):
     """Linear and Conv2d: Z_nt = W X_nt (+ b) with X (N, T, d_in), E (M, T, d_out), M = K N."""
 
-    def __init__(self, kind: str, roles: dict[str, str], x: Tensor, e: Tensor, k: int, weight_shape):
-        self.kind, self.roles, self.k = kind, roles, k
-        self.x = x.to(ACC)  # (N, T, d_in)
-        self.e = e.to(ACC)  # (M, T, d_out)
+    def __init__(self, kind: str, roles: dict[str, str], x: Tensor, e: Tensor, k: int, weight_shape, cdt):
+        self.kind, self.roles, self.k, self.cdt = kind, roles, k, cdt
+        self.x = x.to(cdt)  # (N, T, d_in)
+        self.e = e.to(cdt)  # (M, T, d_out)
         self.weight_shape = weight_shape
         n, t, d_in = self.x.shape
         m, _, d_out = self.e.shape
         self.strategy = "outer"
-        self._per_sample: Tensor | None = None
         if "weight" in roles and t > 1:
             ghost = m * m * t * t * (d_in + d_out)
             mat = m * t * d_in * d_out + m * m * d_in * d_out
@@ -274,25 +283,27 @@ class _MatmulBlock(_Block):
         out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
         if "weight" in self.roles:
             if self.x.shape[1] == 1:
-                xx = self.x[:, 0] @ self.x[:, 0].T  # (N, N)
+                x, e = self.x[:, 0].to(ACC), self.e[:, 0].to(ACC)
+                xx = x @ x.T  # (N, N)
                 if self.k > 1:
                     xx = xx.repeat(self.k, self.k)
-                out += xx * (self.e[:, 0] @ self.e[:, 0].T)
+                out += xx * (e @ e.T)  # Hadamard product of the two Grams
             elif self.strategy == "materialise":
-                g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)  # (M, d_out*d_in)
+                # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
+                g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1).to(ACC)
                 out += g @ g.T
             else:
-                out += _gram_weight_ghost(self._x_rows(), self.e)
+                out += _gram_weight_ghost(self._x_rows().to(ACC), self.e.to(ACC))
         if "bias" in self.roles:
-            eb = self.e.sum(dim=1)  # (M, d_out)
+            eb = self.e.sum(dim=1).to(ACC)  # (M, d_out)
             out += eb @ eb.T
         return out
 
     def _ex(self, x: Tensor) -> Tensor:
         """sum_k x_{kn} E_{kn}: (N, T, d_out), the rows' weights folded into E."""
         n = self.x.shape[0]
-        ew = self.e * x.to(ACC)[:, None, None]
-        return ew.reshape(self.k, n, *ew.shape[1:]).sum(dim=0)
+        ew = self.e * x.to(self.cdt)[:, None, None]
+        return ew.reshape(self.k, n, *ew.shape[1:]).sum(dim=0) if self.k > 1 else ew
 
     def combine(self, x: Tensor) -> dict[str, Tensor]:
         ex = self._ex(x)
@@ -310,12 +321,12 @@ class _MatmulBlock(_Block):
         out = torch.zeros(m, dtype=ACC, device=self.e.device)
         e = self.e.reshape(self.k, n, *self.e.shape[1:])
         if "weight" in self.roles:
-            w = v[self.roles["weight"]].to(ACC).reshape(d_out, -1)
+            w = v[self.roles["weight"]].to(self.cdt).reshape(d_out, -1)
             xv = self.x @ w.T  # (N, T, d_out): apply the weight direction to the inputs
-            out += (e * xv).sum(dim=(2, 3)).reshape(m)
+            out += (e * xv).sum(dim=(2, 3)).reshape(m).to(ACC)
         if "bias" in self.roles:
-            b = v[self.roles["bias"]].to(ACC)
-            out += (e.sum(dim=2) @ b).reshape(m)
+            b = v[self.roles["bias"]].to(self.cdt)
+            out += (e.sum(dim=2) @ b).reshape(m).to(ACC)
         return out
 
 
@@ -328,14 +339,13 @@ class _DenseBlock(_Block):
         self.shapes = shapes
 
     def gram(self) -> Tensor:
-        return sum(g @ g.T for g in self.mats.values())
+        return sum(g.to(ACC) @ g.to(ACC).T for g in self.mats.values())
 
     def combine(self, x: Tensor) -> dict[str, Tensor]:
-        x = x.to(ACC)
-        return {name: (x @ g).reshape(self.shapes[name]) for name, g in self.mats.items()}
+        return {name: (x.to(g.dtype) @ g).reshape(self.shapes[name]) for name, g in self.mats.items()}
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
-        return sum(g @ v[name].to(ACC).reshape(-1) for name, g in self.mats.items())
+        return sum((g @ v[name].to(g.dtype).reshape(-1)).to(ACC) for name, g in self.mats.items())
 
 
 class _EmbeddingBlock(_Block):
@@ -345,13 +355,13 @@ class _EmbeddingBlock(_Block):
     where f_m,v = sum_{t: ids_nt = v} E_mt; only ids two rows share cost anything.
     """
 
-    def __init__(self, roles: dict[str, str], ids: Tensor, e: Tensor, k: int, weight_shape, padding_idx):
-        self.kind, self.roles, self.k, self.strategy = "embedding", roles, k, "sparse"
+    def __init__(self, roles: dict[str, str], ids: Tensor, e: Tensor, k: int, weight_shape, padding_idx, cdt):
+        self.kind, self.roles, self.k, self.strategy, self.cdt = "embedding", roles, k, "sparse", cdt
         n = ids.shape[0]
         self.ids = ids.reshape(n, -1)  # (N, T)
-        self.e = e.to(ACC)  # (M, T, d)
+        self.e = e.to(cdt)  # (M, T, d)
         if padding_idx is not None:  # F.embedding sends no gradient to the padding row
-            self.e = self.e * (self.ids != padding_idx).repeat(k, 1).unsqueeze(-1).to(ACC)
+            self.e = self.e * (self.ids != padding_idx).repeat(k, 1).unsqueeze(-1).to(cdt)
         self.weight_shape = weight_shape
 
     def gram(self) -> Tensor:
@@ -363,7 +373,7 @@ class _EmbeddingBlock(_Block):
         # Sum each row's occurrences of the same id: compact f (L, d) with its row and id.
         key = (row * vocab + ids).reshape(-1)
         uniq, inv = torch.unique(key, return_inverse=True)
-        f = torch.zeros(uniq.shape[0], d, dtype=ACC, device=dev).index_add_(0, inv, self.e.reshape(-1, d))
+        f = torch.zeros(uniq.shape[0], d, dtype=ACC, device=dev).index_add_(0, inv, self.e.reshape(-1, d).to(ACC))
         f_row, f_id = uniq // vocab, uniq % vocab
         # Group the compact entries by id; all ordered pairs within a group contribute.
         order = torch.argsort(f_id, stable=True)
@@ -387,24 +397,24 @@ class _EmbeddingBlock(_Block):
 
     def combine(self, x: Tensor) -> dict[str, Tensor]:
         n = self.ids.shape[0]
-        ew = (self.e * x.to(ACC)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
-        w = torch.zeros(self.weight_shape, dtype=ACC, device=self.e.device)
+        ew = (self.e * x.to(self.cdt)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
+        w = torch.zeros(self.weight_shape, dtype=self.cdt, device=self.e.device)
         w.index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
         return {self.roles["weight"]: w}
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         m = self.e.shape[0]
-        gathered = v[self.roles["weight"]].to(ACC)[self.ids]  # (N, T, d)
+        gathered = v[self.roles["weight"]].to(self.cdt)[self.ids]  # (N, T, d)
         e = self.e.reshape(self.k, -1, *self.e.shape[1:])
-        return (e * gathered).sum(dim=(2, 3)).reshape(m)
+        return (e * gathered).sum(dim=(2, 3)).reshape(m).to(ACC)
 
 
-def _layernorm_features(layer: _Layer) -> tuple[Tensor, int]:
-    """xhat (N, T, D) in float64 and D, recomputed from the captured input."""
+def _layernorm_features(layer: _Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
+    """xhat (N, T, D) and D, recomputed from the captured input in ``cdt``."""
     m: nn.LayerNorm = layer.module
     nd = len(m.normalized_shape)
     dims = tuple(range(-nd, 0))
-    x = layer.x.to(ACC)
+    x = layer.x.to(cdt)
     mu = x.mean(dim=dims, keepdim=True)
     var = x.var(dim=dims, unbiased=False, keepdim=True)
     xhat = (x - mu) / torch.sqrt(var + m.eps)
@@ -412,7 +422,7 @@ def _layernorm_features(layer: _Layer) -> tuple[Tensor, int]:
     return _seq(xhat, x.shape[0], d), d
 
 
-def _make_block(layer: _Layer, grads: list[Tensor], shapes: dict[str, torch.Size]) -> _Block:
+def _make_block(layer: _Layer, grads: list[Tensor], shapes: dict[str, torch.Size], cdt: torch.dtype) -> _Block:
     """The block of ``layer`` from its output gradients, one per cotangent set (K of them)."""
     k = len(grads)
     m = layer.module
@@ -420,24 +430,24 @@ def _make_block(layer: _Layer, grads: list[Tensor], shapes: dict[str, torch.Size
     if layer.kind == "linear":
         d_in, d_out = m.in_features, m.out_features
         x = _seq(layer.x, n, d_in)
-        e = torch.cat([_seq(g, n, d_out) for g in grads])
-        return _MatmulBlock("linear", layer.roles, x, e, k, (d_out, d_in))
+        e = _cat([_seq(g, n, d_out) for g in grads])
+        return _MatmulBlock("linear", layer.roles, x, e, k, (d_out, d_in), cdt)
     if layer.kind == "conv2d":
         x = layer.x if layer.x.dim() == 4 else layer.x.unsqueeze(0)
         patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
         x = patches.transpose(1, 2)  # (N, L, C_in kh kw), in the order of weight.view(C_out, -1)
-        e = torch.cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
-        return _MatmulBlock("conv2d", layer.roles, x, e, k, tuple(m.weight.shape))
+        e = _cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
+        return _MatmulBlock("conv2d", layer.roles, x, e, k, tuple(m.weight.shape), cdt)
     if layer.kind == "layernorm":
-        xhat, d = _layernorm_features(layer)
-        e = torch.cat([_seq(g, n, d) for g in grads]).to(ACC)  # (M, T, D)
+        xhat, d = _layernorm_features(layer, cdt)
+        e = _cat([_seq(g, n, d) for g in grads]).to(cdt)  # (M, T, D)
         xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
         mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
         return _DenseBlock("layernorm", layer.roles, mats, shapes)
     if layer.kind == "embedding":
         d = m.embedding_dim
-        e = torch.cat([_seq(g, n, d) for g in grads])
-        return _EmbeddingBlock(layer.roles, layer.x, e, k, tuple(m.weight.shape), m.padding_idx)
+        e = _cat([_seq(g, n, d) for g in grads])
+        return _EmbeddingBlock(layer.roles, layer.x, e, k, tuple(m.weight.shape), m.padding_idx, cdt)
     raise AssertionError(layer.kind)
 
 
@@ -653,7 +663,8 @@ class FastJacobian:
                     for j, g in enumerate(gs):
                         grads[j].append(torch.zeros_like(targets[j]) if g is None else g.detach())
         shapes = dict(zip(self.layout.names, self.layout.shapes))
-        blocks = [_make_block(layer, gs, shapes) for layer, gs in zip(self._layers, grads)]
+        cdt = compute_dtype(self._dtype)
+        blocks = [_make_block(layer, gs, shapes, cdt) for layer, gs in zip(self._layers, grads)]
         fallback = fb_layout = None
         if self._fallback_names:
             fj = self._fallback_jacobian()

@@ -425,8 +425,12 @@ def build_figures(results: Sequence[StageResult]) -> dict[str, Any]:
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out_dir}: directory exists and is not empty (use --overwrite to replace it)")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--out {out_dir}: directory exists and is not empty (use --overwrite to replace it)")
+        # As `ief train --overwrite`: only ever replace what this command wrote.
+        if not (out_dir / JSON_FILE).is_file():
+            raise UsageError(f"--out {out_dir}: not an eval-gamma output directory (no {JSON_FILE}); refusing to overwrite it")
 
 
 def write_out_dir(out_dir: Path, results: Sequence[StageResult], json_text: str, *, overwrite: bool) -> list[Path]:

@@ -1,0 +1,236 @@
+"""`ief eval-gamma` end to end on runs trained here (the paper's findings, JSON/CSV/PNG outputs, errors).
+
+Two runs are trained once per module through the train helper's API: the
+2-parameter least-squares toy, and an MLP on scikit-learn digits with iEF for
+200 steps (checkpoints at 0, 100, 200). Evaluations use small batches, two
+dampings and a CG cap so that the file stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from iefcli.cli import app
+from iefcli.commands import eval_gamma as eg
+from iefcli.train.loop import train_from_cli
+
+runner = CliRunner()
+
+TOY_RECIPE = {
+    "name": "toy",
+    "seed": 0,
+    "device": "cpu",
+    "dtype": "float64",
+    "model": {"kind": "linear", "init": [2.0, -1.5]},
+    "data": {"kind": "toy_lsq", "x": [1.0, 0.2, 0.3, 1.0], "y": [1.0, -1.0]},
+    "optimizer": {"name": "sgd", "lr": 0.05},
+    "train": {"steps": 10, "batch_size": 2, "eval_every": 5, "checkpoint_every": 5, "log_every": 5},
+}
+
+DIGITS_SETS = [
+    "device=cpu",
+    "model.sizes=[32]",
+    "train.steps=200",
+    "train.checkpoint_every=100",
+    "train.eval_every=100",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy")
+    (d / "toy.yaml").write_text(yaml.safe_dump(TOY_RECIPE))
+    train_from_cli(recipe=str(d / "toy.yaml"), out=d / "run")
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("digits")
+    summary = train_from_cli(recipe="quickstart", sets=DIGITS_SETS, out=d / "run")
+    assert summary["status"] == "completed"
+    return d / "run"
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["eval-gamma", *map(str, args)])
+
+
+def _by(doc):
+    return {(r["method"], r["damping"]): r for r in doc["results"]}
+
+
+# A cheap evaluation used by several tests (no ngd).
+CHEAP = ("--methods", "sgd,ef,ief,sf", "--damping", "1e-10,1e-2", "--batches", "2", "--batch-size", "64", "--quiet")
+
+
+def test_toy_ief_ratio_equals_ng_and_ef_is_worse(toy_run):
+    r = invoke(toy_run, "--methods", "sgd,ef,ief,ngd", "--damping", "1e-12,1e-10", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["step"] == 10 and doc["batch_size"] == 2 and doc["n_batches"] == 1
+    by = _by(doc)
+    for lam in (1e-12, 1e-10):
+        ief, ngd, ef = (by[(m, lam)]["gamma_ratio_median"] for m in ("ief", "ngd", "ef"))
+        assert ief == pytest.approx(ngd, rel=1e-6)
+        assert by[("ief", lam)]["cos_to_ngd_median"] == pytest.approx(1.0, abs=1e-6)
+        assert ef > ief * 1.01
+        assert ngd < 1
+
+
+def test_digits_ng_smallest_ief_beats_sgd_and_ef(digits_run):
+    r = invoke(
+        digits_run, "--methods", "sgd,ef,ief,sf,ngd", "--damping", "1e-10,1e-6", "--batches", "2",
+        "--batch-size", "100", "--ngd-maxiter", "150", "--json", "--quiet",
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    by = _by(doc)
+    for lam in (1e-10, 1e-6):
+        ratios = {m: by[(m, lam)]["gamma_ratio_median"] for m in doc["methods"]}
+        assert ratios["ngd"] == min(ratios.values()), ratios
+        assert ratios["ngd"] < ratios["ief"]
+        assert ratios["ief"] < 1, ratios
+        assert ratios["ief"] < ratios["ef"], ratios
+        assert by[("ngd", lam)]["cos_to_ngd_median"] == pytest.approx(1.0, abs=1e-9)
+    # The trained model's per-sample gradient norms are imbalanced (why EF degrades).
+    assert doc["imbalance"]["grad_norm_max_min"] > doc["imbalance"]["grad_norm_top10_bottom10"] > 1
+
+
+def test_json_schema_and_determinism(digits_run):
+    a = invoke(digits_run, *CHEAP, "--json", "--seed", "3")
+    b = invoke(digits_run, *CHEAP, "--json", "--seed", "3")
+    c = invoke(digits_run, *CHEAP, "--json", "--seed", "4")
+    assert a.exit_code == b.exit_code == c.exit_code == 0, a.output
+    assert a.stdout == b.stdout  # same seed: identical, to the last digit
+    assert a.stdout != c.stdout  # another seed draws other batches
+    doc = json.loads(a.stdout)
+    assert isinstance(doc["checkpoint"], str) and Path(doc["checkpoint"]).name == "best"
+    assert isinstance(doc["step"], int)
+    assert doc["methods"] == ["sgd", "ef", "ief", "sf"] and doc["dampings"] == [1e-10, 1e-2]
+    assert len(doc["results"]) == 4 * 2
+    for r in doc["results"]:
+        assert isinstance(r["method"], str) and isinstance(r["damping"], float)
+        for k in ("gamma_ratio_median", "gamma_ratio_mean"):
+            assert isinstance(r[k], float) and math.isfinite(r[k])
+        lo, hi = r["gamma_ratio_iqr"]
+        assert isinstance(lo, float) and isinstance(hi, float) and lo <= r["gamma_ratio_median"] <= hi
+        assert r["n_batches"] == 2
+    for k in ("grad_norm_max_min", "grad_norm_top10_bottom10", "logit_grad_norm_top10_bottom10"):
+        assert isinstance(doc["imbalance"][k], float) and doc["imbalance"][k] >= 1
+    assert all(r["gamma_ratio_median"] == 1.0 for r in doc["results"] if r["method"] == "sgd")
+
+
+def test_stage_all_out_dir_csv_pngs_and_figures(digits_run, tmp_path):
+    out = tmp_path / "ev"
+    r = invoke(digits_run, *CHEAP, "--stage", "all", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    docs = json.loads(r.stdout)
+    assert [d["step"] for d in docs] == [0, 100, 200]
+    assert json.loads((out / eg.JSON_FILE).read_text()) == docs
+    with open(out / eg.CSV_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == eg.CSV_COLUMNS
+    assert len(rows) == 3 * 2 * 4 * 2  # stages x batches x methods x dampings
+    assert {int(x["stage"]) for x in rows} == {0, 100, 200}
+    assert all(x["cos_to_ngd"] == "" for x in rows)  # ngd not requested
+    # every CSV row reappears in its stage's aggregate (the median of its batches)
+    one = [float(x["gamma_ratio"]) for x in rows if x["stage"] == "200" and x["method"] == "ief" and x["damping"] == "1e-10"]
+    agg = _by(docs[2])[("ief", 1e-10)]
+    assert agg["gamma_ratio_median"] == pytest.approx(sum(one) / 2, rel=1e-12)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted([eg.PNG_STAGE, eg.PNG_IMBALANCE] + [f"ratio_vs_damping-step-{s}.png" for s in (0, 100, 200)])
+    for p in out.glob("*.png"):
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # The figure objects: one line per method in each panel, one per imbalance figure.
+    fig = eg.figure_ratio_vs_damping(docs[-1])
+    (ax,) = fig.axes
+    assert [ln.get_label() for ln in ax.get_lines()] == ["SGD", "EF", "iEF", "SF"]
+    assert ax.get_xscale() == "log"
+    x, y = ax.get_lines()[2].get_data()
+    assert list(x) == [1e-10, 1e-2]
+    assert list(y) == [_by(docs[-1])[("ief", lam)]["gamma_ratio_median"] for lam in (1e-10, 1e-2)]
+    fig = eg.figure_ratio_vs_stage(docs)
+    panels = [a for a in fig.axes if a.get_visible()]
+    assert len(panels) == 2
+    for a in panels:
+        assert len(a.get_lines()) == 4
+        assert list(a.get_lines()[0].get_data()[0]) == [0, 100, 200]
+    fig = eg.figure_imbalance_vs_stage(docs)
+    assert len(fig.axes[0].get_lines()) == 4
+    # training makes per-sample gradient norms more imbalanced (the paper's stage figure)
+    assert docs[-1]["imbalance"]["grad_norm_top10_bottom10"] > docs[0]["imbalance"]["grad_norm_top10_bottom10"]
+
+
+def test_table_output_and_single_checkpoint_dir(digits_run):
+    r = invoke(digits_run / "checkpoints" / "step-100", *CHEAP)
+    assert r.exit_code == 0, r.output
+    assert "gamma / gamma(SGD) at step 100" in r.stdout
+    assert "iEF" in r.stdout and "1e-10" in r.stdout and "imbalance" in r.stdout
+    assert r.stderr == ""  # --quiet
+
+
+def test_out_dir_never_overwritten_without_flag(digits_run, tmp_path):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = invoke(digits_run, *CHEAP, "--out", out)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.output
+    r = invoke(digits_run, *CHEAP, "--out", out, "--overwrite")  # not our directory: still refused
+    assert r.exit_code == 2 and "refusing" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    out2 = tmp_path / "ev2"
+    assert invoke(digits_run, *CHEAP, "--out", out2).exit_code == 0
+    first = (out2 / eg.JSON_FILE).read_text()
+    assert invoke(digits_run, *CHEAP, "--out", out2, "--seed", "9").exit_code == 2
+    assert (out2 / eg.JSON_FILE).read_text() == first
+    assert invoke(digits_run, *CHEAP, "--out", out2, "--seed", "9", "--overwrite").exit_code == 0
+    assert (out2 / eg.JSON_FILE).read_text() != first
+    assert not list(tmp_path.glob(".*"))  # no temporaries left behind
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["{run}/nope"], "not found"),
+        (["{run}", "--methods", "sgd,kfac"], "unknown method 'kfac'"),
+        (["{run}", "--damping", "1e-3,abc"], "'abc' is not a number"),
+        (["{run}", "--methods", "sf", "--damping", "0"], "sf needs damping > 0"),
+        (["{run}", "--stage", "7"], "no checkpoint at step 7"),
+        (["{run}", "--stage", "soon"], "expected best, last, all or a step number"),
+        (["{run}/best", "--stage", "all"], "single checkpoint"),
+        (["{run}", "--split", "dev"], "--split dev"),
+        (["{run}", "--batches", "0"], "--batches must be >= 1"),
+    ],
+)
+def test_bad_input_one_line_exit_2(digits_run, args, needle):
+    r = invoke(*[a.format(run=digits_run) for a in args], "--quiet")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("ief: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert needle in r.stderr
+    assert r.stdout == ""
+
+
+def test_corrupt_and_missing_files_exit_2(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    (run / "checkpoints" / "step-100" / "params.safetensors").write_bytes(b"not a safetensors file")
+    r = invoke(run, "--stage", "100", "--quiet")
+    assert r.exit_code == 2 and "step-100/params.safetensors" in r.stderr and r.stderr.count("\n") == 1
+    (run / "best" / "meta.json").write_text("{oops")
+    r = invoke(run, "--quiet")
+    assert r.exit_code == 2 and "meta.json" in r.stderr
+    (run / "recipe.yaml").unlink()
+    r = invoke(run / "checkpoints" / "step-200", "--quiet")
+    assert r.exit_code == 2 and "recipe.yaml" in r.stderr and "Traceback" not in r.output

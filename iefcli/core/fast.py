@@ -74,6 +74,7 @@ from iefcli.core.jacobian import (
     Inputs,
     Randomness,
     VmapJacobian,
+    batch_size_of,
     default_forward,
     register_jacobian,
 )
@@ -231,7 +232,10 @@ class _Block:
     roles: dict[str, str]
 
     def gram(self) -> Tensor: ...
-    def combine(self, x: Tensor) -> dict[str, Tensor]: ...
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        """Write this block's columns of R^T x into ``out`` (views of the flat (P,) result)."""
+        ...
+
     def dot(self, v: dict[str, Tensor]) -> Tensor: ...
 
 
@@ -305,15 +309,18 @@ class _MatmulBlock(_Block):
         ew = self.e * x.to(self.cdt)[:, None, None]
         return ew.reshape(self.k, n, *ew.shape[1:]).sum(dim=0) if self.k > 1 else ew
 
-    def combine(self, x: Tensor) -> dict[str, Tensor]:
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         ex = self._ex(x)
-        out = {}
         if "weight" in self.roles:
             d_out, d_in = ex.shape[-1], self.x.shape[-1]
-            out[self.roles["weight"]] = (ex.reshape(-1, d_out).T @ self.x.reshape(-1, d_in)).reshape(self.weight_shape)
+            a, b = ex.reshape(-1, d_out).T, self.x.reshape(-1, d_in)  # E^T diag(x) X, one matmul
+            tgt = out[self.roles["weight"]]
+            if tgt.dtype == self.cdt:  # straight into the result: no temporary of the layer's size
+                torch.mm(a, b, out=tgt.view(d_out, d_in))
+            else:
+                tgt.copy_((a @ b).view(tgt.shape))
         if "bias" in self.roles:
-            out[self.roles["bias"]] = ex.sum(dim=(0, 1))
-        return out
+            out[self.roles["bias"]].copy_(ex.sum(dim=(0, 1)))
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         m, _, d_out = self.e.shape
@@ -341,8 +348,9 @@ class _DenseBlock(_Block):
     def gram(self) -> Tensor:
         return sum(g.to(ACC) @ g.to(ACC).T for g in self.mats.values())
 
-    def combine(self, x: Tensor) -> dict[str, Tensor]:
-        return {name: (x.to(g.dtype) @ g).reshape(self.shapes[name]) for name, g in self.mats.items()}
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        for name, g in self.mats.items():
+            out[name].copy_((x.to(g.dtype) @ g).view(out[name].shape))
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         return sum((g @ v[name].to(g.dtype).reshape(-1)).to(ACC) for name, g in self.mats.items())
@@ -395,12 +403,12 @@ class _EmbeddingBlock(_Block):
             out.index_add_(0, f_row[li] * m + f_row[ri], dots)
         return out.reshape(m, m)
 
-    def combine(self, x: Tensor) -> dict[str, Tensor]:
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         n = self.ids.shape[0]
         ew = (self.e * x.to(self.cdt)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
         w = torch.zeros(self.weight_shape, dtype=self.cdt, device=self.e.device)
         w.index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
-        return {self.roles["weight"]: w}
+        out[self.roles["weight"]].copy_(w)
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         m = self.e.shape[0]
@@ -497,12 +505,14 @@ class FastRows:
 
     def combine(self, x: Tensor) -> Tensor:
         """R^T x for x (M,): (P,) in the parameters' dtype (accumulated in float64)."""
-        parts: dict[str, Tensor] = {}
+        flat = torch.empty(self.layout.size, dtype=self.dtype, device=self.device)
+        views = self.layout.unflatten(flat)  # each block writes its parameters' slices in place
         for b in self.blocks:
-            parts.update(b.combine(x))
+            b.combine_into(x, views)
         if self.fallback is not None:
-            parts.update(self.fallback_layout.unflatten(self.fallback.combine(x)))
-        return torch.cat([parts[n].reshape(-1).to(self.dtype) for n in self.layout.names])
+            for name, part in self.fallback_layout.unflatten(self.fallback.combine(x)).items():
+                views[name].copy_(part)
+        return flat
 
     def dot(self, v: Tensor) -> Tensor:
         """R v for v (P,): (M,) float64."""
@@ -567,12 +577,18 @@ class FastJacobian:
         self.logits = out.detach()
 
         uses = _leaf_uses(out, self._leaves) if out.requires_grad else {}
+        n_batch = batch_size_of(inputs)
         self._layers: list[_Layer] = []
         for layer in layers:
             reasons = (
                 layer.validate(uses, self._leaves) if out.requires_grad
                 else {p: "logits do not require grad" for p in layer.roles.values()}
             )
+            if layer.x is not None and (layer.x.dim() == 0 or layer.x.shape[0] != n_batch):
+                # One call shared by all samples (e.g. peft computes the prompt embedding
+                # once and expands it): the per-sample rules need the batch as dim 0.
+                reasons = {p: r or "layer input's leading dim is not the batch (shared across samples)"
+                           for p, r in reasons.items()}
             for pname, reason in reasons.items():
                 if reason:
                     self.fallback_reasons[pname] = f"{layer.name}: {reason}"

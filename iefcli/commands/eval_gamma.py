@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
@@ -295,7 +294,7 @@ def render_table(doc: dict[str, Any]):
         for m in shown:
             r = by[(m, lam)]
             q25, q75 = r["gamma_ratio_iqr"]
-            cells.append(f"{_fmt(r['gamma_ratio_median'])} [{_fmt(q25)}-{_fmt(q75)}]")
+            cells.append(f"{_fmt(r['gamma_ratio_median'])} [{_fmt(q25)}, {_fmt(q75)}]")
         table.add_row(f"{lam:g}", *cells)
     return table
 
@@ -331,58 +330,94 @@ def _new_figure(width: float, height: float):
 _STYLE = {"sgd": ("#000000", "--"), "ef": ("#D55E00", "-"), "ief": ("#0072B2", "-"), "sf": ("#009E73", "-"), "ngd": ("#CC79A7", ":")}
 
 
+def _plain_log_ticks(ax) -> None:
+    """Log-scale y labels as plain numbers (0.8, 2, 3) instead of 8x10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+
+
 def _positive(v: float | None) -> float:
     return v if v is not None and v > 0 and math.isfinite(v) else math.nan
 
 
-def figure_ratio_vs_damping(doc: dict[str, Any]):
-    """Median gamma ratio vs damping (log-log), IQR shaded; one line per method."""
-    fig = _new_figure(6.4, 4.2)
-    ax = fig.add_subplot()
-    lams = sorted(doc["dampings"])
-    by = {(r["method"], r["damping"]): r for r in doc["results"]}
-    for m in doc["methods"]:
-        color, ls = _STYLE.get(m, (None, "-"))
-        med = [_positive(by[(m, lam)]["gamma_ratio_median"]) for lam in lams]
-        lo = [_positive(by[(m, lam)]["gamma_ratio_iqr"][0]) for lam in lams]
-        hi = [_positive(by[(m, lam)]["gamma_ratio_iqr"][1]) for lam in lams]
-        ax.plot(lams, med, marker="o", ms=4, color=color, ls=ls, label=m.upper() if m != "ief" else "iEF")
-        ax.fill_between(lams, lo, hi, color=color, alpha=0.15, lw=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("damping $\\lambda$")
-    ax.set_ylabel("$\\gamma / \\gamma_{SGD}$ (median, IQR shaded)")
-    ax.set_title(f"approximation quality at step {doc['step']} (lower is closer to NG)", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend()
+def _grid(fig, n: int, ncol_max: int = 4):
+    ncol = min(ncol_max, n)
+    nrow = math.ceil(n / ncol)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    flat = [axes[i // ncol][i % ncol] for i in range(nrow * ncol)]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return flat[:n], ncol, nrow
+
+
+def _label(m: str) -> str:
+    return "iEF" if m == "ief" else m.upper()
+
+
+def figure_ratio_vs_damping(docs: dict[str, Any] | Sequence[dict[str, Any]]):
+    """Median gamma ratio vs damping (log-log), IQR shaded: one panel per checkpoint,
+    one line per method (the paper's damping figure)."""
+    docs = [docs] if isinstance(docs, dict) else list(docs)
+    ncol = min(3, len(docs))
+    nrow = math.ceil(len(docs) / ncol)
+    fig = _new_figure(2.4 + 3.4 * ncol, 1.0 + 3.0 * nrow)
+    panels, ncol, nrow = _grid(fig, len(docs), 3)
+    for i, (ax, doc) in enumerate(zip(panels, docs)):
+        lams = sorted(doc["dampings"])
+        by = {(r["method"], r["damping"]): r for r in doc["results"]}
+        for m in doc["methods"]:
+            color, ls = _STYLE.get(m, (None, "-"))
+            med = [_positive(by[(m, lam)]["gamma_ratio_median"]) for lam in lams]
+            lo = [_positive(by[(m, lam)]["gamma_ratio_iqr"][0]) for lam in lams]
+            hi = [_positive(by[(m, lam)]["gamma_ratio_iqr"][1]) for lam in lams]
+            ax.plot(lams, med, marker="o", ms=4, color=color, ls=ls, label=_label(m))
+            ax.fill_between(lams, lo, hi, color=color, alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.set_title(f"step {doc['step']}", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        if i // ncol == nrow - 1:
+            ax.set_xlabel("damping λ")
+        if i % ncol == 0:
+            ax.set_ylabel("γ / γ(SGD)  (median, IQR shaded)")
+    panels[0].legend(fontsize=9)
+    fig.suptitle("gamma relative to SGD (lower is closer to the natural gradient)", fontsize=11)
     return fig
 
 
 def figure_ratio_vs_stage(docs: Sequence[dict[str, Any]]):
-    """One panel per damping: median gamma ratio vs training step, one line per method."""
+    """One panel per damping: median gamma ratio vs training step, one line per method
+    (the paper's training-stage figure)."""
     lams = list(docs[0]["dampings"])
     ncol = min(4, len(lams))
     nrow = math.ceil(len(lams) / ncol)
-    fig = _new_figure(3.2 * ncol, 2.8 * nrow)
-    axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True)
+    fig = _new_figure(1.0 + 3.0 * ncol, 1.0 + 2.6 * nrow)
+    panels, ncol, nrow = _grid(fig, len(lams), 4)
     steps = [d["step"] for d in docs]
-    for i, lam in enumerate(lams):
-        ax = axes[i // ncol][i % ncol]
+    for i, (ax, lam) in enumerate(zip(panels, lams)):
         for m in docs[0]["methods"]:
             color, ls = _STYLE.get(m, (None, "-"))
-            med = [_positive(next(r for r in d["results"] if r["method"] == m and r["damping"] == lam)["gamma_ratio_median"]) for d in docs]
-            ax.plot(steps, med, marker="o", ms=3, color=color, ls=ls, label=m.upper() if m != "ief" else "iEF")
+            med = [_positive(_by(d)[(m, lam)]["gamma_ratio_median"]) for d in docs]
+            ax.plot(steps, med, marker="o", ms=3, color=color, ls=ls, label=_label(m))
         ax.set_yscale("log")
-        ax.set_title(f"$\\lambda$ = {lam:g}", fontsize=10)
+        _plain_log_ticks(ax)
+        ax.set_title(f"λ = {lam:g}", fontsize=10)
         ax.grid(True, alpha=0.3)
         if i % ncol == 0:
-            ax.set_ylabel("$\\gamma / \\gamma_{SGD}$")
-        if i // ncol == nrow - 1:
-            ax.set_xlabel("step")
-    for j in range(len(lams), nrow * ncol):
-        axes[j // ncol][j % ncol].set_visible(False)
-    axes[0][0].legend(fontsize=8)
+            ax.set_ylabel("γ / γ(SGD)")
+        if i // ncol == nrow - 1 or i + ncol >= len(lams):
+            ax.set_xlabel("training step")
+    panels[0].legend(fontsize=8)
+    fig.suptitle("gamma relative to SGD through training (median over batches)", fontsize=11)
     return fig
+
+
+def _by(doc: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
+    return {(r["method"], r["damping"]): r for r in doc["results"]}
 
 
 _IMB_LABELS = {
@@ -402,7 +437,7 @@ def figure_imbalance_vs_stage(docs: Sequence[dict[str, Any]]):
         ax.plot(steps, [_positive(d["imbalance"].get(key)) for d in docs], marker="o", ms=4,
                 ls="-" if key.startswith("grad") else "--", label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("training step")
     ax.set_ylabel("imbalance (median over batches)")
     ax.set_title("per-sample gradient-norm imbalance through training", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -411,14 +446,13 @@ def figure_imbalance_vs_stage(docs: Sequence[dict[str, Any]]):
 
 
 def build_figures(results: Sequence[StageResult]) -> dict[str, Any]:
-    """{file name: Figure} for --out: ratio vs damping (per stage when there are several), and with
-    more than one stage ratio vs stage and imbalance vs stage."""
+    """{file name: Figure} for --out: ratio vs damping (a panel per checkpoint), and with
+    more than one checkpoint ratio vs stage and imbalance vs stage."""
     docs = [r.doc for r in results]
-    if len(docs) == 1:
-        return {PNG_DAMPING: figure_ratio_vs_damping(docs[0])}
-    figs = {f"ratio_vs_damping-step-{d['step']}.png": figure_ratio_vs_damping(d) for d in docs}
-    figs[PNG_STAGE] = figure_ratio_vs_stage(docs)
-    figs[PNG_IMBALANCE] = figure_imbalance_vs_stage(docs)
+    figs = {PNG_DAMPING: figure_ratio_vs_damping(docs)}
+    if len(docs) > 1:
+        figs[PNG_STAGE] = figure_ratio_vs_stage(docs)
+        figs[PNG_IMBALANCE] = figure_imbalance_vs_stage(docs)
     return figs
 
 
@@ -442,7 +476,9 @@ def write_out_dir(out_dir: Path, results: Sequence[StageResult], json_text: str,
     check_out_dir(out_dir, overwrite)
     parent = out_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    tmp = parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # (not mkdtemp: that would leave DIR with mode 0700 after the rename)
     try:
         (tmp / JSON_FILE).write_text(json_text + "\n", encoding="utf-8")
         (tmp / CSV_FILE).write_text(rows_csv(results), encoding="utf-8")

@@ -13,6 +13,7 @@ grad_norm, update_norm, cos_update_grad.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -53,7 +54,10 @@ class CurvatureOptimizer:
             else:
                 dev = bg.g.device
                 gen = torch.Generator(device=dev).manual_seed(int(key))
-                rows = sampled_rows(bg, c.mc_samples, gen)
+                # A diverged step leaves NaN/Inf logits, on which sampling would raise; sample from
+                # finite stand-ins instead and let the shell reject the step (its loss is not finite).
+                safe = dataclasses.replace(bg, logits=torch.nan_to_num(bg.logits, nan=0.0, posinf=0.0, neginf=0.0))
+                rows = sampled_rows(safe, c.mc_samples, gen)
                 d, info = directions.sf(rows, bg.g, c.damping, dup_threshold=c.dup_threshold, return_info=True)
             m.update({"solve_residual": info.residual, "rows_kept": info.rows_kept,
                       "cond_estimate": info.cond, "solve_fallback": info.fallback})

@@ -104,7 +104,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "mc_samples": Field("int", 1, "sf: Monte-Carlo label draws per datum", check=_gt(0)),
         "cg_tol": Field("float", None, "ngd: CG relative-residual tolerance (null: 1e-5 f32 / 1e-10 f64)",
                         optional=True, check=_gt(0)),
-        "cg_maxiter": Field("int", 100, "ngd: CG iteration cap", check=_gt(0)),
+        "cg_maxiter": Field("int", 20, "ngd: CG iteration cap", check=_gt(0)),
         "clip_update_norm": Field("float", None, "clip the step lr*d to this L2 norm (null: off)",
                                   optional=True, check=_gt(0)),
     },

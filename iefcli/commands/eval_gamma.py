@@ -229,6 +229,8 @@ def run_eval_gamma(
                 model=task.model, params=params, loss_fn=task.loss_fn, forward=task.forward,
                 batches=_eval_batches(task, split, batch_size, n_batches, seed), max_batches=n_batches,
                 methods=methods, dampings=dampings, sf_samples=sf_samples, generator=sf_gen,
+                # the run's own per-sample-gradient settings (path, memory chunking, duplicate filter)
+                jacobian=recipe["optimizer"]["jacobian"], chunk_size=recipe["optimizer"]["chunk_size"],
                 dup_threshold=recipe["optimizer"]["dup_threshold"], ngd_maxiter=ngd_maxiter,
                 on_batch=(lambda _done: on_batch()) if on_batch is not None else None,
             )
@@ -516,14 +518,12 @@ def eval_gamma(
     ngd_maxiter: Annotated[int, typer.Option(help="ngd: conjugate-gradient iteration cap.")] = 500,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (a list with --stage all).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Also write JSON, a CSV of every row and PNG plots to this directory.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory (only one this command wrote).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes on stderr.")] = False,
 ) -> None:
     """Measure how close each method's update is to the exact natural gradient (the paper's gamma ratio).
 
-    For every evaluation batch and damping: each method's direction d, gamma(d) = sqrt(d^T G d) / (d^T g)
-    with G the GGN (= Fisher), its ratio to SGD's gamma (below 1: closer to NG than SGD), the cosine to
-    the NG direction when ngd is included, and the batch's per-sample gradient-norm imbalance.
+    For every evaluation batch and damping: each method's direction d, gamma(d) = sqrt(d^T G d) / (d^T g) with G the GGN (= Fisher), its ratio to SGD's gamma (below 1: closer to NG than SGD), the cosine to the NG direction when ngd is included, and the batch's per-sample gradient-norm imbalance. Aggregated over batches: median, mean and inter-quartile range.
     """
     with cli_errors():
         method_list = parse_methods(methods)

@@ -58,23 +58,27 @@ def run_compare(
         text = reports.rows_to_csv(rows)
     if out_file is not None:
         reports.write_text_atomic(out_file, text)
-        _print_table(reports.render_table(rows, marks))
+        _print_table(rows, marks)
         typer.echo(f"wrote {out_file}", err=True)
     elif text is not None:
         typer.echo(text, nl=False)
     else:
-        _print_table(reports.render_table(rows, marks))
+        _print_table(rows, marks)
     return rows
 
 
-def _print_table(table) -> None:
-    """On a terminal, fit its width; piped or captured, do not squash the table to 80 columns."""
-    if out.is_terminal:
-        out.print(table)
+def _print_table(rows, marks) -> None:
+    """On a colour terminal: fit its width, best cells in bold green. Piped,
+    captured or NO_COLOR: plain text 200 columns wide (not squashed to 80),
+    best cells starred."""
+    from iefcli.eval.reports import render_table
+
+    if out.is_terminal and out.color_system is not None:
+        out.print(render_table(rows, marks, colour=True))
     else:
         from rich.console import Console
 
-        Console(width=200, no_color=out.no_color, force_terminal=False).print(table)
+        Console(width=200, no_color=True, force_terminal=False).print(render_table(rows, marks, colour=False))
 
 
 def register(app: typer.Typer) -> None:

@@ -51,9 +51,11 @@ def prepare_output(path: Path | str, *, overwrite: bool, make_parent: bool = Fal
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text through the run-dir module's atomic writer (temp file + os.replace)."""
+    from iefcli.eval.figures import file_mode
     from iefcli.train.rundir import atomic_write_text
 
     atomic_write_text(path, text)
+    path.chmod(file_mode())  # the temp file's 0600 would otherwise stick
 
 
 # ---------------------------------------------------------------- run data ---
@@ -332,16 +334,18 @@ _TABLE = (
 )
 
 
-def render_table(rows: Sequence[dict[str, Any]], marks: set[tuple[int, str]]):
+def render_table(rows: Sequence[dict[str, Any]], marks: set[tuple[int, str]], *, colour: bool = True):
     """A Rich Table: a title row per task ('task, metric: name'), then its runs; the
-    best value of each column within a task in bold green. The status column
-    appears only when some run did not complete."""
+    best value of each column within a task in bold green (``colour``) or,
+    for plain-text output, followed by '*'. The status column appears only
+    when some run did not complete."""
     from rich import box
     from rich.table import Table
 
     cols = [c for c in _TABLE if c[0] != "status" or any(r["status"] != "completed" for r in rows)]
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False,
-                  caption="best per task in bold green; test metric at the best-validation checkpoint")
+                  caption=("best per task in bold green" if colour else "* best per task")
+                  + "; test metric at the best-validation checkpoint")
     for head, keys in cols:
         numeric = keys[0] not in ("recipe", "optimizer", "status")
         table.add_column(head, justify="right" if numeric else "left", no_wrap=keys[0] != "recipe")
@@ -362,6 +366,10 @@ def render_table(rows: Sequence[dict[str, Any]], marks: set[tuple[int, str]]):
                 text = _fmt(keys[0], r[keys[0]])
             if keys[0] == "recipe":
                 text = f"  {text}"
-            cells.append(f"[bold green]{text}[/]" if (i, keys[0]) in marks else text)
+            if (i, keys[0]) in marks:
+                text = f"[bold green]{text}[/]" if colour else f"{text}*"
+            elif not colour and keys[0] in BEST_RULES:
+                text = f"{text} "  # keep the numbers aligned with the starred ones
+            cells.append(text)
         table.add_row(*cells)
     return table

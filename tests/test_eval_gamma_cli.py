@@ -236,3 +236,20 @@ def test_corrupt_and_missing_files_exit_2(digits_run, tmp_path):
     (run / "recipe.yaml").unlink()
     r = invoke(run / "checkpoints" / "step-200", "--quiet")
     assert r.exit_code == 2 and "recipe.yaml" in r.stderr and "Traceback" not in r.output
+
+
+def test_progress_goes_to_stderr_and_json_stays_clean(digits_run):
+    r = invoke(digits_run, "--methods", "sgd,ief", "--damping", "1e-8", "--batches", "1", "--batch-size", "32", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["results"][1]["method"] == "ief"
+
+
+def test_interrupt_exits_130_and_leaves_no_output(digits_run, tmp_path, monkeypatch):
+    def boom(results):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eg, "build_figures", boom)  # interrupted while writing --out
+    out = tmp_path / "ev"
+    r = invoke(digits_run, *CHEAP, "--out", out)
+    assert r.exit_code == 130 and r.stderr == "ief: error: interrupted\n"
+    assert list(tmp_path.iterdir()) == []  # neither DIR nor a temporary

@@ -280,6 +280,13 @@ def test_check_methods_dedupes_in_order():
     assert ge.check_methods(["IEF", "sgd", "ief"], [1.0, 1e-3, 1.0]) == (("ief", "sgd"), (1.0, 1e-3))
 
 
+def test_sf_needs_an_explicit_generator():
+    case = make_case("mlp_ce", torch.float64)
+    with pytest.raises(ValueError, match="explicit torch.Generator"):
+        ge.evaluate_gamma(model=case.model, params=case.params, loss_fn=case.loss_fn,
+                          batches=[(case.inputs, case.targets)], methods=("sf",), generator=None)
+
+
 def test_empty_batches_raise():
     case = make_case("mlp_ce", torch.float64)
     with pytest.raises(ValueError, match="no evaluation batches"):

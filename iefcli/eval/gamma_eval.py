@@ -177,7 +177,8 @@ def evaluate_gamma(
     methods, dampings = check_methods(methods, dampings)
     if sf_samples < 1:
         raise ValueError(f"sf_samples must be >= 1, got {sf_samples}")
-    want_ngd = "ngd" in methods
+    if "sf" in methods and generator is None:
+        raise ValueError("sf draws labels at random: pass an explicit torch.Generator")
     rows: list[dict[str, Any]] = []
     imbs: list[dict[str, float]] = []
     ngd_info: list[dict[str, Any]] = []

@@ -212,7 +212,8 @@ class BatchGrads:
     logit_grads: (N, ...) dl_n/dz_n
     s:           (N,) s_n = ||dl_n/dz_n||^2
     rows:        the N per-sample gradient rows J (gram(), combine())
-    g:           (P,) gradient of the MEAN loss, J^T 1 / N
+    g:           (P,) gradient of the MEAN loss, J^T 1 / N, computed on first use
+                 (EF/iEF never need it; a fast-path step then skips one J^T x and a P-vector)
     jac:         the OutputJacobian (sampled rows, jvp for GGN products)
     targets, loss_fn: kept for GGN products and SF sampling
     """
@@ -222,11 +223,19 @@ class BatchGrads:
     logit_grads: Tensor
     s: Tensor
     rows: Rows
-    g: Tensor
     jac: OutputJacobian
     targets: Tensor
     loss_fn: Loss
     extras: dict = field(default_factory=dict)
+    _g: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def g(self) -> Tensor:
+        """(P,) gradient of the mean loss, J^T 1 / N (cached)."""
+        if self._g is None:
+            n = self.rows.n_rows
+            self._g = self.rows.combine(torch.full((n,), 1.0 / n, dtype=torch.float64, device=self.logits.device))
+        return self._g
 
     @property
     def n(self) -> int:
@@ -299,14 +308,12 @@ def batch_grads(
     lg = loss_fn.logit_grad(z, targets)
     rows = jac.rows(lg.unsqueeze(0))
     n = z.shape[0]
-    g = rows.combine(torch.full((n,), 1.0 / n, dtype=torch.float64, device=z.device))
     return BatchGrads(
         loss=loss_fn.per_sample(z, targets),
         logits=z,
         logit_grads=lg,
         s=lg.reshape(n, -1).pow(2).sum(dim=1),
         rows=rows,
-        g=g,
         jac=jac,
         targets=targets,
         loss_fn=loss_fn,

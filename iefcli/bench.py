@@ -1,0 +1,447 @@
+"""`ief bench`: step time and peak memory of SGD vs EF / iEF / SF on one model and batch.
+
+This is the impure shell around the core (clocks, subprocesses, /proc): the
+core itself stays pure. For each batch size N it builds the workload (a
+built-in model spec, random data from a fixed seed), then
+
+- times one optimiser step per method, ALTERNATING the methods over
+  ``repeats`` rounds after ``warmup`` rounds, and reports the median:
+  ``sgd``  = forward + mean-loss backward + torch.optim.SGD step on the module;
+  ``ef`` / ``ief`` / ``sf`` = :func:`iefcli.core.batch_grads` (the path chosen by
+  ``jacobian``) + the direction from :mod:`iefcli.directions` + the in-place
+  update theta -= lr d. Every step uses the same model and batch.
+- measures each step's peak memory:
+  CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+  (parameters + batch + everything the step allocates);
+  CPU: the growth of the resident set during the step (its high-water mark
+  minus the resident set just before it) plus the bytes of the model's
+  parameters and buffers and of the batch (the same quantity as on CUDA:
+  model + batch + what the step allocates), in a separate worker process started with glibc's ``MALLOC_MMAP_THRESHOLD_``
+  fixed at 64 KiB so freed tensors go back to the OS, and the high-water mark
+  reset before every step through ``/proc/self/clear_refs`` (Linux), so one
+  method's peak cannot mask another's. Elsewhere peak memory is not reported.
+- checks the answer: the max relative difference ||d_fast - d_plain|| / ||d_plain||
+  between the fast-path and plain (vmap) directions of each curvature method
+  on the same batch (on the first ``check_n`` samples when N x P would exceed
+  ``check_max_numbers``, since the plain path holds N x P numbers).
+
+Model specs: ``mlp`` (64-1024-1024-10, ReLU, cross-entropy), ``mlp:W0-W1-...-C``
+(any widths, for P scaling), ``bert-lora`` (a tiny-config BERT classifier,
+hidden 128, 2 layers, 2 heads, sequence length 64, LoRA r=8 on query/value
+plus the classifier head trainable; needs transformers and peft). Every model
+runs in eval mode (no dropout) in float32 unless ``dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from iefcli.errors import RunFailed, UsageError
+
+METHODS = ("sgd", "ef", "ief", "sf")
+CURVATURE = ("ef", "ief", "sf")
+DEFAULT_BATCH_SIZES = (32, 64, 128)
+DEFAULT_MODEL = "mlp"
+MLP_DEFAULT_WIDTHS = (64, 1024, 1024, 10)
+BERT_SEQ_LEN = 64
+MMAP_THRESHOLD = 65536  # bytes; see the module docstring
+
+
+@dataclass
+class Workload:
+    """One model + batch: what every method's step runs on."""
+
+    spec: str
+    model: nn.Module
+    inputs: Any
+    targets: Tensor
+    loss_fn: Any
+    forward: Callable
+    n: int
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def _mlp_widths(spec: str) -> tuple[int, ...]:
+    if spec == "mlp":
+        return MLP_DEFAULT_WIDTHS
+    try:
+        widths = tuple(int(w) for w in spec.split(":", 1)[1].split("-"))
+    except (IndexError, ValueError):
+        widths = ()
+    if len(widths) < 2 or min(widths) < 1:
+        raise UsageError(f"--model: {spec!r} is not mlp, mlp:W0-W1-...-C (positive widths) or bert-lora")
+    return widths
+
+
+def _mlp(widths: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Workload:
+    """The model of ``spec`` and a random batch of ``n`` samples, all from ``seed``."""
+    from iefcli.core import CrossEntropy, default_forward
+
+    gen = torch.Generator().manual_seed(seed)
+    if spec == "bert-lora":
+        model, forward, n_classes, vocab = _bert_lora(seed)
+        inputs = {"input_ids": torch.randint(0, vocab, (n, BERT_SEQ_LEN), generator=gen).to(device)}
+    elif spec.startswith("mlp"):
+        widths = _mlp_widths(spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _mlp(widths)
+        forward, n_classes = default_forward, widths[-1]
+        inputs = torch.randn(n, widths[0], generator=gen).to(device=device, dtype=dtype)
+    else:
+        raise UsageError(f"--model: unknown model spec {spec!r}; choose mlp, mlp:W0-W1-...-C or bert-lora")
+    targets = torch.randint(0, n_classes, (n,), generator=gen).to(device)
+    model = model.to(device=device, dtype=dtype).eval()
+    return Workload(spec, model, inputs, targets, CrossEntropy(), forward, n)
+
+
+def _bert_lora(seed: int):
+    try:
+        from iefcli.hf.models import build_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise UsageError(f"--model bert-lora needs transformers and peft ({e})") from None
+    try:
+        built = build_model(
+            {
+                "arch": "classifier",
+                "config": {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 512,
+                           "max_position_embeddings": 128},
+                "num_labels": 2,
+                "peft": {"method": "lora", "r": 8, "alpha": 8, "target_modules": ["query", "value"]},
+            },
+            seed=seed,
+        )
+    except ImportError as e:  # pragma: no cover
+        raise UsageError(f"--model bert-lora needs transformers and peft ({e})") from None
+    vocab = built.model.get_input_embeddings().num_embeddings
+    return built.model, built.forward, 2, vocab
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _direction(method: str, wl: Workload, *, jacobian: str, damping: float, seed: int,
+               params: dict | None = None) -> tuple[Tensor, Any]:
+    from iefcli import directions
+    from iefcli.core import batch_grads, sampled_rows, trainable_params
+
+    params = trainable_params(wl.model) if params is None else params
+    bg = batch_grads(wl.model, params, wl.inputs, wl.targets, wl.loss_fn, jacobian=jacobian, forward=wl.forward)
+    if method == "ef":
+        d = directions.ef(bg.rows, damping)
+    elif method == "ief":
+        d = directions.ief(bg.rows, bg.s, damping)
+    elif method == "sf":
+        gen = torch.Generator(device=bg.g.device).manual_seed(seed)
+        d = directions.sf(sampled_rows(bg, 1, gen), bg.g, damping)
+    else:
+        raise ValueError(method)
+    return d, bg
+
+
+def make_step(method: str, wl: Workload, *, jacobian: str = "auto", damping: float = 1e-4,
+              lr: float = 1e-6, seed: int = 0) -> Callable[[], None]:
+    """A closure running one full optimiser step of ``method`` on ``wl`` (updates the model in place)."""
+    if method == "sgd":
+        trainable = [p for p in wl.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(trainable, lr=lr)
+
+        def sgd_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            z = wl.forward(wl.model, {}, wl.inputs)
+            wl.loss_fn.per_sample(z, wl.targets).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return sgd_step
+
+    named = [(k, p) for k, p in wl.model.named_parameters() if p.requires_grad]
+
+    def curvature_step() -> None:
+        d, bg = _direction(method, wl, jacobian=jacobian, damping=damping, seed=seed)
+        with torch.no_grad():
+            for (_, p), dv in zip(named, bg.layout.unflatten(d).values()):
+                p.sub_(dv, alpha=lr)
+
+    return curvature_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_methods(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int,
+                 device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step for each method, the methods alternating within every round."""
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    _sync(device)
+    out: dict[str, list[float]] = {m: [] for m in steps}
+    for _ in range(repeats):
+        for m, f in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            out[m].append(time.perf_counter() - t0)
+    return out
+
+
+# ---------------------------------------------------------------- correctness check
+
+
+def check_fast_vs_plain(wl: Workload, methods, *, damping: float, seed: int,
+                        max_numbers: int) -> tuple[dict[str, float], int]:
+    """Max relative difference of fast vs plain directions per curvature method, and the samples used."""
+    from iefcli.core import trainable_params
+
+    p = wl.n_params
+    n = max(1, min(wl.n, max_numbers // max(1, p)))
+    sub = wl if n == wl.n else Workload(wl.spec, wl.model, _take(wl.inputs, n), wl.targets[:n], wl.loss_fn,
+                                        wl.forward, n)
+    params = trainable_params(sub.model)
+    out = {}
+    for m in methods:
+        if m not in CURVATURE:
+            continue
+        d_fast, _ = _direction(m, sub, jacobian="fast", damping=damping, seed=seed, params=params)
+        d_plain, _ = _direction(m, sub, jacobian="vmap", damping=damping, seed=seed, params=params)
+        a, b = d_fast.to(torch.float64), d_plain.to(torch.float64)
+        out[m] = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
+    return out, n
+
+
+def _take(inputs: Any, n: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[:n]
+    if isinstance(inputs, dict):
+        return {k: v[:n] for k, v in inputs.items()}
+    return tuple(v[:n] for v in inputs)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _proc_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def cpu_peak_supported() -> bool:
+    try:
+        _proc_kib("VmHWM")
+        _reset_peak_rss()
+        return True
+    except OSError:
+        return False
+    except KeyError:
+        return False
+
+
+def _memory_worker(cfg: dict) -> dict:
+    """Run inside the worker process: per N and method, peak memory of one step (MiB, see the module doc)."""
+    torch.set_num_threads(cfg["threads"])
+    from iefcli import core  # noqa: F401  (import costs belong to the baseline)
+
+    # One throwaway round on a tiny batch first: lazy initialisation (imports, kernels, the
+    # autograd engine) happens once per process and belongs to no step.
+    wl = build_workload(cfg["model"], 2, seed=cfg["seed"])
+    for m in cfg["methods"]:
+        make_step(m, wl, jacobian=cfg["jacobian"], damping=cfg["damping"], seed=cfg["seed"])()
+    del wl
+    out: dict[str, dict[str, float]] = {}
+    for n in cfg["batch_sizes"]:
+        wl = build_workload(cfg["model"], n, seed=cfg["seed"])
+        held = _workload_bytes(wl)
+        steps = {m: make_step(m, wl, jacobian=cfg["jacobian"], damping=cfg["damping"], seed=cfg["seed"])
+                 for m in cfg["methods"]}
+        for step in steps.values():  # warm-up: lazy initialisation is not the step's memory
+            step()
+        peaks: dict[str, float] = {m: 0.0 for m in steps}
+        for _ in range(2):
+            for m, step in steps.items():
+                gc.collect()
+                before = _proc_kib("VmRSS")
+                _reset_peak_rss()
+                step()
+                grown = (_proc_kib("VmHWM") - before) * 1024
+                peaks[m] = max(peaks[m], (grown + held) / 2**20)
+        out[str(n)] = peaks
+        del wl, steps, step
+    return out
+
+
+def _workload_bytes(wl: Workload) -> int:
+    """Bytes of the model's parameters and buffers and of the batch: what every step holds."""
+    tensors = list(wl.model.parameters()) + list(wl.model.buffers()) + [wl.targets]
+    inputs = wl.inputs
+    tensors += list(inputs.values()) if isinstance(inputs, dict) else (
+        [inputs] if isinstance(inputs, Tensor) else list(inputs))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_cpu_memory(*, model: str, batch_sizes, methods, jacobian: str, damping: float, seed: int,
+                       threads: int) -> dict[str, dict[str, float]] | None:
+    """Per N and method the CPU peak (MiB), from a fresh worker process; None where unsupported."""
+    if not cpu_peak_supported():
+        return None
+    cfg = {"model": model, "batch_sizes": list(batch_sizes), "methods": list(methods), "jacobian": jacobian,
+           "damping": damping, "seed": seed, "threads": threads}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", "iefcli.bench", "--memory-worker", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RunFailed(f"memory worker failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run_bench(
+    *,
+    model: str = DEFAULT_MODEL,
+    batch_sizes=DEFAULT_BATCH_SIZES,
+    methods=METHODS,
+    jacobian: str = "auto",
+    repeats: int = 7,
+    warmup: int = 2,
+    threads: int | None = None,
+    device: str = "cpu",
+    damping: float = 1e-4,
+    seed: int = 0,
+    memory: bool = True,
+    check: bool = True,
+    check_max_numbers: int = 1 << 26,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run the benchmark; one result dict per (batch size, method). See the module docstring.
+
+    Keys: model, optimizer, batch_size, n_params, jacobian, device, threads, repeats,
+    ms_median, ms_min, ratio_to_sgd, peak_mb, peak_ratio_to_sgd,
+    max_rel_diff_fast_vs_plain, check_n.
+    """
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(f"--methods: {', '.join(bad) or 'empty'} not among {', '.join(METHODS)}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError("--batch-sizes: give positive integers, e.g. 32,64,128")
+    if jacobian not in ("auto", "fast", "vmap"):
+        raise UsageError(f"--jacobian: {jacobian!r} is not one of auto, fast, vmap")
+    if repeats < 1 or warmup < 0:
+        raise UsageError("--repeats must be >= 1 and --warmup >= 0")
+    if not damping > 0:
+        raise UsageError(f"--damping: must be > 0 (sf divides by it), got {damping}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if threads is not None:
+        if threads < 1:
+            raise UsageError("--threads must be >= 1")
+        torch.set_num_threads(threads)
+    n_threads = torch.get_num_threads()
+    say = progress or (lambda _msg: None)
+    if model == "bert-lora":
+        _bert_lora(seed)  # fail early, with one line, when transformers/peft are missing
+
+    cpu_mem = None
+    if memory and dev.type == "cpu":
+        say("measuring CPU peak memory in a worker process")
+        cpu_mem = measure_cpu_memory(model=model, batch_sizes=batch_sizes, methods=methods, jacobian=jacobian,
+                                     damping=damping, seed=seed, threads=n_threads)
+
+    results: list[dict] = []
+    for n in batch_sizes:
+        say(f"N={n}: building {model}")
+        wl = build_workload(model, n, seed=seed, device=dev)
+        steps = {m: make_step(m, wl, jacobian=jacobian, damping=damping, seed=seed) for m in methods}
+        say(f"N={n}: timing {', '.join(methods)} ({warmup} warm-up + {repeats} alternating rounds)")
+        times = time_methods(steps, repeats=repeats, warmup=warmup, device=dev)
+        peaks: dict[str, float | None] = {m: None for m in methods}
+        if memory and dev.type == "cuda":
+            for m, f in steps.items():
+                _sync(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                f()
+                _sync(dev)
+                peaks[m] = torch.cuda.max_memory_allocated(dev) / 2**20
+        elif cpu_mem is not None:
+            peaks = {m: cpu_mem[str(n)][m] for m in methods}
+        diffs: dict[str, float] = {}
+        check_n = None
+        if check and any(m in CURVATURE for m in methods):
+            say(f"N={n}: checking fast vs plain directions")
+            diffs, check_n = check_fast_vs_plain(wl, methods, damping=damping, seed=seed,
+                                                 max_numbers=check_max_numbers)
+        med = {m: statistics.median(ts) * 1e3 for m, ts in times.items()}
+        for m in methods:
+            results.append({
+                "model": model,
+                "optimizer": m,
+                "batch_size": n,
+                "n_params": wl.n_params,
+                "jacobian": "n/a" if m == "sgd" else jacobian,
+                "device": str(dev),
+                "threads": n_threads,
+                "repeats": repeats,
+                "ms_median": med[m],
+                "ms_min": min(times[m]) * 1e3,
+                "ratio_to_sgd": med[m] / med["sgd"] if "sgd" in med else None,
+                "peak_mb": peaks[m],
+                "peak_ratio_to_sgd": (peaks[m] / peaks["sgd"]
+                                      if peaks[m] is not None and peaks.get("sgd") else None),
+                "max_rel_diff_fast_vs_plain": diffs.get(m),
+                "check_n": check_n if m in diffs else None,
+            })
+        del wl, steps
+        gc.collect()
+    return results
+
+
+if __name__ == "__main__":  # the memory worker: python -m iefcli.bench --memory-worker '<json>'
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
+        print(json.dumps(_memory_worker(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m iefcli.bench --memory-worker '<json config>' (internal; use `ief bench`)")

@@ -1,0 +1,116 @@
+"""`ief bench`: time SGD vs EF / iEF / SF steps (and their peak memory) on one model and batch.
+
+The shell around :func:`iefcli.bench.run_bench`: parse options, print a Rich
+table or ``--json``. All timing and memory logic lives in :mod:`iefcli.bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from iefcli.commands._common import cli_errors, err, out
+from iefcli.errors import UsageError
+
+DEFAULT_BATCH_SIZES = "32,64,128"
+DEFAULT_METHODS = "sgd,ef,ief,sf"
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    vals: list[int] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            v = int(item)
+        except ValueError:
+            raise UsageError(f"{option} {text}: {item!r} is not an integer") from None
+        if v < 1:
+            raise UsageError(f"{option} {text}: {item} must be >= 1")
+        vals.append(v)
+    if not vals:
+        raise UsageError(f"{option} {text!r}: give at least one value")
+    return vals
+
+
+def parse_methods(text: str) -> list[str]:
+    from iefcli.bench import METHODS
+
+    items = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in items if m not in METHODS]
+    if bad or not items:
+        raise UsageError(f"--methods {text}: {', '.join(bad) or 'empty'}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(items))
+
+
+def _fmt(x: Any, spec: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec)
+
+
+def render_table(rows: list[dict]):
+    from rich.table import Table
+
+    first = rows[0]
+    title = (f"ief bench: {first['model']} (P = {first['n_params']:,}), {first['device']}, "
+             f"{first['threads']} thread(s), median of {first['repeats']}")
+    t = Table(title=title)
+    for col, justify in (("N", "right"), ("optimizer", "left"), ("path", "left"), ("ms (median)", "right"),
+                         ("x SGD", "right"), ("peak MiB", "right"), ("mem x SGD", "right"),
+                         ("max rel diff fast vs plain", "right")):
+        t.add_column(col, justify=justify)
+    for r in rows:
+        diff = _fmt(r["max_rel_diff_fast_vs_plain"], ".1e")
+        if r.get("check_n") not in (None, r["batch_size"]):
+            diff += f" (first {r['check_n']})"
+        t.add_row(str(r["batch_size"]), r["optimizer"], r["jacobian"], _fmt(r["ms_median"], ".1f"),
+                  _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r["peak_mb"], ".1f"), _fmt(r["peak_ratio_to_sgd"], ".2f"),
+                  diff)
+    return t
+
+
+def bench(
+    model: Annotated[str, typer.Option(help="Built-in model spec: mlp (64-1024-1024-10), mlp:W0-W1-...-C, or bert-lora (tiny BERT + LoRA, sequence length 64; needs transformers and peft).")] = "mlp",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-n", help="Comma-separated batch sizes N.")] = DEFAULT_BATCH_SIZES,
+    methods: Annotated[str, typer.Option(help="Comma-separated: sgd, ef, ief, sf (ratios need sgd).")] = DEFAULT_METHODS,
+    jacobian: Annotated[str, typer.Option(help="Path timed for ef/ief/sf: auto (fast), fast, or vmap (the plain per-sample path).")] = "auto",
+    repeats: Annotated[int, typer.Option(help="Timed rounds; the methods alternate within each round.")] = 7,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    damping: Annotated[float, typer.Option(help="Damping lambda of the EF/iEF/SF solves.")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seeds the model and the random batch.")] = 0,
+    memory: Annotated[bool, typer.Option(help="Measure peak memory (CPU: in a worker process).")] = True,
+    check: Annotated[bool, typer.Option(help="Compare fast-path and plain-path directions.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of result objects on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress notes on stderr.")] = False,
+) -> None:
+    """Time an SGD step and EF / iEF / SF steps on the same model and batch, for each batch size.
+
+    Methods alternate after warm-up; medians, the ratio to SGD, peak memory (CPU: resident set
+    of a worker process; CUDA: max_memory_allocated) and the max relative difference between
+    fast-path and plain-path directions are reported.
+    """
+    with cli_errors():
+        sizes = parse_int_list(batch_sizes, "--batch-sizes")
+        method_list = parse_methods(methods)
+        from iefcli.bench import run_bench
+
+        note = None if quiet else (lambda msg: err.print(f"ief: note: {msg}", highlight=False))
+        rows = run_bench(model=model, batch_sizes=sizes, methods=method_list, jacobian=jacobian,
+                         repeats=repeats, warmup=warmup, threads=threads, device=device, damping=damping,
+                         seed=seed, memory=memory, check=check, progress=note)
+        if json_out:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            sys.stdout.flush()
+            return
+        out.print(render_table(rows))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

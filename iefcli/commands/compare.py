@@ -17,17 +17,18 @@ def compare(
     csv_out: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV instead of the table.")] = False,
     out_file: Annotated[
         Optional[Path],
-        typer.Option("--out", help="Write the rows to this .json or .csv file (format from --json/--csv, else the suffix)."),
+        typer.Option("--out", "-o", help="Write the rows to this .json or .csv file (format from --json/--csv, else the suffix)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
-    """Compare finished runs in one table (or JSON / CSV).
+    """Compare runs in one table (or JSON / CSV).
 
     A row per run: recipe, optimiser, lr, damping, steps, final train loss,
     best validation metric and its step, test metric at the best-validation
     checkpoint, wall time, steps/s. Runs are grouped by task and the best
     value of each column within a task is highlighted. Reads the run
-    directories only (no re-training).
+    directories only (no re-training); a run without summary.json yet is
+    shown from its latest metrics with status 'running'.
     """
     with cli_errors():
         run_compare(run_dirs=run_dirs, json_out=json_out, csv_out=csv_out, out_file=out_file, overwrite=overwrite)

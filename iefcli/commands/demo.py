@@ -18,7 +18,7 @@ demo_app = typer.Typer(
 
 @demo_app.command("toy")
 def toy(
-    out: Annotated[Path, typer.Option("--out", help="Directory for toy.png (created if missing).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for toy.png (created if missing).")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps K of every trajectory.")] = 40,
     grid: Annotated[int, typer.Option("--grid", min=2, help="Vector-field arrows per axis.")] = 15,
     ef_damping: Annotated[float, typer.Option("--ef-damping", min=0.0, help="EF's damping lambda.")] = 1e-2,

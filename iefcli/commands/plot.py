@@ -13,15 +13,16 @@ from iefcli.errors import UsageError
 
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `ief train`.", show_default=False)],
-    out_file: Annotated[Path, typer.Option("--out", help="The PNG file to write.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The PNG file to write.")],
     x: Annotated[str, typer.Option("--x", help="Horizontal axis: step, or time (wall-clock seconds).")] = "step",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Plot training-loss and validation-metric curves of runs into one PNG.
 
-    Left: training loss (log scale); right: the validation metric; against
-    step, or wall time with --x time. One line per run, labelled by its
-    optimiser. Reads the run directories only (no re-training).
+    One row of two panels per task: training loss (log scale) and the
+    validation metric, against step, or wall time with --x time. One line
+    per run, labelled by its optimiser. Reads the run directories only (no
+    re-training).
     """
     with cli_errors():
         run_plot(run_dirs=run_dirs, out_file=out_file, x=x, overwrite=overwrite)

@@ -64,7 +64,8 @@ class ToyProblem:
 
     def model(self) -> nn.Linear:
         """The model the core differentiates: z = x . theta, theta = ``weight`` (1, 2)."""
-        m = nn.Linear(2, 1, bias=False).to(torch.float64)
+        # skip_init: no draw from the global RNG (theta is always passed in explicitly).
+        m = nn.utils.skip_init(nn.Linear, 2, 1, bias=False, dtype=torch.float64)
         m.requires_grad_(True)
         return m
 

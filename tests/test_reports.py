@@ -222,3 +222,27 @@ def test_plot_cli_time_axis_overwrite_and_errors(runs, tmp_path):
     _one_line_error(runner.invoke(app, ["plot", str(runs["ief"]), "--out", str(tmp_path / "no" / "n.png")]),
                     "does not exist")
     assert not new.exists()
+
+
+def test_labels_tell_runs_with_the_same_optimiser_apart(tmp_path):
+    from iefcli.eval.figures import run_labels, runs_figure
+
+    def run(name, opt, lr, damping):
+        recs = [{"step": s, "split": "train", "loss": 1.0 / s, "time": 0.1 * s} for s in (1, 2, 3)]
+        recs.append({"step": 3, "split": "val", "loss": 0.5, "accuracy": 0.9, "time": 0.4})
+        recipe = {"name": name, "data": {"kind": "digits"}, "model": {"kind": "mlp"},
+                  "optimizer": {"name": opt, "lr": lr, "damping": damping}}
+        return reports.RunInfo(path=tmp_path / name, recipe=recipe, summary={}, records=recs)
+
+    runs = [run("a", "ief", 50.0, 1e-7), run("b", "ief", 10.0, 1e-7), run("c", "sgd", 0.1, None),
+            run("d", "ef", 0.1, 1e-3), run("e", "ef", 0.1, 1e-2)]
+    assert run_labels(runs) == ["ief, lr 50.0", "ief, lr 10.0", "sgd", "ef, lr 0.1, damping 0.001",
+                                "ef, lr 0.1, damping 0.01"]
+    assert runs[0].metric == "accuracy" and runs[0].metric_mode == "max"
+    fig = runs_figure(runs)
+    loss_ax, val_ax = fig.axes
+    lines = loss_ax.get_lines()
+    assert len(lines) == 5 and len(val_ax.get_lines()) == 5
+    # Same optimiser -> same colour, told apart by line style.
+    assert lines[0].get_color() == lines[1].get_color() and lines[0].get_linestyle() != lines[1].get_linestyle()
+    assert lines[0].get_color() != lines[2].get_color()

@@ -1,9 +1,10 @@
 """`ief eval-gamma` end to end on runs trained here (the paper's findings, JSON/CSV/PNG outputs, errors).
 
 Two runs are trained once per module through the train helper's API: the
-2-parameter least-squares toy, and an MLP on scikit-learn digits with iEF for
-200 steps (checkpoints at 0, 100, 200). Evaluations use small batches, two
-dampings and a CG cap so that the file stays well under a minute.
+built-in 2-parameter least-squares toy (recipes/toy-lsq.yaml), and the
+quickstart recipe (an MLP on scikit-learn digits with iEF) for 200 steps
+(checkpoints at 0, 100, 200). Evaluations use small batches, two dampings and
+a CG cap so that the file stays well under a minute.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from iefcli.cli import app
@@ -23,16 +23,7 @@ from iefcli.train.loop import train_from_cli
 
 runner = CliRunner()
 
-TOY_RECIPE = {
-    "name": "toy",
-    "seed": 0,
-    "device": "cpu",
-    "dtype": "float64",
-    "model": {"kind": "linear", "init": [2.0, -1.5]},
-    "data": {"kind": "toy_lsq", "x": [1.0, 0.2, 0.3, 1.0], "y": [1.0, -1.0]},
-    "optimizer": {"name": "sgd", "lr": 0.05},
-    "train": {"steps": 10, "batch_size": 2, "eval_every": 5, "checkpoint_every": 5, "log_every": 5},
-}
+TOY_SETS = ["device=cpu", "train.steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
 
 DIGITS_SETS = [
     "device=cpu",
@@ -46,8 +37,8 @@ DIGITS_SETS = [
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("toy")
-    (d / "toy.yaml").write_text(yaml.safe_dump(TOY_RECIPE))
-    train_from_cli(recipe=str(d / "toy.yaml"), out=d / "run")
+    summary = train_from_cli(recipe="toy-lsq", sets=TOY_SETS, out=d / "run")
+    assert summary["status"] == "completed"
     return d / "run"
 
 
@@ -75,7 +66,7 @@ def test_toy_ief_ratio_equals_ng_and_ef_is_worse(toy_run):
     r = invoke(toy_run, "--methods", "sgd,ef,ief,ngd", "--damping", "1e-12,1e-10", "--json", "--quiet")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["step"] == 10 and doc["batch_size"] == 2 and doc["n_batches"] == 1
+    assert doc["step"] == 6 and doc["batch_size"] == 2 and doc["n_batches"] == 1
     by = _by(doc)
     for lam in (1e-12, 1e-10):
         ief, ngd, ef = (by[(m, lam)]["gamma_ratio_median"] for m in ("ief", "ngd", "ef"))

@@ -256,6 +256,12 @@ def run_eval_gamma(
                 "max_residual": max(i["cg_residual"] for i in res.ngd_info),
                 "all_converged": all(i["cg_converged"] for i in res.ngd_info),
             }
+            if not doc["ngd_cg"]["all_converged"] and note is not None:
+                note(
+                    f"step {step}: ngd's CG stopped before its tolerance (max relative residual "
+                    f"{doc['ngd_cg']['max_residual']:.2g} after {doc['ngd_cg']['max_iterations']} iterations); "
+                    "its gamma is an upper bound on the exact NG gamma (raise --ngd-maxiter, or try --dtype float64)"
+                )
         rows = [{"stage": step, "checkpoint": str(ckpt), **r} for r in res.rows]
         results.append(StageResult(doc, rows))
     return results
@@ -530,7 +536,7 @@ def eval_gamma(
         damping_list = parse_dampings(damping)
         if out_dir is not None:
             check_out_dir(out_dir, overwrite)  # fail before the (long) evaluation
-        note = None if quiet else (lambda msg: err.print(f"ief: note: {msg}", highlight=False))
+        note = None if quiet else (lambda msg: err.print(f"ief: note: {msg}", highlight=False, soft_wrap=True))
         progress = None
         if not quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -385,6 +385,10 @@ def run_bench(
     say = progress or (lambda _msg: None)
     if model == "bert-lora":
         _bert_lora(seed)  # fail early, with one line, when transformers/peft are missing
+    elif model.startswith("mlp"):
+        _mlp_widths(model)  # fail before the memory worker starts
+    else:
+        raise UsageError(f"--model: unknown model spec {model!r}; choose mlp, mlp:W0-W1-...-C or bert-lora")
 
     cpu_mem = None
     if memory and dev.type == "cpu":

@@ -98,7 +98,7 @@ def sf(
     g: Tensor,
     damping: float,
     *,
-    dup_threshold: float | None = DEFAULT_DUP_THRESHOLD,
+    dup_threshold: float | None = None,
     return_info: bool = False,
 ):
     """Sampled Fisher: d = (Jhat^T Jhat + lam I)^{-1} g by Woodbury, lam > 0. (P,)
@@ -106,6 +106,11 @@ def sf(
     ``J_sampled`` holds k*N rows, each a per-sample gradient at a label drawn
     from the model's predictive, scaled by 1/sqrt(k) (see
     :func:`iefcli.core.jacobian.sampled_rows`); ``g`` is the mean-loss gradient.
+
+    The duplicate filter is OFF by default here: repeated draws of the same
+    label give identical rows whose multiplicity IS the Monte-Carlo weight
+    (dropping them shrinks Jhat^T Jhat, badly for k > 1 with few classes), and
+    lam > 0 keeps the Gram solve positive definite anyway.
     """
     if not damping > 0:
         raise ValueError(f"sf needs damping > 0 (it divides by it), got {damping}")

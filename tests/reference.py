@@ -128,9 +128,23 @@ def ridge_svd(J: Tensor, b: Tensor, lam: float) -> Tensor:
 
 
 def ngd(G: Tensor, g: Tensor, lam: float) -> Tensor:
-    """(G + lam I)^{-1} g; lam = 0 gives the pseudo-inverse (minimum-norm) solution."""
-    if lam == 0:
-        return torch.linalg.pinv(G, hermitian=True) @ g
+    """(G + lam I)^{-1} g on the range of G, by the eigen-decomposition of G:
+    sum over eigenvalues e_i above the rank cut-off of v_i v_i^T g / (e_i + lam).
+
+    For these losses g lies in the range of G (g = sum_n Jz_n^T dl_n/dz_n and
+    dl_n/dz_n is in the range of H_n), so this is the exact damped solve, and
+    lam = 0 gives the pseudo-inverse (minimum-norm) solution G^+ g. Unlike a
+    dense solve of the singular-plus-tiny-damping matrix, it is accurate for
+    every lam.
+    """
+    e, V = torch.linalg.eigh(G)
+    cut = e.abs().max() * G.shape[0] * torch.finfo(G.dtype).eps
+    f = torch.where(e > cut, 1.0 / (e.clamp_min(cut) + lam), torch.zeros_like(e))
+    return V @ (f * (V.T @ g))
+
+
+def ngd_dense(G: Tensor, g: Tensor, lam: float) -> Tensor:
+    """(G + lam I)^{-1} g by a plain dense solve (only well-conditioned for larger lam)."""
     return torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), g)
 
 

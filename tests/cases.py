@@ -238,19 +238,22 @@ CASE_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 CASES = CASE_NAMES  # alias
 
 
-def make_case(name: str, dtype: torch.dtype = torch.float64) -> Case:
+def make_case(name: str, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Case:
     """A fresh case (new module, new tensors) built from its fixed seed in ``dtype``.
 
     The float32 and float64 variants of a case hold the same numbers up to
-    rounding (both are drawn in float64 and cast), so their directions can be
-    compared.
+    rounding (both are drawn in float64 on the CPU and cast), so their
+    directions can be compared; ``device`` moves the model and batch.
     """
     case = _BUILDERS[name](torch.float64)
-    if dtype == torch.float64:
+    if dtype == torch.float64 and torch.device(device).type == "cpu":
         return case
-    case.model.to(dtype)
-    inputs = case.inputs
-    if isinstance(inputs, Tensor) and inputs.is_floating_point():
-        inputs = inputs.to(dtype)
-    targets = case.targets.to(dtype) if case.targets.is_floating_point() else case.targets
-    return Case(case.name, case.model, trainable_params(case.model), inputs, targets, case.loss_fn, case.ref_loss, dtype)
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    case.model.to(device=device, dtype=dtype)
+    inputs = {k: move(v) for k, v in case.inputs.items()} if isinstance(case.inputs, dict) else move(case.inputs)
+    return Case(
+        case.name, case.model, trainable_params(case.model), inputs, move(case.targets), case.loss_fn, case.ref_loss, dtype
+    )

@@ -116,3 +116,38 @@ def test_unknown_jacobian_path():
     case, _ = _prepared("mlp_ce")
     with pytest.raises(ValueError, match="unknown jacobian"):
         batch_grads(case.model, case.params, case.inputs, case.targets, case.loss_fn, jacobian="nope")
+
+
+class _WithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+
+def test_dropout_randomness_is_an_explicit_choice():
+    gen = torch.Generator().manual_seed(61)
+    model = _WithDropout().double()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    from iefcli.core import CrossEntropy
+
+    params = trainable_params(model)
+    model.train()
+    with pytest.raises(RuntimeError, match="randomness"):  # the default, "error", refuses dropout
+        batch_grads(model, params, x, y, CrossEntropy(), jacobian="vmap")
+    with torch.random.fork_rng(devices=[]):
+        bg = batch_grads(model, params, x, y, CrossEntropy(), jacobian="vmap", randomness="different")
+    assert torch.isfinite(bg.per_sample_grads()).all()
+    # In eval mode dropout is the identity: rows equal those of the same net without it.
+    model.eval()
+    bg_eval = batch_grads(model, params, x, y, CrossEntropy(), jacobian="vmap")
+    rows = []
+    for n in range(5):
+        loss = torch.nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1], reduction="sum")
+        rows.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))]))
+    assert ref.rel_err(bg_eval.per_sample_grads(), torch.stack(rows)) < TOL

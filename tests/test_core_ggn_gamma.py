@@ -214,3 +214,23 @@ def test_sf_repeated_draws_keep_their_weight():
         expect = ref.sf(J, g, lam)
         assert ref.rel_err(directions.sf(Jrep, g, lam), expect) < 1e-9
         assert ref.rel_err(directions.sf(J, g, lam), expect) < 1e-9
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_float32_ngd_and_gamma(name):
+    """float32 model + data: CG in float32 stops at relative residual 1e-5, so the
+    direction is within cond(G + lam I) * 1e-5 of float64's; gamma (accumulated in
+    float64 from float32 jvps) within 1e-5 relative."""
+    case, bg, G = _prepared(name)
+    c32 = make_case(name, torch.float32)
+    bg32 = batch_grads(c32.model, c32.params, c32.inputs, c32.targets, c32.loss_fn, jacobian="vmap")
+    lam = 1.0
+    d32, info = directions.ngd(bg32, lam, return_info=True)
+    assert d32.dtype == torch.float32 and info.converged
+    e = torch.linalg.eigvalsh(G)
+    cond = float((e.max() + lam) / lam)
+    assert ref.rel_err(d32, ref.ngd(G, bg.g, lam)) < cond * 1e-5
+    d_ief32 = directions.ief(bg32.rows, bg32.s, 1e-8)
+    g32 = gamma(bg32, d_ief32)
+    assert g32.dtype == torch.float64
+    assert float(g32) == pytest.approx(float(gamma(bg, directions.ief(bg.rows, bg.s, 1e-8))), rel=1e-5)

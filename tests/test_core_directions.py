@@ -272,3 +272,14 @@ def test_eigen_fallback_gives_minimum_norm_solution():
     d2, info2 = directions.ief(Jd, sd, 0.0, dup_threshold=None, return_info=True)
     assert bool(info2.fallback)
     assert ref.rel_err(d2, torch.linalg.pinv(Jd) @ sd / 3) < 1e-12
+
+
+def test_all_zero_rows_give_a_zero_direction():
+    # A batch the model fits exactly (MSE residuals 0): every row is dropped, d = 0, no NaN.
+    J = torch.zeros(4, 6, dtype=torch.float64)
+    s = torch.zeros(4, dtype=torch.float64)
+    for lam in (0.0, 1e-12):
+        d, info = directions.ief(J, s, lam, return_info=True)
+        assert torch.equal(d, torch.zeros(6, dtype=torch.float64))
+        assert int(info.rows_kept) == 0
+        assert torch.equal(directions.ef(J, lam), torch.zeros(6, dtype=torch.float64))

@@ -68,7 +68,7 @@ def write_split_files(directory: Path, fmt: str = "csv", sizes=(64, 32, 32), lab
 
 
 BERT = {"model_type": "bert", "vocab_size": len(VOCAB), "hidden_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 40}
+        "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 40, "initializer_range": 0.5}
 T5 = {"model_type": "t5", "vocab_size": len(VOCAB), "d_model": 16, "d_kv": 8, "d_ff": 24, "num_layers": 1,
       "num_decoder_layers": 1, "num_heads": 2, "decoder_start_token_id": 0, "pad_token_id": 0,
       "eos_token_id": VOCAB["[EOS]"]}

@@ -349,6 +349,7 @@ def build_text(section: dict, ctx) -> DataSplits:
         else:
             y = _label_index(y_raw, labels, split, ctx)
         if seq2seq:
+            enc.pop("token_type_ids", None)  # T5-style models have no segment embeddings
             y, enc["decoder_input_ids"] = _seq2seq_targets(y, word_ids, start, pad)
         splits[split] = Split(enc, y)
 

@@ -221,11 +221,16 @@ def test_corrupt_and_missing_files_exit_2(digits_run, tmp_path):
     (run / "checkpoints" / "step-100" / "params.safetensors").write_bytes(b"not a safetensors file")
     r = invoke(run, "--stage", "100", "--quiet")
     assert r.exit_code == 2 and "step-100/params.safetensors" in r.stderr and r.stderr.count("\n") == 1
+    r = invoke(run, "--stage", "all", "--quiet")  # every file is read before any evaluation
+    assert r.exit_code == 2 and "step-100/params.safetensors" in r.stderr
+    (run / "checkpoints" / "step-200" / "meta.json").write_text('{"step": "two hundred"}')
+    r = invoke(run, "--stage", "200", "--quiet")
+    assert r.exit_code == 2 and "step-200/meta.json" in r.stderr and "not an integer" in r.stderr
     (run / "best" / "meta.json").write_text("{oops")
     r = invoke(run, "--quiet")
     assert r.exit_code == 2 and "meta.json" in r.stderr
     (run / "recipe.yaml").unlink()
-    r = invoke(run / "checkpoints" / "step-200", "--quiet")
+    r = invoke(run / "checkpoints" / "step-0", "--quiet")
     assert r.exit_code == 2 and "recipe.yaml" in r.stderr and "Traceback" not in r.output
 
 

@@ -217,26 +217,27 @@ def run_eval_gamma(
     if single and n_batches > 1 and note is not None:
         note(f"the {split} split has {task.size(split)} samples: evaluating one batch of all of them")
     metas = [rundir.checkpoint_meta(c) for c in ckpts]
+    for c, m in zip(ckpts, metas):  # read every file before the (long) evaluation starts
+        if not isinstance(m["step"], int) or isinstance(m["step"], bool):
+            raise UsageError(f"{c / rundir.META_FILE}: corrupt checkpoint metadata (step {m['step']!r} is not an integer)")
+    all_params = [_load_params(task, c) for c in ckpts]  # trainable params only: small next to the model
     if on_start is not None:
         on_start(len(ckpts) * (1 if single else n_batches))
 
     results = []
-    for ckpt, meta in zip(ckpts, metas):
-        params = _load_params(task, ckpt)
+    for ckpt, meta, params in zip(ckpts, metas, all_params):
         sf_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-        try:
-            res = evaluate_gamma(
-                model=task.model, params=params, loss_fn=task.loss_fn, forward=task.forward,
-                batches=_eval_batches(task, split, batch_size, n_batches, seed), max_batches=n_batches,
-                methods=methods, dampings=dampings, sf_samples=sf_samples, generator=sf_gen,
-                # the run's own per-sample-gradient settings (path, memory chunking, duplicate filter)
-                jacobian=recipe["optimizer"]["jacobian"], chunk_size=recipe["optimizer"]["chunk_size"],
-                dup_threshold=recipe["optimizer"]["dup_threshold"], ngd_maxiter=ngd_maxiter,
-                on_batch=(lambda _done: on_batch()) if on_batch is not None else None,
-            )
-        except ValueError as e:
-            raise UsageError(f"{ckpt}: {e}") from None
-        step = int(meta["step"])
+        # Inputs were validated above and the split is non-empty, so a ValueError from here is a bug.
+        res = evaluate_gamma(
+            model=task.model, params=params, loss_fn=task.loss_fn, forward=task.forward,
+            batches=_eval_batches(task, split, batch_size, n_batches, seed), max_batches=n_batches,
+            methods=methods, dampings=dampings, sf_samples=sf_samples, generator=sf_gen,
+            # the run's own per-sample-gradient settings (path, memory chunking, duplicate filter)
+            jacobian=recipe["optimizer"]["jacobian"], chunk_size=recipe["optimizer"]["chunk_size"],
+            dup_threshold=recipe["optimizer"]["dup_threshold"], ngd_maxiter=ngd_maxiter,
+            on_batch=(lambda _done: on_batch()) if on_batch is not None else None,
+        )
+        step = meta["step"]
         doc: dict[str, Any] = {
             "checkpoint": str(ckpt),
             "step": step,

@@ -197,6 +197,11 @@ def test_resume_from_older_checkpoint(tmp_path, monkeypatch):
     b = rundir.load_checkpoint_params(rundir.checkpoint_dir(part, 12))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in rundir.read_metrics(part) if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
+    # resuming a finished run changes nothing but re-tests: still one test line, same result
+    before = rundir.read_summary(part)
+    assert _train(["--resume", str(part), "-q"]).exit_code == 0
+    assert len([r for r in rundir.read_metrics(part) if r["split"] == "test"]) == 1
+    assert rundir.read_summary(part)["test_metric"] == before["test_metric"]
 
 
 def test_nan_steps_skipped_then_fail_with_exit_1(tmp_path, monkeypatch):

@@ -151,8 +151,10 @@ class MetricsWriter:
     def __init__(self, run_dir: Path | str, *, truncate_after_step: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         if truncate_after_step is not None and self.path.exists():
-            # On resume: drop lines logged after the checkpoint we restart from.
-            keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= truncate_after_step]
+            # On resume: drop lines logged after the checkpoint we restart from, and the
+            # end-of-run test line (it is written again when the resumed run ends).
+            keep = [r for r in read_metrics(run_dir)
+                    if (r.get("step") or 0) <= truncate_after_step and r.get("split") != "test"]
             atomic_write_text(self.path, "".join(to_json(r) + "\n" for r in keep))
         self._f = open(self.path, "a", encoding="utf-8")
 

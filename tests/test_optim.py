@@ -135,6 +135,8 @@ def test_curvature_step_matches_reference(name):
         d = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), g)
     expect = _flat(params) - 0.3 * d
     assert reference.rel_err(_flat(new), expect) < 1e-6
+    p_true = torch.softmax(z, -1)[torch.arange(n), batch.targets].mean()
+    assert abs(float(m["mean_target_prob"]) - float(p_true)) < 1e-12
     cos = float(torch.dot(d, g) / (d.norm() * g.norm()))
     assert abs(float(m["cos_update_grad"]) - cos) < 1e-8
 

@@ -81,6 +81,7 @@ def test_run_dir_contents_and_schema(tmp_path):
         assert {"solve_residual", "rows_kept", "grad_norm_max_min", "grad_norm_top10_bottom10",
                 "cos_update_grad"} <= set(r)
         assert r["solve_residual"] < 1e-6 and 1 <= r["rows_kept"] <= 32
+        assert 0 < r["mean_target_prob"] < 1
     val = [r for r in recs if r["split"] == "val"]
     assert [r["step"] for r in val] == [0, 4, 8, 12] and all("accuracy" in r for r in val)
     test = [r for r in recs if r["split"] == "test"]
@@ -316,6 +317,14 @@ def test_quiet_prints_only_the_summary_line(tmp_path):
     assert res.exit_code == 0
     assert res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("completed: tiny")
+
+
+def test_progress_mode_and_json(tmp_path):
+    """Without --quiet the progress bar runs (stderr); --json puts only the summary on stdout."""
+    res = _train([str(_recipe(tmp_path, train__steps=3)), "--out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["total_steps"] == 3
+    assert "completed: tiny" in res.stderr
 
 
 def test_init_from_loads_saved_params(tmp_path):

@@ -8,7 +8,7 @@ momentum (buf <- momentum * buf + d; d <- buf) -> decoupled weight decay
 Metrics (0-d tensors): loss, solve_residual, rows_kept, cond_estimate,
 solve_fallback (ef/sf/ief), cg_iterations/cg_residual (ngd), the gradient-norm
 imbalance of :func:`iefcli.core.batch_imbalance` (from the Gram diagonal),
-grad_norm, update_norm, cos_update_grad.
+mean_target_prob (cross-entropy), grad_norm, update_norm, cos_update_grad.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class CurvatureOptimizer:
             d, info = directions.ngd(bg, c.damping, method="cg", tol=c.cg_tol, maxiter=c.cg_maxiter, return_info=True)
             m.update({"cg_iterations": torch.tensor(info.iterations), "cg_residual": torch.tensor(info.residual)})
         m.update(batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s))
+        if bg.loss_fn.name == "cross_entropy":  # the paper also logs the mean target probability
+            m["mean_target_prob"] = torch.softmax(bg.logits.to(torch.float64), -1).gather(
+                -1, bg.targets.unsqueeze(-1)).mean()
         return bg, d, m
 
     def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):

@@ -119,14 +119,17 @@ def train(
     resume: bool = False,
     on_event: OnEvent | None = None,
     device: str | None = None,
+    task: Task | None = None,
 ) -> dict:
     """Train ``recipe`` into ``run_dir`` (already prepared; with ``resume`` it holds
     a previous run of this recipe). Returns the summary dict (also written to
     summary.json). Raises RunFailed (diverged), KeyboardInterrupt (after saving
-    a checkpoint), UsageError (bad data/model keys found by the builders)."""
+    a checkpoint), UsageError (bad data/model keys found by the builders).
+    ``task``: an already built task for ``recipe`` (else it is built here)."""
     emit = on_event or (lambda kind, payload: None)
     t_start = time.perf_counter()
-    task: Task = build_task(recipe, device)
+    if task is None:
+        task = build_task(recipe, device)
     tr = recipe["train"]
     seed = recipe["seed"]
     cfg = config_from_recipe(recipe["optimizer"])
@@ -325,8 +328,8 @@ def train_from_cli(
     run_dir = run_dir_for(r, out)
     if rundir.is_nonempty_dir(run_dir) and not overwrite:
         raise UsageError(f"{run_dir}: run directory exists and is not empty (use --overwrite, or --resume {run_dir})")
-    # Build the task once before touching the directory: data/model key errors
-    # must not cost an existing run (the loop builds it again; it is cheap next to training).
-    build_task(r)
+    # Build the task before touching the directory: data/model key errors
+    # must not cost an existing run.
+    task = build_task(r)
     prepare_run_dir(run_dir, overwrite)
-    return train(recipe=r, run_dir=run_dir, resume=False, on_event=on_event)
+    return train(recipe=r, run_dir=run_dir, resume=False, on_event=on_event, task=task)

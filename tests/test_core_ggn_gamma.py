@@ -234,3 +234,11 @@ def test_float32_ngd_and_gamma(name):
     g32 = gamma(bg32, d_ief32)
     assert g32.dtype == torch.float64
     assert float(g32) == pytest.approx(float(gamma(bg, directions.ief(bg.rows, bg.s, 1e-8))), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_dense_ggn_from_fast_path_rows_matches_reference(name):
+    """ggn_matrix must also work when the Jacobian's rows are not held densely (fast path)."""
+    case, _, G = _prepared(name)
+    bg = batch_grads(case.model, case.params, case.inputs, case.targets, case.loss_fn, jacobian="fast")
+    assert ref.rel_err(ggn_matrix(bg.jac, bg.loss_fn, bg.targets), G) < 1e-12

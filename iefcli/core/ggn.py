@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iefcli.core.jacobian import OutputJacobian
+from iefcli.core.jacobian import DenseRows, OutputJacobian
 from iefcli.core.losses import Loss
 
 
@@ -40,7 +40,12 @@ def ggn_matrix(jac: OutputJacobian, loss_fn: Loss, targets: Tensor) -> Tensor:
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     u = eye.reshape(d, 1, *z.shape[1:]).expand(d, n, *z.shape[1:])  # one-hot cotangents
     rows = jac.rows(u)  # (d*N, P), row (i, n) = Jz_n^T e_i
-    jz = rows.matrix.to(torch.float64).reshape(d, n, -1).transpose(0, 1)  # (N, d, P)
+    if isinstance(rows, DenseRows):
+        mat = rows.matrix.to(torch.float64)
+    else:  # rows that are not held densely (fast path): read each row out as R^T e_m
+        eye_m = torch.eye(rows.n_rows, dtype=torch.float64, device=z.device)
+        mat = torch.stack([rows.combine(e).to(torch.float64) for e in eye_m])
+    jz = mat.reshape(d, n, -1).transpose(0, 1)  # (N, d, P)
     h = loss_fn.hessian(z, targets).to(torch.float64)  # (N, d, d)
     return torch.einsum("nip,nij,njq->pq", jz, h, jz)
 

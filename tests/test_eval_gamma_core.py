@@ -113,9 +113,8 @@ def test_ratios_match_dense_reference(case_name):
         model=case.model, params=case.params, loss_fn=case.loss_fn, batches=batches,
         methods=("sgd", "ef", "ief", "sf", "ngd"), dampings=DAMPINGS, sf_samples=k,
         generator=torch.Generator().manual_seed(seed),
-        # The reference keeps every row; with k=2 the same label can be drawn twice for one
-        # datum, giving exact duplicate SF rows that the default filter (0.99) would drop.
-        dup_threshold=None,
+        # Default duplicate filter: with k=2 the same label can be drawn twice for one datum;
+        # those exact duplicate SF rows must be KEPT (Monte-Carlo weight), as the reference does.
     )
     assert res.n_batches == 2
     assert len(res.rows) == 2 * 5 * len(DAMPINGS)

@@ -234,7 +234,8 @@ def _one_batch(
             elif m == "ief":
                 dirs[(m, lam)] = directions.ief(bg.rows, bg.s, lam, dup_threshold=dup_threshold)
             elif m == "sf":
-                dirs[(m, lam)] = directions.sf(sf_rows, bg.g, lam, dup_threshold=dup_threshold)
+                # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and lam > 0.
+                dirs[(m, lam)] = directions.sf(sf_rows, bg.g, lam)
             elif m == "ngd":
                 d, cg = directions.ngd(bg, lam, tol=ngd_tol, maxiter=ngd_maxiter, return_info=True)
                 dirs[(m, lam)] = d

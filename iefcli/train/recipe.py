@@ -28,6 +28,14 @@ import iefcli
 from iefcli.errors import UsageError
 
 RECIPES_DIR = Path(iefcli.__file__).resolve().parents[1] / "recipes"
+# An installed wheel has no repository around it: packaging may place the
+# recipes inside the package instead (iefcli/recipes/); the repository's win.
+PACKAGED_RECIPES_DIR = Path(iefcli.__file__).resolve().parent / "recipes"
+
+
+def recipe_dirs() -> list[Path]:
+    """Where built-in recipes are looked up, in order (only those that exist)."""
+    return [d for d in (RECIPES_DIR, PACKAGED_RECIPES_DIR) if d.is_dir()]
 
 OPTIMIZERS = ("sgd", "adamw", "adafactor", "ef", "sf", "ief", "ngd")
 
@@ -171,18 +179,22 @@ class Recipe(dict):
 
 
 def builtin_recipes() -> list[tuple[str, str, Path]]:
-    """[(name, description, path)] for every recipes/*.yaml, sorted by name."""
+    """[(name, description, path)] for every built-in recipe, sorted by name
+    (a name in an earlier :func:`recipe_dirs` entry hides a later one)."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for p in d.glob("*.yaml"):
+            found.setdefault(p.stem, p)
     out = []
-    if RECIPES_DIR.is_dir():
-        for p in sorted(RECIPES_DIR.glob("*.yaml")):
-            desc = ""
-            try:
-                raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-                if isinstance(raw, dict):
-                    desc = str(raw.get("description", "") or "")
-            except (OSError, yaml.YAMLError):
-                desc = "(unreadable)"
-            out.append((p.stem, desc.strip().splitlines()[0] if desc.strip() else "", p))
+    for name in sorted(found):
+        p, desc = found[name], ""
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            if isinstance(raw, dict):
+                desc = str(raw.get("description", "") or "")
+        except (OSError, yaml.YAMLError):
+            desc = "(unreadable)"
+        out.append((name, desc.strip().splitlines()[0] if desc.strip() else "", p))
     return out
 
 
@@ -196,9 +208,10 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     stem = str(name_or_path)
     for suffix in (".yaml", ".yml"):
         stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
-    cand = RECIPES_DIR / f"{stem}.yaml"
-    if "/" not in stem and cand.is_file():
-        return cand
+    if "/" not in stem:
+        for d in recipe_dirs():
+            if (d / f"{stem}.yaml").is_file():
+                return d / f"{stem}.yaml"
     raise UsageError(f"{name_or_path}: no such recipe file or built-in recipe (see `ief recipes`)")
 
 

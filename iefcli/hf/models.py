@@ -40,9 +40,11 @@ names, so they reload onto a freshly built base model.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -91,6 +93,27 @@ class HFModel:
     @property
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report / progress bar and its deprecation warnings while
+    loading: a newly initialised head is expected here (the docstring says so), and the
+    CLI's stderr is for iefcli's own messages."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_source(name_or_path: str, where: str) -> str:
@@ -164,7 +187,8 @@ def build_base(spec: Mapping[str, Any], where: str = "model") -> tuple[nn.Module
         set_dropout(config, dropout)
         config._attn_implementation = attn
         try:
-            model = auto.from_pretrained(src, config=config, local_files_only=True)
+            with _quiet_transformers():
+                model = auto.from_pretrained(src, config=config, local_files_only=True)
         except (OSError, ValueError) as e:
             raise UsageError(f"{where}.source: cannot load weights from {src}: {str(e).splitlines()[0]}") from None
         return model, src
@@ -265,7 +289,8 @@ def apply_peft(model: nn.Module, arch: str, peft_spec: Mapping[str, Any] | None,
             **extra,
         )
     try:
-        return get_peft_model(model, cfg)
+        with _quiet_transformers():
+            return get_peft_model(model, cfg)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{where}: peft could not wrap the model: {str(e).splitlines()[0]}") from None
 

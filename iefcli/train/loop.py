@@ -211,9 +211,10 @@ def train(
                 new_params, new_state, m = opt.update(params, ostate, batch, key=step_key(seed, st.step), lr=lr)
                 # One host read per step: is the loss and the update finite?
                 ok = bool(torch.isfinite(m["loss"]) & torch.isfinite(m["update_norm"]))
-                st.step += 1
+                # One statement with no calls in it, so Ctrl-C cannot land between
+                # counting the step and applying it (the checkpoint must match).
+                params, ostate, st.step = (new_params, new_state, st.step + 1) if ok else (params, ostate, st.step + 1)
                 if ok:
-                    params, ostate = new_params, new_state
                     st.bad_steps = 0
                     st.recent_losses = (st.recent_losses + [float(m["loss"])])[-spe:]
                 else:

@@ -28,8 +28,11 @@ built-in model spec, random data from a fixed seed), then
 Model specs: ``mlp`` (64-1024-1024-10, ReLU, cross-entropy), ``mlp:W0-W1-...-C``
 (any widths, for P scaling), ``bert-lora`` (a tiny-config BERT classifier,
 hidden 128, 2 layers, 2 heads, sequence length 64, LoRA r=8 on query/value
-plus the classifier head trainable; needs transformers and peft). Every model
-runs in eval mode (no dropout) in float32 unless ``dtype`` says otherwise.
+plus the classifier head trainable; needs transformers and peft), or
+``recipe:NAME_OR_PATH`` (a training recipe's model, loss and forward via
+:func:`iefcli.train.task.build_task`, on its first shuffled train batch).
+Every model runs in eval mode (no dropout), built-in specs in float32 unless
+``dtype`` says otherwise (recipes: their own dtype and device).
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.devi
     from iefcli.core import CrossEntropy, default_forward
 
     gen = torch.Generator().manual_seed(seed)
+    if spec.startswith("recipe:"):
+        return _recipe_workload(spec, n, seed=seed, device=device)
     if spec == "bert-lora":
         model, forward, n_classes, vocab = _bert_lora(seed)
         inputs = {"input_ids": torch.randint(0, vocab, (n, BERT_SEQ_LEN), generator=gen).to(device)}
@@ -117,10 +122,23 @@ def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.devi
         forward, n_classes = default_forward, widths[-1]
         inputs = torch.randn(n, widths[0], generator=gen).to(device=device, dtype=dtype)
     else:
-        raise UsageError(f"--model: unknown model spec {spec!r}; choose mlp, mlp:W0-W1-...-C or bert-lora")
+        raise UsageError(f"--model: unknown model spec {spec!r}; choose mlp, mlp:W0-W1-...-C, bert-lora or --recipe")
     targets = torch.randint(0, n_classes, (n,), generator=gen).to(device)
     model = model.to(device=device, dtype=dtype).eval()
     return Workload(spec, model, inputs, targets, CrossEntropy(), forward, n)
+
+
+def _recipe_workload(spec: str, n: int, *, seed: int, device) -> Workload:
+    """The model, loss and forward of a training recipe, and its first shuffled train batch of ``n``."""
+    from iefcli.train.recipe import load_recipe_file
+    from iefcli.train.task import build_task
+
+    recipe = load_recipe_file(spec.split(":", 1)[1])
+    task = build_task(recipe, device)
+    if task.size("train") < n:
+        raise UsageError(f"--batch-sizes: {n} is more than the {task.size('train')} training samples of {recipe.get('name', spec)}")
+    batch = next(task.batches("train", n, torch.Generator().manual_seed(seed)))
+    return Workload(spec, task.model.eval(), batch.inputs, batch.targets, task.loss_fn, task.forward, n)
 
 
 def _bert_lora(seed: int):
@@ -387,8 +405,12 @@ def run_bench(
         _bert_lora(seed)  # fail early, with one line, when transformers/peft are missing
     elif model.startswith("mlp"):
         _mlp_widths(model)  # fail before the memory worker starts
+    elif model.startswith("recipe:"):
+        from iefcli.train.recipe import load_recipe_file
+
+        load_recipe_file(model.split(":", 1)[1])  # a bad recipe fails here, with its own message
     else:
-        raise UsageError(f"--model: unknown model spec {model!r}; choose mlp, mlp:W0-W1-...-C or bert-lora")
+        raise UsageError(f"--model: unknown model spec {model!r}; choose mlp, mlp:W0-W1-...-C, bert-lora or --recipe")
 
     cpu_mem = None
     if memory and dev.type == "cpu":

@@ -97,3 +97,18 @@ def test_cli_bad_input_exit_2(args, needle):
     res = runner.invoke(app, ["bench", "--no-memory", "-q", *args])
     assert res.exit_code == 2
     assert f"ief: error: {needle}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_recipe():
+    res = runner.invoke(app, ["bench", "--recipe", "quickstart", "-n", "8", "--repeats", "1", "--warmup", "0",
+                              "--no-memory", "--json", "-q", "--methods", "sgd,ief"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert rows[0]["model"] == "recipe:quickstart" and rows[1]["max_rel_diff_fast_vs_plain"] < 1e-5
+
+
+def test_cli_bad_recipe_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    res = runner.invoke(app, ["bench", "--recipe", str(bad), "-q"])
+    assert res.exit_code == 2 and "ief: error:" in res.stderr and "Traceback" not in res.stderr

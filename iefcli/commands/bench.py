@@ -76,6 +76,7 @@ def render_table(rows: list[dict]):
 
 def bench(
     model: Annotated[str, typer.Option(help="Built-in model spec: mlp (64-1024-1024-10), mlp:W0-W1-...-C, or bert-lora (tiny BERT + LoRA, sequence length 64; needs transformers and peft).")] = "mlp",
+    recipe: Annotated[Optional[str], typer.Option(help="Benchmark a training recipe's model and data instead (a YAML file or built-in name); overrides --model.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-n", help="Comma-separated batch sizes N.")] = DEFAULT_BATCH_SIZES,
     methods: Annotated[str, typer.Option(help="Comma-separated: sgd, ef, ief, sf (ratios need sgd).")] = DEFAULT_METHODS,
     jacobian: Annotated[str, typer.Option(help="Path timed for ef/ief/sf: auto (fast), fast, or vmap (the plain per-sample path).")] = "auto",
@@ -102,6 +103,8 @@ def bench(
         from iefcli.bench import run_bench
 
         note = None if quiet else (lambda msg: err.print(f"ief: note: {msg}", highlight=False))
+        if recipe is not None:
+            model = f"recipe:{recipe}"
         rows = run_bench(model=model, batch_sizes=sizes, methods=method_list, jacobian=jacobian,
                          repeats=repeats, warmup=warmup, threads=threads, device=device, damping=damping,
                          seed=seed, memory=memory, check=check, progress=note)

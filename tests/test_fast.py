@@ -307,3 +307,22 @@ def test_low_precision_model_gram_upcast():
     assert rows.gram().dtype == torch.float64
     assert ref.rel_err(rows.gram(), want) < 5e-2
     assert rows.combine(torch.ones(rows.n_rows, dtype=torch.float64)).dtype == torch.bfloat16
+
+
+def test_train_mode_batchnorm_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ModelError, match="batch norm"):
+        FastJacobian(model.train(), trainable_params(model), x)
+    jac = FastJacobian(model.eval(), trainable_params(model), x)
+    assert jac.param_paths["1.weight"] == "vmap" and jac.param_paths["0.weight"] == "linear"
+
+
+def test_batch_grads_under_no_grad():
+    case = make_case("mlp_ce", torch.float64)
+    with torch.no_grad():
+        bf, bv = both(case)
+        assert ref.rel_err(directions.ief(bf.rows, bf.s, 1e-6), directions.ief(bv.rows, bv.s, 1e-6)) < 1e-10
+        v = torch.ones(bf.layout.size, dtype=torch.float64)
+        assert ref.rel_err(bf.jac.jvp(v), bv.jac.jvp(v)) < 1e-12
+        assert ref.rel_err(bf.jac.vjp(bf.logit_grads), bv.jac.vjp(bv.logit_grads)) < 1e-12

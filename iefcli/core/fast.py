@@ -59,7 +59,8 @@ seen.
 Randomness: the batched forward is an ordinary forward. With
 ``randomness="error"`` (the default, as for vmap) a model in train mode with
 active dropout modules is refused (put it in eval mode); with "different"
-the batched forward's dropout masks are per sample by construction.
+the batched forward's dropout masks are per sample by construction. Batch
+norm in train mode is always refused: batch statistics couple the samples.
 
 Memory: X and E per hooked layer (the size of the activations), the N x N
 Gram, and per-sample blocks only for the layers where the materialise
@@ -559,6 +560,11 @@ class FastJacobian:
         chunk_size: int | None = None,
         randomness: Randomness = "error",
     ):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                # Batch statistics couple the samples: a per-sample gradient is not defined
+                # (vmap refuses too); eval mode uses the running statistics.
+                raise ModelError(f"batch norm {name or type(m).__name__} is in train mode; put the model in eval mode")
         if randomness == "error":
             where = _active_dropout(model)
             if where is not None:

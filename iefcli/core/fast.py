@@ -266,6 +266,17 @@ def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
     return out
 
 
+def _gram_chunked(g: Tensor) -> Tensor:
+    """g g^T in float64 for g (M, D), upcasting D-column chunks so the float64 copy stays small."""
+    m, d = g.shape
+    step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m))
+    out = torch.zeros(m, m, dtype=ACC, device=g.device)
+    for c0 in range(0, d, step):
+        gc = g[:, c0 : c0 + step].to(ACC)
+        out += gc @ gc.T
+    return out
+
+
 def _cat(grads: list[Tensor]) -> Tensor:
     return grads[0] if len(grads) == 1 else torch.cat(grads)
 
@@ -303,8 +314,8 @@ class _MatmulBlock(_Block):
                 out += xx * (e @ e.T)  # Hadamard product of the two Grams
             elif self.strategy == "materialise":
                 # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
-                g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1).to(ACC)
-                out += g @ g.T
+                g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
+                out += _gram_chunked(g)
             else:
                 out += _gram_weight_ghost(self._x_rows().to(ACC), self.e.to(ACC))
         if "bias" in self.roles:

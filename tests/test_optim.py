@@ -113,7 +113,8 @@ def test_curvature_step_matches_reference(name):
     """theta_new = theta - lr * d with d from dense float64 references."""
     model, params, batch = _problem(torch.float64, n=6)
     lam = {"ef": 1e-3, "ief": 1e-9, "sf": 0.1, "ngd": 1e-2}[name]
-    cfg = _cfg(name, lr=0.3, damping=lam, dup_threshold=None, cg_tol=1e-12, cg_maxiter=500, mc_samples=2)
+    # sf with the default filter on: its duplicate sampled rows must still be kept.
+    cfg = _cfg(name, lr=0.3, damping=lam, dup_threshold=0.99 if name == "sf" else None, cg_tol=1e-12, cg_maxiter=500, mc_samples=2)
     opt = make_optimizer(cfg, model=model, loss_fn=CrossEntropy())
     new, _, m = opt.update(params, opt.init(params), batch, key=11, lr=0.3)
     J = _loop_grads(model, params, batch.inputs, batch.targets)

@@ -58,7 +58,8 @@ class CurvatureOptimizer:
                 # finite stand-ins instead and let the shell reject the step (its loss is not finite).
                 safe = dataclasses.replace(bg, logits=torch.nan_to_num(bg.logits, nan=0.0, posinf=0.0, neginf=0.0))
                 rows = sampled_rows(safe, c.mc_samples, gen)
-                d, info = directions.sf(rows, bg.g, c.damping, dup_threshold=c.dup_threshold, return_info=True)
+                # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and damping > 0.
+                d, info = directions.sf(rows, bg.g, c.damping, return_info=True)
             m.update({"solve_residual": info.residual, "rows_kept": info.rows_kept,
                       "cond_estimate": info.cond, "solve_fallback": info.fallback})
         else:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -136,7 +135,8 @@ def _recipe_workload(spec: str, n: int, *, seed: int, device) -> Workload:
     recipe = load_recipe_file(spec.split(":", 1)[1])
     task = build_task(recipe, device)
     if task.size("train") < n:
-        raise UsageError(f"--batch-sizes: {n} is more than the {task.size('train')} training samples of {recipe.get('name', spec)}")
+        name = recipe.get("name", spec)
+        raise UsageError(f"--batch-sizes: {n} is more than the {task.size('train')} training samples of {name}")
     batch = next(task.batches("train", n, torch.Generator().manual_seed(seed)))
     return Workload(spec, task.model.eval(), batch.inputs, batch.targets, task.loss_fn, task.forward, n)
 

@@ -69,7 +69,7 @@ strategy is cheaper AND below ``MATERIALISE_MAX_ELEMENTS``; never N x P.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

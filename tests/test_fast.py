@@ -326,3 +326,30 @@ def test_batch_grads_under_no_grad():
         v = torch.ones(bf.layout.size, dtype=torch.float64)
         assert ref.rel_err(bf.jac.jvp(v), bv.jac.jvp(v)) < 1e-12
         assert ref.rel_err(bf.jac.vjp(bf.logit_grads), bv.jac.vjp(bv.logit_grads)) < 1e-12
+
+
+class SeqFirst(nn.Module):
+    """A batch-first model around PyTorch's seq-first encoder layer: inside it dim 0 is time."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d_model=4, nhead=1, dim_feedforward=6, dropout=0.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x (N, T, 4)
+        h = self.enc(x.transpose(0, 1)).transpose(0, 1)
+        return self.head(h.mean(dim=1))
+
+
+def test_seq_first_layers_fall_back():
+    torch.manual_seed(0)
+    model = SeqFirst().double().eval()
+    params = trainable_params(model)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)  # N = 3 != T = 5
+    y = torch.randint(0, 3, (3,), generator=gen)
+    bf = batch_grads(model, params, x, y, CrossEntropy(), jacobian="fast")
+    bv = batch_grads(model, params, x, y, CrossEntropy(), jacobian="vmap")
+    assert bf.jac.param_paths["enc.linear1.weight"] == "vmap" and bf.jac.param_paths["head.weight"] == "linear"
+    assert "leading dim" in bf.jac.fallback_reasons["enc.linear1.weight"]
+    assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-12

@@ -31,6 +31,15 @@ Embedding           W: scatter of E_mt into rows ids_nt; Gram over shared
 ``combine(x)`` = sum_m x_m row_m is E^T diag(x) X per layer (one matmul, no
 per-sample gradients); ``dot(v)`` = R v is <E_m, X_n V^T> per layer.
 
+Requirement (as for any per-sample gradient): samples are independent and
+batch-first inside the model, i.e. dim 0 of every hooked layer's input and
+output indexes the N samples and z_n depends on slice n only. A layer whose
+input's leading dim is not N (peft's shared prompt embedding, seq-first
+layers such as ``nn.TransformerEncoderLayer(batch_first=False)``) falls back
+automatically; batch norm in train mode is refused. A seq-first layer whose
+sequence length happens to EQUAL N cannot be told apart from shapes: use
+``jacobian="vmap"`` for models that run layers seq-first.
+
 Fallback: every trainable parameter without such a rule takes the plain
 chunked vmap path (:class:`iefcli.core.jacobian.VmapJacobian` restricted to
 those parameters, the others held fixed), so every model works and the same

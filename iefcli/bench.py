@@ -391,6 +391,8 @@ def run_bench(
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     if not damping > 0:
         raise UsageError(f"--damping: must be > 0 (sf divides by it), got {damping}")
+    if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
+        raise UsageError(f"--device: {device!r} is not one of cpu, cuda, cuda:N, auto")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dev.type == "cuda" and not torch.cuda.is_available():

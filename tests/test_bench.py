@@ -91,6 +91,7 @@ def test_cli_table():
         (["--jacobian", "dense"], "--jacobian"),
         (["--damping", "0"], "--damping"),
         (["--repeats", "0"], "--repeats"),
+        (["--device", "gpu"], "--device"),
     ],
 )
 def test_cli_bad_input_exit_2(args, needle):
@@ -112,3 +113,9 @@ def test_cli_bad_recipe_exit_2(tmp_path):
     bad.write_text("model: [unclosed\n")
     res = runner.invoke(app, ["bench", "--recipe", str(bad), "-q"])
     assert res.exit_code == 2 and "ief: error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_without_sgd_no_ratios():
+    rows = bench.run_bench(model=TINY, batch_sizes=[4], methods=["ief"], repeats=1, warmup=0, memory=False,
+                           check=False)
+    assert rows[0]["ratio_to_sgd"] is None and rows[0]["max_rel_diff_fast_vs_plain"] is None

@@ -353,3 +353,48 @@ def test_seq_first_layers_fall_back():
     assert bf.jac.param_paths["enc.linear1.weight"] == "vmap" and bf.jac.param_paths["head.weight"] == "linear"
     assert "leading dim" in bf.jac.fallback_reasons["enc.linear1.weight"]
     assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-12
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def _wide_models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4))
+    cnn = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Tanh(), nn.Flatten(), nn.Linear(32 * 6 * 6, 4))
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "mlp": (mlp.double().eval(), torch.randn(8, 16, generator=gen, dtype=torch.float64)),
+        "cnn": (cnn.double().eval(), torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_no_n_by_p_tensor_on_fast_path(name):
+    """The fast path never creates an N x P tensor (nor anything near it); the plain path does."""
+    model, x = _wide_models()[name]
+    params = trainable_params(model)
+    y = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(1))
+    n, p = 8, sum(t.numel() for t in params.values())
+    sizes = {}
+    for path in ("fast", "vmap"):
+        with _LargestTensor() as probe:
+            bg = batch_grads(model, params, x, y, CrossEntropy(), jacobian=path)
+            directions.ief(bg.rows, bg.s, 1e-6)
+            _ = bg.g
+        sizes[path] = probe.max_numel
+    assert sizes["vmap"] >= n * p
+    # the largest is a P-vector (the direction) or an activation, far below N x P
+    assert sizes["fast"] * 4 < n * p, (sizes, n * p)

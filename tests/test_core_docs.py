@@ -25,6 +25,8 @@ def test_core_md_example_runs_and_lowers_the_loss():
     out = io.StringIO()
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out):  # the example seeds the global RNG
         exec(compile(code, str(DOC), "exec"), ns)
+    readme = (DOC.parents[1] / "README.md").read_text()
+    assert code in readme, "the README must show the same example (python tools/build_readme.py)"
     bg, d, info = ns["bg"], ns["d"], ns["info"]
     assert d.shape == (bg.layout.size,)
     assert float(info.residual) < 1e-10

@@ -52,6 +52,39 @@ or the rule does not support its options (e.g. Embedding ``max_norm``,
 grouped or non-zero-padded convolutions). ``FastJacobian.param_paths`` tells
 which path each parameter took; ``fallback_reasons`` says why.
 
+Precision (documented choice): everything that reaches the solves or the
+direction is accumulated in float64 from the captured X and E (kept in
+float32, or float64 for float64 parameters; bf16/fp16 upcast): each Gram
+block and their sum, ``dot`` (returned in float64) and ``combine`` (formed in
+float64 over blocks of output units, each rounded once into the parameters'
+dtype, so the float64 temporaries stay small). This is the plain path's
+precision (float32 rows, float64 Gram and R^T x); float32 accumulation was
+measurably worse for SF at tiny damping, whose Woodbury form
+(g - Jhat^T x) / lam cancels. On the benchmark MLP the float64 combine costs
+a few per cent of the step. Inputs a layer sees before an autocast cast
+(float32 X, bf16 E) are used as seen.
+
+Requirement (as for any per-sample gradient): samples are independent and
+batch-first inside the model, i.e. dim 0 of every hooked layer's input and
+output indexes the N samples and z_n depends on slice n only. A layer whose
+input's leading dim is not N (peft's shared prompt embedding, seq-first
+layers such as ``nn.TransformerEncoderLayer(batch_first=False)``) falls back
+automatically; batch norm in train mode is refused. A seq-first layer whose
+sequence length happens to EQUAL N cannot be told apart from shapes: use
+``jacobian="vmap"`` for models that run layers seq-first.
+
+Fallback: every trainable parameter without such a rule takes the plain
+chunked vmap path (:class:`iefcli.core.jacobian.VmapJacobian` restricted to
+those parameters, the others held fixed), so every model works and the same
+rows come out. A layer falls back when its type has no rule, its forward is
+not the stock one (a subclass overriding ``forward``), it is called more or
+fewer than once, its input is modified in place after the call, a parameter
+is shared (tied) or used by any other operation in the graph (counted on the
+autograd graph: each of the layer's parameters must have exactly one consumer),
+or the rule does not support its options (e.g. Embedding ``max_norm``,
+grouped or non-zero-padded convolutions). ``FastJacobian.param_paths`` tells
+which path each parameter took; ``fallback_reasons`` says why.
+
 Precision (documented choice): every Gram block is accumulated in float64
 from X and E upcast to float64 (from float32, bf16 or fp16), and the blocks
 are summed in float64, so the N x N matrix the solves see is as accurate as
@@ -108,6 +141,8 @@ ACC = torch.float64  # accumulation dtype of Gram blocks, combine and dot (see m
 MATERIALISE_MAX_ELEMENTS = 1 << 25
 # Temporaries of the ghost form (rows_chunk x M x T x T) are kept below this many numbers.
 GHOST_CHUNK_ELEMENTS = 1 << 23
+# combine: float64 products of a layer's weight block are formed this many numbers at a time.
+COMBINE_CHUNK_ELEMENTS = 1 << 16
 
 
 # ---------------------------------------------------------------- layer rules
@@ -258,8 +293,8 @@ class _Block:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-layer inner products for parameters of ``dtype``: float64 stays
-    float64, anything else (float32, bf16, fp16) runs in float32 (see the module doc)."""
+    """The dtype X and E are kept in (and per-sample blocks formed in) for parameters of ``dtype``:
+    float64 stays float64, anything else (float32, bf16, fp16) is float32 (see the module doc)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -332,37 +367,37 @@ class _MatmulBlock(_Block):
             out += eb @ eb.T
         return out
 
-    def _ex(self, x: Tensor) -> Tensor:
-        """sum_k x_{kn} E_{kn}: (N, T, d_out), the rows' weights folded into E."""
-        n = self.x.shape[0]
-        ew = self.e * x.to(self.cdt)[:, None, None]
-        return ew.reshape(self.k, n, *ew.shape[1:]).sum(dim=0) if self.k > 1 else ew
-
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
-        ex = self._ex(x)
-        if "weight" in self.roles:
-            d_out, d_in = ex.shape[-1], self.x.shape[-1]
-            a, b = ex.reshape(-1, d_out).T, self.x.reshape(-1, d_in)  # E^T diag(x) X, one matmul
-            tgt = out[self.roles["weight"]]
-            if tgt.dtype == self.cdt:  # straight into the result: no temporary of the layer's size
-                torch.mm(a, b, out=tgt.view(d_out, d_in))
-            else:
-                tgt.copy_((a @ b).view(tgt.shape))
-        if "bias" in self.roles:
-            out[self.roles["bias"]].copy_(ex.sum(dim=(0, 1)))
+        # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X, accumulated in float64
+        # over blocks of output units, each rounded once into the result: the float64 temporaries
+        # stay at X's size plus COMBINE_CHUNK_ELEMENTS.
+        n, _, d_in = self.x.shape
+        d_out = self.e.shape[-1]
+        x64 = x.to(ACC)[:, None, None]
+        xin = self.x.reshape(-1, d_in).to(ACC)
+        step = max(1, COMBINE_CHUNK_ELEMENTS // max(1, d_in, n * self.x.shape[1]))
+        w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
+        b = out[self.roles["bias"]] if "bias" in self.roles else None
+        for r0 in range(0, d_out, step):
+            ex = self.e[..., r0 : r0 + step].to(ACC) * x64  # (M, T, chunk)
+            if self.k > 1:
+                ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
+            if w is not None:
+                w[r0 : r0 + step].copy_(ex.reshape(-1, ex.shape[-1]).T @ xin)
+            if b is not None:
+                b[r0 : r0 + step].copy_(ex.sum(dim=(0, 1)))
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         m, _, d_out = self.e.shape
         n = self.x.shape[0]
         out = torch.zeros(m, dtype=ACC, device=self.e.device)
-        e = self.e.reshape(self.k, n, *self.e.shape[1:])
+        e = self.e.to(ACC).reshape(self.k, n, *self.e.shape[1:])
         if "weight" in self.roles:
-            w = v[self.roles["weight"]].to(self.cdt).reshape(d_out, -1)
-            xv = self.x @ w.T  # (N, T, d_out): apply the weight direction to the inputs
-            out += (e * xv).sum(dim=(2, 3)).reshape(m).to(ACC)
+            w = v[self.roles["weight"]].to(ACC).reshape(d_out, -1)
+            xv = self.x.to(ACC) @ w.T  # (N, T, d_out): apply the weight direction to the inputs
+            out += (e * xv).sum(dim=(2, 3)).reshape(m)
         if "bias" in self.roles:
-            b = v[self.roles["bias"]].to(self.cdt)
-            out += (e.sum(dim=2) @ b).reshape(m).to(ACC)
+            out += (e.sum(dim=2) @ v[self.roles["bias"]].to(ACC)).reshape(m)
         return out
 
 
@@ -379,10 +414,10 @@ class _DenseBlock(_Block):
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         for name, g in self.mats.items():
-            out[name].copy_((x.to(g.dtype) @ g).view(out[name].shape))
+            out[name].copy_((x.to(ACC) @ g.to(ACC)).view(out[name].shape))
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
-        return sum((g @ v[name].to(g.dtype).reshape(-1)).to(ACC) for name, g in self.mats.items())
+        return sum(g.to(ACC) @ v[name].to(ACC).reshape(-1) for name, g in self.mats.items())
 
 
 class _EmbeddingBlock(_Block):
@@ -434,16 +469,16 @@ class _EmbeddingBlock(_Block):
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         n = self.ids.shape[0]
-        ew = (self.e * x.to(self.cdt)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
-        w = torch.zeros(self.weight_shape, dtype=self.cdt, device=self.e.device)
+        ew = (self.e.to(ACC) * x.to(ACC)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
+        w = torch.zeros(self.weight_shape, dtype=ACC, device=self.e.device)
         w.index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
         out[self.roles["weight"]].copy_(w)
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         m = self.e.shape[0]
-        gathered = v[self.roles["weight"]].to(self.cdt)[self.ids]  # (N, T, d)
-        e = self.e.reshape(self.k, -1, *self.e.shape[1:])
-        return (e * gathered).sum(dim=(2, 3)).reshape(m).to(ACC)
+        gathered = v[self.roles["weight"]].to(ACC)[self.ids]  # (N, T, d)
+        e = self.e.to(ACC).reshape(self.k, -1, *self.e.shape[1:])
+        return (e * gathered).sum(dim=(2, 3)).reshape(m)
 
 
 def _layernorm_features(layer: _Layer, cdt: torch.dtype) -> tuple[Tensor, int]:

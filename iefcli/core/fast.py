@@ -141,8 +141,10 @@ ACC = torch.float64  # accumulation dtype of Gram blocks, combine and dot (see m
 MATERIALISE_MAX_ELEMENTS = 1 << 25
 # Temporaries of the ghost form (rows_chunk x M x T x T) are kept below this many numbers.
 GHOST_CHUNK_ELEMENTS = 1 << 23
-# combine: float64 products of a layer's weight block are formed this many numbers at a time.
+# combine: float64 products of a layer's weight block are formed this many numbers at a time
+# (CPU: small, for peak memory; other devices: large, since each block is a kernel launch).
 COMBINE_CHUNK_ELEMENTS = 1 << 16
+COMBINE_CHUNK_ELEMENTS_ACCEL = 1 << 22
 
 
 # ---------------------------------------------------------------- layer rules
@@ -375,7 +377,8 @@ class _MatmulBlock(_Block):
         d_out = self.e.shape[-1]
         x64 = x.to(ACC)[:, None, None]
         xin = self.x.reshape(-1, d_in).to(ACC)
-        step = max(1, COMBINE_CHUNK_ELEMENTS // max(1, d_in, n * self.x.shape[1]))
+        chunk = COMBINE_CHUNK_ELEMENTS if self.x.device.type == "cpu" else COMBINE_CHUNK_ELEMENTS_ACCEL
+        step = max(1, chunk // max(1, d_in, n * self.x.shape[1]))
         w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
         b = out[self.roles["bias"]] if "bias" in self.roles else None
         for r0 in range(0, d_out, step):

@@ -226,3 +226,13 @@ def test_mnist5k_split_shapes_and_labels():
     all_y = torch.cat([ds.train.targets, ds.val.targets, ds.test.targets])
     assert torch.bincount(all_y).tolist() == [500] * 10  # 500 per class, nothing lost or duplicated
     assert abs(ds.train.inputs.mean().item()) < 1e-4 and abs(ds.train.inputs.std().item() - 1) < 1e-3
+
+
+def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch):
+    import sys
+
+    from iefcli.hf import require
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(UsageError, match=r"optional Hugging Face packages \(peft is missing\): pip install -e '\.\[hf\]'"):
+        require()

@@ -236,3 +236,25 @@ def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     with pytest.raises(UsageError, match=r"optional Hugging Face packages \(peft is missing\): pip install -e '\.\[hf\]'"):
         require()
+
+
+@needs_hf
+def test_regression_labels_give_mse_and_correlation_metrics(tmp_path, tok_dir):
+    import csv
+
+    path = tmp_path / "sts.tsv"
+    scores = [0.5, 4.0, 2.5, 1.0, 3.5, 5.0]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["a", "b", "score"])
+        for i, sc in enumerate(scores):
+            w.writerow(["good film", "dull plot" if i % 2 else "fun movie", sc])
+    ds = _build({"kind": "text", "train": str(path), "val": str(path), "test": str(path), "text": ["a", "b"],
+                 "label": "score", "task": "regression"}, _model(tok_dir))
+    assert ds.info.loss == "mse" and ds.info.n_outputs == 1 and ds.info.metric == "pearson"
+    assert ds.train.targets.shape == (6, 1) and ds.train.targets[:, 0].tolist() == scores
+    z = torch.tensor(scores).unsqueeze(1) * 2 + 1  # a perfect linear predictor
+    from iefcli.train.metrics import compute_metrics
+
+    m = compute_metrics(ds.info.metrics, ds.info.predict(z), ds.train.targets)
+    assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)

@@ -118,7 +118,8 @@ def sf(
     gram = r.gram()
     jg = r.dot(g)  # apply Jhat: g -> Jhat g, (M,)
     x, info = solve_gram(gram, jg, damping, dup_threshold=dup_threshold)
-    d = ((g.to(torch.float64) - r.combine(x).to(torch.float64)) / damping).to(g.dtype)
+    # g - Jhat^T x cancels when g lies almost in the rows' span: subtract in float64, round once.
+    d = ((g.to(torch.float64) - r.combine(x, dtype=torch.float64)) / damping).to(g.dtype)
     return (d, info) if return_info else d
 
 

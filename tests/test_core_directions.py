@@ -283,3 +283,22 @@ def test_all_zero_rows_give_a_zero_direction():
         assert torch.equal(d, torch.zeros(6, dtype=torch.float64))
         assert int(info.rows_kept) == 0
         assert torch.equal(directions.ef(J, lam), torch.zeros(6, dtype=torch.float64))
+
+
+
+@pytest.mark.parametrize("jacobian", ["vmap", "fast"])
+def test_sf_float32_subtracts_in_float64(jacobian):
+    """d_SF = (g - Jhat^T x) / lam cancels when g lies in the rows' span (here: the rows are
+    the true-label gradients, g their mean). The same float32 rows and g must give the
+    direction that float64 arithmetic gives on those numbers, up to rounding of the result."""
+    from iefcli.core import batch_grads
+
+    case = make_case("mlp_ce", torch.float32)
+    bg = batch_grads(case.model, case.params, case.inputs, case.targets, case.loss_fn, jacobian=jacobian)
+    lam = 1e-3
+    d32 = directions.sf(bg.rows, bg.g, lam)
+    eye = torch.eye(bg.rows.n_rows, dtype=torch.float64)
+    J64 = torch.stack([bg.rows.combine(e, dtype=torch.float64) for e in eye])  # the same rows, exactly
+    d64 = directions.sf(J64, bg.g.double(), lam)
+    assert d32.dtype == torch.float32
+    assert float((d32.double() - d64).norm() / d64.norm()) < 1e-5

@@ -570,14 +570,14 @@ class FastRows:
             self._gram = g
         return self._gram
 
-    def combine(self, x: Tensor) -> Tensor:
-        """R^T x for x (M,): (P,) in the parameters' dtype (accumulated in float64)."""
-        flat = torch.empty(self.layout.size, dtype=self.dtype, device=self.device)
+    def combine(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """R^T x for x (M,): (P,) in ``dtype`` (default: the parameters'), accumulated in float64."""
+        flat = torch.empty(self.layout.size, dtype=dtype or self.dtype, device=self.device)
         views = self.layout.unflatten(flat)  # each block writes its parameters' slices in place
         for b in self.blocks:
             b.combine_into(x, views)
         if self.fallback is not None:
-            for name, part in self.fallback_layout.unflatten(self.fallback.combine(x)).items():
+            for name, part in self.fallback_layout.unflatten(self.fallback.combine(x, dtype=flat.dtype)).items():
                 views[name].copy_(part)
         return flat
 

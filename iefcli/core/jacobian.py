@@ -76,8 +76,8 @@ class Rows(Protocol):
         """R R^T, (M, M), float64."""
         ...
 
-    def combine(self, x: Tensor) -> Tensor:
-        """R^T x for x (M,): (P,) in the parameters' dtype."""
+    def combine(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """R^T x for x (M,): (P,) in ``dtype`` (default: the parameters' dtype)."""
         ...
 
     def dot(self, v: Tensor) -> Tensor:
@@ -107,9 +107,9 @@ class DenseRows:
             self._gram = m @ m.T
         return self._gram
 
-    def combine(self, x: Tensor) -> Tensor:
+    def combine(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         # In float64: with tiny damping x can be large and the sum cancels.
-        return (self._as64().T @ x.to(torch.float64)).to(self.matrix.dtype)
+        return (self._as64().T @ x.to(torch.float64)).to(dtype or self.matrix.dtype)
 
     def dot(self, v: Tensor) -> Tensor:
         return self._as64() @ v.to(torch.float64)

@@ -481,6 +481,8 @@ def write_out_dir(out_dir: Path, results: Sequence[StageResult], json_text: str,
     (an existing DIR is replaced only with ``overwrite``): never a half-written result."""
     import matplotlib
 
+    from iefcli.train.rundir import replace_dir
+
     matplotlib.use("Agg", force=False)  # harmless: figures are drawn on their own Agg canvases
     check_out_dir(out_dir, overwrite)
     parent = out_dir.absolute().parent
@@ -493,14 +495,7 @@ def write_out_dir(out_dir: Path, results: Sequence[StageResult], json_text: str,
         (tmp / CSV_FILE).write_text(rows_csv(results), encoding="utf-8")
         for name, fig in build_figures(results).items():
             fig.savefig(tmp / name, format="png", dpi=100)
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir, parent / f".{out_dir.name}.old")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -187,19 +187,29 @@ def write_checkpoint(
         save_tensors_atomic(tmp / OPTIMIZER_FILE, flatten_tree(optimizer_state))
         atomic_write_json(tmp / TRAINER_STATE_FILE, trainer_state)
         atomic_write_json(tmp / META_FILE, meta)
-        if ckpt_dir.exists():
-            old = parent / (BEST_OLD_DIR if ckpt_dir.name == BEST_DIR else f".{ckpt_dir.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(ckpt_dir, old)
-            os.replace(tmp, ckpt_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, ckpt_dir)
+        old = parent / (BEST_OLD_DIR if ckpt_dir.name == BEST_DIR else f".{ckpt_dir.name}.old")
+        replace_dir(tmp, ckpt_dir, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ckpt_dir
+
+
+def replace_dir(tmp: Path, dest: Path, old: Path) -> None:
+    """Put the complete directory ``tmp`` in place as ``dest``.
+
+    An existing ``dest`` is first renamed to ``old`` (removed once the new one is
+    in place), so at every moment either the previous or the new directory is
+    complete at ``dest`` or ``old``: never a half-written one.
+    """
+    if dest.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 def checkpoint_dir(run_dir: Path | str, step: int) -> Path:

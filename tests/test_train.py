@@ -355,7 +355,7 @@ def test_every_builtin_recipe_runs(tmp_path, name):
     if r["data"]["kind"] == "fashion_mnist" and r["data"].get("path") is None and not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     if r["data"]["kind"] not in ("digits", "fashion_mnist", "toy_lsq") or r["model"]["kind"] not in ("mlp", "linear"):
-        pytest.skip(f"{name}: {r['model']['kind']} model / {r['data']['kind']} data are tested by their own package")
+        pytest.skip(f"{name}: {r['model']['kind']} model / {r['data']['kind']} data run in tests/test_hf_recipes.py")
     sets = ["train.steps=2", "train.eval_every=1", "train.checkpoint_every=1", "device=cpu",
             "schedule.warmup_steps=0"]
     if r["data"]["kind"] == "fashion_mnist":

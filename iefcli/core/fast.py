@@ -64,40 +64,6 @@ measurably worse for SF at tiny damping, whose Woodbury form
 a few per cent of the step. Inputs a layer sees before an autocast cast
 (float32 X, bf16 E) are used as seen.
 
-Requirement (as for any per-sample gradient): samples are independent and
-batch-first inside the model, i.e. dim 0 of every hooked layer's input and
-output indexes the N samples and z_n depends on slice n only. A layer whose
-input's leading dim is not N (peft's shared prompt embedding, seq-first
-layers such as ``nn.TransformerEncoderLayer(batch_first=False)``) falls back
-automatically; batch norm in train mode is refused. A seq-first layer whose
-sequence length happens to EQUAL N cannot be told apart from shapes: use
-``jacobian="vmap"`` for models that run layers seq-first.
-
-Fallback: every trainable parameter without such a rule takes the plain
-chunked vmap path (:class:`iefcli.core.jacobian.VmapJacobian` restricted to
-those parameters, the others held fixed), so every model works and the same
-rows come out. A layer falls back when its type has no rule, its forward is
-not the stock one (a subclass overriding ``forward``), it is called more or
-fewer than once, its input is modified in place after the call, a parameter
-is shared (tied) or used by any other operation in the graph (counted on the
-autograd graph: each of the layer's parameters must have exactly one consumer),
-or the rule does not support its options (e.g. Embedding ``max_norm``,
-grouped or non-zero-padded convolutions). ``FastJacobian.param_paths`` tells
-which path each parameter took; ``fallback_reasons`` says why.
-
-Precision (documented choice): every Gram block is accumulated in float64
-from X and E upcast to float64 (from float32, bf16 or fp16), and the blocks
-are summed in float64, so the N x N matrix the solves see is as accurate as
-the plain path's (float32 rows, float64 Gram); float32 inner products were
-measurably worse for SF at small damping. ``combine`` and ``dot`` run in
-float64 for float64 parameters and in float32 otherwise (bf16/fp16 upcast):
-the same precision as an ordinary backward's weight gradient, at half the
-cost of float64 on CPU; ``combine`` returns the parameters' dtype, ``dot``
-float64. (SF's Woodbury form d = (g - Jhat^T x) / lam cancels at small lam in
-float32 on either path; its accuracy is float32's, not the fast path's.)
-Inputs a layer sees before an autocast cast (float32 X, bf16 E) are used as
-seen.
-
 Randomness: the batched forward is an ordinary forward. With
 ``randomness="error"`` (the default, as for vmap) a model in train mode with
 active dropout modules is refused (put it in eval mode); with "different"

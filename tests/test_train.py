@@ -365,3 +365,27 @@ def test_every_builtin_recipe_runs(tmp_path, name):
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert s["status"] == "completed" and s["total_steps"] == 2 and s["recipe"] == name
+
+
+def test_unused_trainable_parameter_is_named_before_training(tmp_path, monkeypatch):
+    """A trainable parameter the forward never uses would get zero per-sample gradients from
+    torch.func without a word: a curvature run refuses it up front, naming it (exit 2)."""
+    from torch import nn
+
+    from iefcli.train import models
+
+    real = models.build_mlp
+
+    def with_unused(section, ctx):
+        net = real(section, ctx)
+        net.register_parameter("orphan", nn.Parameter(torch.zeros(3)))
+        return net
+
+    monkeypatch.setattr(models, "build_mlp", with_unused)
+    res = _train([str(_recipe(tmp_path)), "--out", str(tmp_path / "run"), "-q"])
+    assert res.exit_code == 2
+    assert "orphan" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # first-order optimisers need no per-sample gradients: the same model trains
+    res = _train([str(_recipe(tmp_path, optimizer={"name": "sgd", "lr": 0.1})), "--out", str(tmp_path / "sgd"), "-q"])
+    assert res.exit_code == 0, res.output

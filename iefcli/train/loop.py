@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from iefcli.core.jacobian import check_all_params_used
 from iefcli.errors import EXIT_INTERRUPTED, IEFError, RunFailed, UsageError
 from iefcli.optim import CURVATURE, config_from_recipe, make_optimizer
 from iefcli.train import rundir
@@ -143,6 +144,11 @@ def train(
         raise recipe.error("schedule.warmup_steps", f"must be <= the run's {total} steps, got {sched['warmup_steps']}")
 
     params = task.params()
+    if cfg.name in CURVATURE:
+        # torch.func gives an unused trainable parameter a zero per-sample gradient without a
+        # word; say so (naming it) before the first step rather than train it with zeros.
+        first = next(iter(task.batches("train", 1)))
+        check_all_params_used(task.model, params, first.inputs, task.forward)
     ostate = opt.init(params)
     st = TrainState()
     if resume:

@@ -148,8 +148,8 @@ def test_malformed_files(tmp_path, text, fragment):
     p.write_text(text)
     res = runner.invoke(app, ["train", str(p), "--out", str(tmp_path / "run"), "-q"])
     assert res.exit_code == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0] and str(p) in lines[0], res.stderr
+    lines = res.stderr.splitlines()  # exactly one line: no blank line before or after it either
+    assert len(lines) == 1 and lines[0].startswith("ief: error: ") and fragment in lines[0] and str(p) in lines[0], res.stderr
 
 
 def test_missing_recipe_and_usage_conflicts(tmp_path):
@@ -162,3 +162,10 @@ def test_missing_recipe_and_usage_conflicts(tmp_path):
     assert res.exit_code == 2 and "not both" in res.stderr
     res = runner.invoke(app, ["train", "--resume", str(tmp_path / "none"), "-q"])
     assert res.exit_code == 2 and "run directory not found" in res.stderr
+
+
+def test_error_without_quiet_is_still_exactly_one_line(tmp_path):
+    """With the progress bar on (no -q), a recipe error must not leave a blank line behind."""
+    res = runner.invoke(app, ["train", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2
+    assert res.stderr.splitlines() == [res.stderr.strip()] and res.stderr.startswith("ief: error: "), repr(res.stderr)

@@ -57,7 +57,8 @@ class _Progress:
                       f"({e['consecutive_bad_steps']} in a row)[/yellow]")
 
     def stop(self) -> None:
-        self.p.stop()
+        if self.task is not None:  # stopping a bar that never started prints a stray blank line
+            self.p.stop()
 
 
 def register(app: typer.Typer) -> None:

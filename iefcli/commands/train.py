@@ -23,6 +23,10 @@ def _summary_line(s: dict) -> str:
     )
 
 
+# Short names keep the bar within 80 columns.
+SHORT_METRIC = {"accuracy": "acc", "matthews_corrcoef": "mcc", "matthews": "mcc"}
+
+
 class _Progress:
     """Rich progress bar on stderr: step, epoch, loss, val metric, lr, step time."""
 
@@ -30,7 +34,7 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.p = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
             TextColumn("ep {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[metric]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[dt]}/step"), TimeRemainingColumn(),
@@ -44,13 +48,14 @@ class _Progress:
             self.metric_name = e["metric"]
             self.p.start()
             self.task = self.p.add_task("train", total=e["total_steps"], completed=e["start_step"],
-                                        epoch="0.00", loss="-", metric=self.metric, lr="-", dt="-")
+                                        epoch="0.0", loss="-", metric=self.metric, lr="-", dt="-")
         elif kind == "step" and self.task is not None:
-            self.p.update(self.task, completed=e["step"], epoch=f"{e['epoch']:.2f}", loss=f"{e['loss']:.4g}",
+            self.p.update(self.task, completed=e["step"], epoch=f"{e['epoch']:.1f}", loss=f"{e['loss']:.4g}",
                           lr=f"{e['lr']:.3g}", dt=f"{e['step_time_s'] * 1000:.0f}ms")
         elif kind == "eval" and e.get("split") == "val" and self.task is not None:
             v = e.get(self.metric_name)
-            self.metric = f"val {self.metric_name} {v:.4g}" if v is not None else "val -"
+            label = SHORT_METRIC.get(self.metric_name, self.metric_name)
+            self.metric = f"val {label} {v:.4g}" if v is not None else "val -"
             self.p.update(self.task, metric=self.metric)
         elif kind == "bad_step":
             err.print(f"[yellow]step {e['step']}: NaN/Inf loss or update; step skipped "

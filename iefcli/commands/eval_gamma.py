@@ -328,12 +328,9 @@ def rows_csv(results: Sequence[StageResult]) -> str:
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from iefcli.eval.figures import new_figure  # headless Agg figure, the house style (lazy: matplotlib)
 
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)  # headless: no pyplot, no global state
-    return fig
+    return new_figure(width, height)
 
 
 _STYLE = {"sgd": ("#000000", "--"), "ef": ("#D55E00", "-"), "ief": ("#0072B2", "-"), "sf": ("#009E73", "-"), "ngd": ("#CC79A7", ":")}

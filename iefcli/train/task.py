@@ -27,15 +27,8 @@ from iefcli.train.registry import DATA_KINDS, MODEL_KINDS, BuildContext, load_bu
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-@dataclass
-class Batch:
-    """inputs: Tensor | tuple | dict with leading dim N (on the task's device); targets (N, ...)."""
-
-    inputs: Any
-    targets: Tensor
-
-    def __len__(self) -> int:
-        return int(self.targets.shape[0])
+# A batch is a small split: the same (inputs, targets) pair, on the task's device.
+Batch = Split
 
 
 def resolve_device(name: str) -> torch.device:

@@ -88,31 +88,31 @@ class ModelFn:
 
 
 def finish_step(
-    params: Params,
-    new_params: Params,
+    layout: ParamLayout,
+    old_flat: Tensor,
+    new_flat: Tensor,
     grad_flat: Tensor,
     cfg: OptimConfig,
     metrics: dict[str, Tensor],
 ) -> tuple[Params, dict[str, Tensor]]:
-    """Shared tail: optional update-norm clipping, and update/gradient norms + cosine.
+    """Shared tail on flat (P,) vectors: optional update-norm clipping, update/gradient
+    norms and their cosine; returns the new params dict (each tensor its own storage).
 
     All on-device; no host reads.
     """
-    layout = ParamLayout.of(params)
-    old = layout.flatten(params)
-    step = old - layout.flatten(new_params)  # the applied update lr*d (+ decay)
+    step = old_flat - new_flat  # the applied update lr*d (+ decay)
     norm = torch.linalg.vector_norm(step.to(torch.float64))
     if cfg.clip_update_norm is not None:
         scale = torch.clamp(cfg.clip_update_norm / norm.clamp_min(1e-300), max=1.0).to(step.dtype)
         step = step * scale
-        new_params = {k: v.clone() for k, v in layout.unflatten(old - step).items()}
+        new_flat = old_flat - step
         metrics["update_clipped"] = scale < 1
         norm = torch.linalg.vector_norm(step.to(torch.float64))
     gnorm = torch.linalg.vector_norm(grad_flat.to(torch.float64))
     metrics["grad_norm"] = gnorm
     metrics["update_norm"] = norm
     metrics["cos_update_grad"] = (step.to(torch.float64) @ grad_flat.to(torch.float64)) / (norm * gnorm).clamp_min(1e-300)
-    return new_params, metrics
+    return {k: v.clone() for k, v in layout.unflatten(new_flat).items()}, metrics
 
 
 Factory = Callable[[OptimConfig, ModelFn], Optimizer]

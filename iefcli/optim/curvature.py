@@ -83,7 +83,5 @@ class CurvatureOptimizer:
         theta = layout.flatten(params)
         if c.weight_decay > 0:
             d = d + c.weight_decay * theta
-        new_flat = theta - lr * d
-        new_params = {k: v.clone() for k, v in layout.unflatten(new_flat).items()}
-        new_params, metrics = finish_step(params, new_params, bg.g, c, metrics)
+        new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
         return new_params, new_state, metrics

@@ -58,6 +58,7 @@ class TorchOptimizer:
         new_params = {n: leaf.detach() for n, leaf in zip(names, leaves)}
         new_state = {n: {k: v.detach() for k, v in opt.state[leaf].items() if isinstance(v, Tensor)}
                      for n, leaf in zip(names, leaves)}
-        g = ParamLayout.of(params).flatten(grads)
-        new_params, metrics = finish_step(params, new_params, g, self.config, {"loss": loss})
+        layout = ParamLayout.of(params)
+        new_params, metrics = finish_step(layout, layout.flatten(params), layout.flatten(new_params),
+                                          layout.flatten(grads), self.config, {"loss": loss})
         return new_params, new_state, metrics

@@ -333,26 +333,17 @@ def build_model(spec: Mapping[str, Any], *, dtype: torch.dtype = torch.float32, 
 def load_base_checkpoint(base: nn.Module, path: str, where: str) -> None:
     """Copy a checkpoint's params into the (un-wrapped) base model by name.
 
-    ``path`` is a checkpoint directory or a run directory (its best/ checkpoint).
-    Every saved name must exist with the same shape; params the checkpoint
-    lacks keep their initialisation.
+    ``path`` is a checkpoint directory or a run directory (its best/ checkpoint);
+    a partial load (see :func:`iefcli.train.rundir.load_params`): params the
+    checkpoint lacks keep their initialisation.
     """
-    from iefcli.train.rundir import load_checkpoint_params, resolve_checkpoint
+    from iefcli.train.rundir import load_params
 
-    try:
-        saved = load_checkpoint_params(resolve_checkpoint(Path(path).expanduser()))
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
     own = dict(base.named_parameters())
-    for name, value in saved.items():
-        if name not in own:
-            raise UsageError(f"{where}: {path}: parameter {name!r} is not in this base model")
-        if own[name].shape != value.shape:
-            raise UsageError(
-                f"{where}: {path}: {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
-            )
-        with torch.no_grad():
-            own[name].copy_(value.to(own[name].dtype))
+    saved = load_params(own, path, where=where, allow_missing=True)
+    with torch.no_grad():
+        for name, value in saved.items():
+            own[name].copy_(value)
 
 
 def model_config_value(spec: Mapping[str, Any], key: str, where: str = "model") -> Any:

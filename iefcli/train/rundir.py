@@ -354,6 +354,43 @@ def load_checkpoint_params(ckpt_dir: Path | str, device: torch.device | str | No
         raise UsageError(f"{path}: corrupt parameters file: {e}") from None
 
 
+def load_params(
+    own: Mapping[str, Tensor],
+    ckpt: Path | str,
+    *,
+    where: str | None = None,
+    allow_missing: bool = False,
+) -> dict[str, Tensor]:
+    """The parameters a checkpoint holds for a model whose parameters are ``own``.
+
+    ``ckpt`` is a checkpoint directory, or a run directory (-> its best/, see
+    :func:`resolve_checkpoint`). The one strictness rule: every saved name must be
+    one of ``own``'s with the same shape, and every name of ``own`` must be saved
+    unless ``allow_missing`` (a partial load: initialising from, or transferring
+    into, a model with more parameters than the checkpoint). Returns the saved
+    tensors on each own tensor's device and dtype, in ``own``'s order.
+
+    Errors: one :class:`UsageError` line naming the file, prefixed by ``where``
+    (a recipe key or an option) when given.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        path = resolve_checkpoint(Path(ckpt).expanduser()) / PARAMS_FILE
+        saved = load_checkpoint_params(path.parent)
+    except UsageError as e:
+        raise UsageError(f"{prefix}{e}") from None
+    for k, v in saved.items():
+        if k not in own:
+            raise UsageError(f"{prefix}{path}: parameter {k!r} is not in the model (the checkpoint is of another model)")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UsageError(f"{prefix}{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    if not allow_missing:
+        missing = [k for k in own if k not in saved]
+        if missing:
+            raise UsageError(f"{prefix}{path}: parameter {missing[0]!r} of the model is missing")
+    return {k: saved[k].to(device=ref.device, dtype=ref.dtype) for k, ref in own.items() if k in saved}
+
+
 def load_optimizer_state(ckpt_dir: Path | str, device: torch.device | str | None = None) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

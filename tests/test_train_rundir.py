@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -56,3 +58,61 @@ def test_load_params_partial_and_missing_file(tmp_path):
     (ck / rundir.PARAMS_FILE).write_bytes(b"garbage")
     with pytest.raises(UsageError, match=r"params\.safetensors: corrupt parameters file"):
         rundir.load_params(OWN, ck)
+
+
+def test_run_directory_is_readable_by_the_group(tmp_path):
+    """Every file and directory `ief train` writes has the usual modes under the
+    umask (0644 / 0755 under 022), as open()/mkdir() give: never tempfile's 0600/0700."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from iefcli.cli import app
+
+    recipe = {"name": "perm", "seed": 0, "device": "cpu", "model": {"kind": "mlp", "sizes": [4]},
+              "data": {"kind": "digits"}, "optimizer": {"name": "sgd", "lr": 0.1},
+              "train": {"steps": 3, "batch_size": 64, "eval_every": 2, "checkpoint_every": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    old = os.umask(0o022)
+    try:
+        res = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), "-q"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    paths = [run, *run.rglob("*")]
+    assert {p.relative_to(run).as_posix() for p in paths if p.is_dir()} >= {".", "best", "checkpoints", "checkpoints/step-3"}
+    for p in paths:
+        want = 0o755 if p.is_dir() else 0o644
+        assert (p.stat().st_mode & 0o777) == want, f"{p}: {oct(p.stat().st_mode & 0o777)}"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_atomic_writers_respect_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        rundir.atomic_write_text(tmp_path / "a.txt", "x")
+        with rundir.atomic_dir(tmp_path / "d") as tmp:
+            rundir.atomic_write_bytes(tmp / "b", b"y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "d" / "b").read_bytes() == b"y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+
+
+def test_atomic_dir_leaves_the_old_directory_on_error(tmp_path):
+    dest = tmp_path / "out"
+    with rundir.atomic_dir(dest) as tmp:
+        rundir.atomic_write_text(tmp / "f", "old")
+    with pytest.raises(RuntimeError):
+        with rundir.atomic_dir(dest) as tmp:
+            rundir.atomic_write_text(tmp / "f", "new")
+            raise RuntimeError("killed")
+    assert (dest / "f").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with rundir.atomic_dir(dest) as tmp:
+        rundir.atomic_write_text(tmp / "f", "new")
+    assert (dest / "f").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]

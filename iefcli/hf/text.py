@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from iefcli.errors import UsageError
+from iefcli.hf.models import model_config_value, model_spec
 from iefcli.hf.rotten_tomatoes import rotten_tomatoes_splits
 from iefcli.train.data import DataInfo, DataSplits, Split
 from iefcli.train.metrics import METRICS, compute_metrics
@@ -124,9 +125,9 @@ TEXT_FIELDS = {
 def _tokenizer_for(cfg: dict, ctx) -> Any:
     from iefcli.hf.models import load_tokenizer
 
-    model = ctx.recipe["model"]
-    name = cfg["tokenizer"] or model.get("tokenizer") or model.get("source")
-    key = "data.tokenizer" if cfg["tokenizer"] else ("model.tokenizer" if model.get("tokenizer") else "model.source")
+    model = model_spec(ctx.recipe) if ctx.recipe["model"]["kind"] == "hf" else {"tokenizer": None, "source": None}
+    name = cfg["tokenizer"] or model["tokenizer"] or model["source"]
+    key = "data.tokenizer" if cfg["tokenizer"] else ("model.tokenizer" if model["tokenizer"] else "model.source")
     if not name:
         raise ctx.recipe.error("data.tokenizer", "no tokenizer: set data.tokenizer, model.tokenizer or model.source")
     try:
@@ -242,7 +243,7 @@ def _seq2seq_targets(y: Tensor, word_ids: list[list[int]], start: int, pad: int)
 def build_text(section: dict, ctx) -> DataSplits:
     """Registry builder for ``data.kind: text`` (see the module docstring and TEXT_FIELDS)."""
     cfg = check_keys(ctx.recipe, "data", section, TEXT_FIELDS)
-    seq2seq = ctx.recipe["model"].get("arch") == "seq2seq"
+    seq2seq = ctx.recipe["model"]["kind"] == "hf" and model_spec(ctx.recipe)["arch"] == "seq2seq"
     regression = cfg["task"] == "regression"
     if seq2seq and (regression or not cfg["label_words"]):
         raise ctx.recipe.error("data.label_words", "a seq2seq model needs classification with label_words (one per class)")
@@ -269,10 +270,12 @@ def build_text(section: dict, ctx) -> DataSplits:
     word_ids = label_word_ids(tok, cfg["label_words"], ctx) if seq2seq else None
     start = pad = 0
     if seq2seq:
-        from iefcli.hf.models import model_config_value
 
-        start = model_config_value(ctx.recipe["model"], "decoder_start_token_id")
-        pad = model_config_value(ctx.recipe["model"], "pad_token_id")
+        try:
+            start = model_config_value(ctx.recipe["model"], "decoder_start_token_id")
+            pad = model_config_value(ctx.recipe["model"], "pad_token_id")
+        except UsageError as e:
+            raise UsageError(f"{ctx.recipe.source}: {e}") from None
         start = 0 if start is None else int(start)
         pad = 0 if pad is None else int(pad)
 

@@ -191,6 +191,88 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
+class Recorder:
+    """Where the loop's results go: metrics.jsonl, checkpoints, best/, summary.json, the
+    events (``on_event``) and the run's clock (elapsed time carries over a resume)."""
+
+    def __init__(self, plan: Plan, run_dir: Path, state: TrainState, *, resume: bool, on_event: OnEvent | None):
+        self.plan, self.run_dir = plan, run_dir
+        self.emit = on_event or (lambda kind, payload: None)
+        if resume:
+            rundir.remove_stale_temps(run_dir)
+        else:
+            rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, plan.recipe.to_yaml())
+        self.writer = rundir.MetricsWriter(run_dir, truncate_after_step=state.step if resume else None)
+        self._elapsed0, self._t0 = state.elapsed_s, time.perf_counter()
+
+    def now(self) -> float:
+        return self._elapsed0 + (time.perf_counter() - self._t0)
+
+    def record(self, rec: dict, event: str | None = None) -> None:
+        """One metrics.jsonl line (and the event of that name)."""
+        self.writer.write(rec)
+        if event is not None:
+            self.emit(event, rec)
+
+    def save(self, state: TrainState, ckpt: Path, metrics: dict | None = None) -> None:
+        plan = self.plan
+        rundir.write_checkpoint(
+            ckpt, params=state.params, optimizer_state=state.opt_state,
+            trainer_state=dataclasses.replace(state, elapsed_s=self.now()).trainer_json(plan.seed, plan.steps_per_epoch),
+            meta={"step": state.step, "epoch": plan.epoch(state.step), "metrics": metrics or {}, "optimizer": plan.cfg.name},
+        )
+        self.emit("checkpoint", {"path": str(ckpt), "step": state.step})
+
+    def validate(self, state: TrainState) -> TrainState:
+        """Log the val metrics; a finite improvement becomes best/ (written before the state counts it)."""
+        task = self.plan.task
+        ev = task.evaluate(state.params, "val")
+        self.record({"step": state.step, "epoch": self.plan.epoch(state.step), "split": "val", **ev, "lr": state.lr,
+                     "time": self.now()}, "eval")
+        value = ev.get(task.metric_name)
+        if value is None or not math.isfinite(value) or not _better(value, state.best_metric, task.metric_mode):
+            return state
+        best = dataclasses.replace(state, best_metric=value, best_step=state.step)
+        self.save(best, self.run_dir / rundir.BEST_DIR, {"val": ev})
+        return best
+
+    def finish(self, st: TrainState, status: str) -> dict:
+        """Test at the best-validation checkpoint (the paper's protocol), write summary.json."""
+        plan, task, run_dir = self.plan, self.plan.task, self.run_dir
+        metric, cfg, wall = task.metric_name, plan.cfg, self.now()
+        test = None
+        best = run_dir / rundir.BEST_DIR
+        if status == "completed" and rundir.is_checkpoint(best):
+            test = task.evaluate(rundir.load_params(task.params(), best), "test")
+            self.record({"step": st.best_step, "epoch": None, "split": "test", **test, "lr": None, "time": wall,
+                         "checkpoint": "best"}, "eval")
+        self.writer.close()
+        summary = {
+            "recipe": plan.recipe["name"],
+            "status": status,
+            "optimizer": cfg.name,
+            "lr": cfg.lr,
+            "damping": cfg.damping if cfg.name in CURVATURE else None,
+            "metric": metric,
+            "metric_mode": task.metric_mode,
+            "final_train_loss": (sum(st.recent_losses) / len(st.recent_losses)) if st.recent_losses else None,
+            "best_val_metric": st.best_metric,
+            "best_val_step": st.best_step,
+            "test_metric": test.get(metric) if test else None,
+            "test_loss": test.get("loss") if test else None,
+            "test": test,
+            "total_steps": st.step,
+            "planned_steps": plan.total,
+            "wall_time_s": wall,
+            "steps_per_s": (st.step / wall) if wall > 0 else None,
+            "device": str(task.device),
+            "run_dir": str(run_dir),
+        }
+        rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
+        self.emit("end", summary)
+        return summary
+
+
 def train(
     *,
     recipe: Recipe,
@@ -206,126 +288,54 @@ def train(
     summary.json). Raises RunFailed (diverged), Interrupted (Ctrl-C, after saving
     a checkpoint), UsageError (bad data/model keys found by the builders).
     ``task`` / ``plan``: already built for ``recipe`` (else built here)."""
-    emit = on_event or (lambda kind, payload: None)
     if plan is None:
         plan = plan_run(recipe, task if task is not None else build_task(recipe, device))
-    task, tr, seed, spe, total = plan.task, recipe["train"], plan.seed, plan.steps_per_epoch, plan.total
-    metric, mode = task.metric_name, task.metric_mode
+    tr, total = recipe["train"], plan.total
     st = resumed_state(plan, run_dir) if resume else initial_state(plan)
-    if resume:
-        rundir.remove_stale_temps(run_dir)
-    else:
-        rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
-    writer = rundir.MetricsWriter(run_dir, truncate_after_step=st.step if resume else None)
-    t_loop, elapsed0 = time.perf_counter(), st.elapsed_s
-
-    def now() -> float:
-        return elapsed0 + (time.perf_counter() - t_loop)
-
-    def save(state: TrainState, ckpt: Path, metrics: dict) -> None:
-        rundir.write_checkpoint(
-            ckpt, params=state.params, optimizer_state=state.opt_state,
-            trainer_state=dataclasses.replace(state, elapsed_s=now()).trainer_json(seed, spe),
-            meta={"step": state.step, "epoch": plan.epoch(state.step), "metrics": metrics, "optimizer": plan.cfg.name},
-        )
-        emit("checkpoint", {"path": str(ckpt), "step": state.step})
-
-    def validate(state: TrainState) -> TrainState:
-        """Log the val metrics; a finite improvement becomes best/ (saved before it counts)."""
-        ev = task.evaluate(state.params, "val")
-        rec = {"step": state.step, "epoch": plan.epoch(state.step), "split": "val", **ev, "lr": state.lr, "time": now()}
-        writer.write(rec)
-        emit("eval", rec)
-        value = ev.get(metric)
-        if value is None or not math.isfinite(value) or not _better(value, state.best_metric, mode):
-            return state
-        best = dataclasses.replace(state, best_metric=value, best_step=state.step)
-        save(best, run_dir / rundir.BEST_DIR, {"val": ev})
-        return best
-
-    emit("start", {"total_steps": total, "start_step": st.step, "steps_per_epoch": spe, "run_dir": str(run_dir),
-                   "metric": metric, "optimizer": plan.cfg.name, "device": str(task.device)})
+    log = Recorder(plan, run_dir, st, resume=resume, on_event=on_event)
+    log.emit("start", {"total_steps": total, "start_step": st.step, "steps_per_epoch": plan.steps_per_epoch,
+                       "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
+                       "device": str(plan.task.device)})
     try:
         if st.step == 0:
-            st = validate(st)
-            save(st, rundir.checkpoint_dir(run_dir, 0), {})
+            st = log.validate(st)
+            log.save(st, rundir.checkpoint_dir(run_dir, 0))
         for batch in plan.batches_from(st.step):
             t0 = time.perf_counter()
             lr = plan.lr(st.step)
             new_params, new_opt_state, m = plan.opt.update(st.params, st.opt_state, batch,
-                                                           key=step_key(seed, st.step), lr=lr)
+                                                           key=step_key(plan.seed, st.step), lr=lr)
             # The one host read of an ordinary step: the loss and the update norm.
             loss, update_norm = torch.stack([m["loss"].to(torch.float64), m["update_norm"].to(torch.float64)]).tolist()
             if math.isfinite(loss) and math.isfinite(update_norm):
-                st = st.after_step(new_params, new_opt_state, loss, lr, window=spe)
+                st = st.after_step(new_params, new_opt_state, loss, lr, window=plan.steps_per_epoch)
                 step_time = time.perf_counter() - t0
                 if st.step % tr["log_every"] == 0 or st.step == total:
                     # a log line reads every diagnostic: one more host read, every log_every steps
-                    writer.write({"step": st.step, "epoch": plan.epoch(st.step), "split": "train",
-                                  **_host_values(m), "lr": lr, "time": now(), "step_time_s": step_time})
-                emit("step", {"step": st.step, "epoch": plan.epoch(st.step), "loss": loss, "lr": lr,
-                              "step_time_s": step_time, "total": total})
+                    log.record({"step": st.step, "epoch": plan.epoch(st.step), "split": "train", **_host_values(m),
+                                "lr": lr, "time": log.now(), "step_time_s": step_time})
+                log.emit("step", {"step": st.step, "epoch": plan.epoch(st.step), "loss": loss, "lr": lr,
+                                  "step_time_s": step_time, "total": total})
             else:
                 st = st.after_bad_step(lr)
-                rec = {"step": st.step, "epoch": plan.epoch(st.step), "split": "train", "event": "bad_step",
-                       "loss": loss, "update_norm": update_norm, "lr": lr, "time": now(), "skipped": True,
-                       "consecutive_bad_steps": st.bad_steps}
-                writer.write(rec)
-                emit("bad_step", rec)
+                log.record({"step": st.step, "epoch": plan.epoch(st.step), "split": "train", "event": "bad_step",
+                            "loss": loss, "update_norm": update_norm, "lr": lr, "time": log.now(), "skipped": True,
+                            "consecutive_bad_steps": st.bad_steps}, "bad_step")
                 if st.bad_steps >= tr["max_bad_steps"]:
                     raise RunFailed(f"{st.bad_steps} consecutive steps with NaN/Inf loss or update "
                                     f"(last at step {st.step}); stopped; the last good checkpoint is in {run_dir}")
             if st.step % tr["eval_every"] == 0 or st.step == total:
-                st = validate(st)
+                st = log.validate(st)
             if st.step % tr["checkpoint_every"] == 0 or st.step == total:
-                save(st, rundir.checkpoint_dir(run_dir, st.step), {})
+                log.save(st, rundir.checkpoint_dir(run_dir, st.step))
     except KeyboardInterrupt:
-        save(st, rundir.checkpoint_dir(run_dir, st.step), {})
-        _finish(plan, run_dir, writer, st, "interrupted", now(), emit)
+        log.save(st, rundir.checkpoint_dir(run_dir, st.step))
+        log.finish(st, "interrupted")
         raise Interrupted(f"interrupted at step {st.step}; checkpoint saved", run_dir=run_dir, step=st.step) from None
     except RunFailed:
-        _finish(plan, run_dir, writer, st, "failed", now(), emit)
+        log.finish(st, "failed")
         raise
-    return _finish(plan, run_dir, writer, st, "completed", now(), emit)
-
-
-def _finish(plan: Plan, run_dir: Path, writer: rundir.MetricsWriter, st: TrainState, status: str, wall: float,
-            emit: OnEvent) -> dict:
-    """Test at the best-validation checkpoint (the paper's protocol), write summary.json."""
-    task, metric, cfg = plan.task, plan.task.metric_name, plan.cfg
-    test = None
-    best = run_dir / rundir.BEST_DIR
-    if status == "completed" and rundir.is_checkpoint(best):
-        test = task.evaluate(rundir.load_params(task.params(), best), "test")
-        rec = {"step": st.best_step, "epoch": None, "split": "test", **test, "lr": None, "time": wall,
-               "checkpoint": "best"}
-        writer.write(rec)
-        emit("eval", rec)
-    writer.close()
-    summary = {
-        "recipe": plan.recipe["name"],
-        "status": status,
-        "optimizer": cfg.name,
-        "lr": cfg.lr,
-        "damping": cfg.damping if cfg.name in CURVATURE else None,
-        "metric": metric,
-        "metric_mode": task.metric_mode,
-        "final_train_loss": (sum(st.recent_losses) / len(st.recent_losses)) if st.recent_losses else None,
-        "best_val_metric": st.best_metric,
-        "best_val_step": st.best_step,
-        "test_metric": test.get(metric) if test else None,
-        "test_loss": test.get("loss") if test else None,
-        "test": test,
-        "total_steps": st.step,
-        "planned_steps": plan.total,
-        "wall_time_s": wall,
-        "steps_per_s": (st.step / wall) if wall > 0 else None,
-        "device": str(task.device),
-        "run_dir": str(run_dir),
-    }
-    rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
-    emit("end", summary)
-    return summary
+    return log.finish(st, "completed")
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,7 +46,8 @@ from iefcli.train.task import Batch, Task, build_task
 SEED_STRIDE = 1_000_003
 KEY_OFFSET = 7_919
 
-# Event callback: on_event(kind, payload) with kind in start | step | eval | checkpoint | bad_step | end.
+# Event callback: on_event(kind, payload) with kind in
+# start | step | eval | checkpoint | checkpoint_skipped | bad_step | end.
 OnEvent = Callable[[str, dict], None]
 
 
@@ -204,6 +207,9 @@ class Recorder:
             rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, plan.recipe.to_yaml())
         self.writer = rundir.MetricsWriter(run_dir, truncate_after_step=state.step if resume else None)
         self._elapsed0, self._t0 = state.elapsed_s, time.perf_counter()
+        self._val_loss: tuple[int, float] | None = None  # (step, val loss) of the last validation
+        ckpts = rundir.list_checkpoints(run_dir) if resume else []
+        self.last_checkpoint: Path | None = ckpts[-1][1] if ckpts else None
 
     def now(self) -> float:
         return self._elapsed0 + (time.perf_counter() - self._t0)
@@ -229,12 +235,33 @@ class Recorder:
         ev = task.evaluate(state.params, "val")
         self.record({"step": state.step, "epoch": self.plan.epoch(state.step), "split": "val", **ev, "lr": state.lr,
                      "time": self.now()}, "eval")
+        self._val_loss = (state.step, ev["loss"])
         value = ev.get(task.metric_name)
-        if value is None or not math.isfinite(value) or not _better(value, state.best_metric, task.metric_mode):
-            return state
+        if not (math.isfinite(ev["loss"]) and value is not None and math.isfinite(value)
+                and _better(value, state.best_metric, task.metric_mode)):
+            return state  # a diverged model (non-finite loss) is never the best one
         best = dataclasses.replace(state, best_metric=value, best_step=state.step)
         self.save(best, self.run_dir / rundir.BEST_DIR, {"val": ev})
         return best
+
+    def checkpoint(self, state: TrainState) -> bool:
+        """checkpoints/step-N, only of parameters with a finite loss: a diverged step
+        (finite but blown-up parameters) never reaches a checkpoint. The loss is the
+        validation loss when this step was validated, else that of the first training batch."""
+        if self._val_loss is not None and self._val_loss[0] == state.step:
+            loss = self._val_loss[1]
+        else:
+            batch = next(self.plan.task.batches("train", self.plan.recipe["train"]["batch_size"]))
+            loss = float(self.plan.task.loss_at(state.params, batch))  # one host read per checkpoint
+        if not math.isfinite(loss):
+            self.record({"step": state.step, "epoch": self.plan.epoch(state.step), "split": "train",
+                         "event": "checkpoint_skipped", "loss": loss, "lr": state.lr, "time": self.now(),
+                         "skipped": True}, "checkpoint_skipped")
+            return False
+        ckpt = rundir.checkpoint_dir(self.run_dir, state.step)
+        self.save(state, ckpt)
+        self.last_checkpoint = ckpt
+        return True
 
     def finish(self, st: TrainState, status: str) -> dict:
         """Test at the best-validation checkpoint (the paper's protocol), write summary.json."""
@@ -299,7 +326,7 @@ def train(
     try:
         if st.step == 0:
             st = log.validate(st)
-            log.save(st, rundir.checkpoint_dir(run_dir, 0))
+            log.checkpoint(st)
         for batch in plan.batches_from(st.step):
             t0 = time.perf_counter()
             lr = plan.lr(st.step)
@@ -323,15 +350,18 @@ def train(
                             "consecutive_bad_steps": st.bad_steps}, "bad_step")
                 if st.bad_steps >= tr["max_bad_steps"]:
                     raise RunFailed(f"{st.bad_steps} consecutive steps with NaN/Inf loss or update "
-                                    f"(last at step {st.step}); stopped; the last good checkpoint is in {run_dir}")
+                                    f"(last at step {st.step}); stopped; the last good checkpoint is "
+                                    f"{log.last_checkpoint}")
             if st.step % tr["eval_every"] == 0 or st.step == total:
                 st = log.validate(st)
             if st.step % tr["checkpoint_every"] == 0 or st.step == total:
-                log.save(st, rundir.checkpoint_dir(run_dir, st.step))
+                log.checkpoint(st)
     except KeyboardInterrupt:
-        log.save(st, rundir.checkpoint_dir(run_dir, st.step))
+        saved = log.checkpoint(st)
         log.finish(st, "interrupted")
-        raise Interrupted(f"interrupted at step {st.step}; checkpoint saved", run_dir=run_dir, step=st.step) from None
+        raise Interrupted(f"interrupted at step {st.step}; " + ("checkpoint saved" if saved else
+                          f"its loss is not finite: the last good checkpoint is {log.last_checkpoint}"),
+                          run_dir=run_dir, step=st.step) from None
     except RunFailed:
         log.finish(st, "failed")
         raise
@@ -347,17 +377,23 @@ def run_dir_for(recipe: Recipe, out: str | Path | None) -> Path:
     return Path(recipe["output"]["dir"].replace("{name}", recipe["name"]))
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty directory unless ``overwrite``; with it, clear an old RUN directory only."""
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path | None:
+    """Make ``run_dir`` an empty directory. A non-empty one is refused unless
+    ``overwrite``; with it, only an old RUN directory is accepted, and it is not
+    deleted but moved aside to a hidden sibling, whose path is returned: the
+    caller removes it once the new run has a checkpoint (:func:`train_recipe`)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir}: exists and is not a directory")
+    aside = None
     if rundir.is_nonempty_dir(run_dir):
         if not overwrite:
             raise RunExists(run_dir)
         if not ((run_dir / rundir.RECIPE_FILE).exists() or (run_dir / rundir.METRICS_FILE).exists()):
             raise UsageError(f"{run_dir}: not a run directory (no recipe.yaml or metrics.jsonl); refusing to overwrite it")
-        shutil.rmtree(run_dir)
+        aside = run_dir.parent / f".{run_dir.name}.overwritten-{secrets.token_hex(4)}"
+        os.replace(run_dir, aside)
     run_dir.mkdir(parents=True, exist_ok=True)
+    return aside
 
 
 def train_recipe(
@@ -370,17 +406,43 @@ def train_recipe(
 ) -> dict:
     """Load a recipe (a file or a built-in name) with ``--set``-style overrides,
     check everything (data and model included), prepare its run directory, train.
-    Returns the summary."""
+    Returns the summary.
+
+    Nothing already on disk is lost to a failed start: every check runs before the
+    directory is touched, and an old run replaced by ``overwrite`` is kept aside
+    until the new run has written its first checkpoint (it is put back if the new
+    run stops before that; a kill in between leaves it as ``.NAME.overwritten-*``).
+    """
     from iefcli.train.recipe import load_recipe_file
 
     r = load_recipe_file(recipe, sets)
     run_dir = run_dir_for(r, out)
     if rundir.is_nonempty_dir(run_dir) and not overwrite:
         raise RunExists(run_dir)
-    # Every check before the directory is touched: data/model errors must not cost an existing run.
     plan = plan_run(r, build_task(r))
-    prepare_run_dir(run_dir, overwrite)
-    return train(recipe=r, run_dir=run_dir, on_event=on_event, plan=plan)
+    existed = run_dir.exists()
+    aside = prepare_run_dir(run_dir, overwrite)
+    started = False
+
+    def on_first_checkpoint(kind: str, payload: dict) -> None:
+        nonlocal started
+        if kind == "checkpoint" and not started:
+            started = True
+            if aside is not None:
+                shutil.rmtree(aside)
+        if on_event is not None:
+            on_event(kind, payload)
+
+    try:
+        return train(recipe=r, run_dir=run_dir, on_event=on_first_checkpoint, plan=plan)
+    except BaseException:
+        if not started:  # nothing worth keeping was written: leave the disk as it was
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if aside is not None:
+                os.replace(aside, run_dir)
+            elif existed:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        raise
 
 
 def resume_run(run_dir: str | Path, *, on_event: OnEvent | None = None) -> dict:

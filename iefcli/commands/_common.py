@@ -58,11 +58,6 @@ def print_table(table: Any, plain: Any = None) -> None:
         Console(width=200, no_color=True, force_terminal=False).print(plain if plain is not None else table)
 
 
-def print_note(message: str) -> None:
-    """A progress note on stderr (commands pass this, or None under --quiet)."""
-    err.print(f"ief: note: {message}", highlight=False, soft_wrap=True)
-
-
 # ----------------------------------------------------------------------------- shared options
 
 

@@ -19,7 +19,8 @@ pytest.importorskip("peft", reason="optional extra [hf] (peft) not installed")
 
 from hf_tiny import BERT, T5, make_tokenizer, write_split_files  # noqa: E402
 from iefcli.train import rundir  # noqa: E402
-from iefcli.train.loop import prepare_run_dir, train  # noqa: E402
+from iefcli.train.launch import prepare_run_dir  # noqa: E402
+from iefcli.train.loop import train  # noqa: E402
 from iefcli.train.recipe import recipe_from_dict  # noqa: E402
 from iefcli.train.task import build_task  # noqa: E402
 

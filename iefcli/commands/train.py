@@ -29,7 +29,7 @@ def train(
     summary.json. Exit codes: 0 ok, 1 run failed (diverged), 2 bad recipe or
     usage, 130 interrupted (a checkpoint is saved; continue with --resume).
     """
-    from iefcli.train.loop import resume_run, train_recipe
+    from iefcli.train.launch import resume_run, train_recipe
 
     progress = None if quiet else _Progress()
     with cli_errors():

@@ -146,3 +146,32 @@ def test_a_diverging_step_never_reaches_a_checkpoint_or_best(tmp_path):
     skipped = [r for r in rundir.read_metrics(run) if r.get("event") == "checkpoint_skipped"]
     assert skipped and skipped[0]["step"] == 1
     assert rundir.read_summary(run)["status"] == "failed"
+
+
+def test_a_validation_with_a_non_finite_loss_is_never_best(tmp_path, monkeypatch):
+    """A diverged model can still score a good metric (here: accuracy 1.0 with a NaN loss):
+    it must not become best/, nor a checkpoint."""
+    from iefcli.train.task import Task
+
+    real = Task.evaluate
+    calls = []
+
+    def evaluate(self, params=None, split="val", batch_size=None):
+        out = real(self, params, split, batch_size)
+        if split == "val":
+            calls.append(1)
+            if len(calls) == 2:  # the validation at step 2
+                out = dict(out, loss=float("nan"), accuracy=1.0)
+        return out
+
+    monkeypatch.setattr(Task, "evaluate", evaluate)
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(RECIPE))
+    run = tmp_path / "run"
+    assert _train(str(p), "-o", str(run), "-q").exit_code == 0
+    val = [r for r in rundir.read_metrics(run) if r["split"] == "val"]
+    assert [(r["step"], r["loss"] is None, r["accuracy"]) for r in val][1] == (2, True, 1.0)
+    s = rundir.read_summary(run)
+    assert s["best_val_step"] != 2 and s["best_val_metric"] < 1.0
+    assert rundir.checkpoint_meta(run / rundir.BEST_DIR)["step"] == s["best_val_step"]
+    assert 2 not in [st for st, _ in rundir.list_checkpoints(run)]

@@ -110,6 +110,16 @@ class Task:
             yield Batch(_take(s.inputs, idx), s.targets[idx])
 
     @torch.no_grad()
+    def loss_at(self, params: Params, batch: Batch) -> Tensor:
+        """The mean loss of ``params`` on one batch (0-d, on the device; eval mode, no RNG drawn)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.loss_fn.per_sample(self.forward(self.model, params, batch.inputs), batch.targets).mean()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def evaluate(self, params: Params | None = None, split: str = "val", batch_size: int | None = None) -> dict[str, float]:
         """Mean per-sample loss and the task metrics of ``params`` (default: the
         model's own) on a split. Keys: loss, then the metric names."""
@@ -162,7 +172,7 @@ def build_task(recipe: Recipe, device: torch.device | str | None = None) -> Task
     model, forward = built if isinstance(built, tuple) else (built, default_forward)
     model = model.to(device=dev, dtype=dtype)
     if init_from is not None:
-        _load_init(recipe, model, init_from, dev, dtype)
+        _load_init(recipe, model, init_from)
 
     loss_kind = recipe["loss"]["kind"]
     if loss_kind == "auto":
@@ -173,25 +183,66 @@ def build_task(recipe: Recipe, device: torch.device | str | None = None) -> Task
               (("train", data.train), ("val", data.val), ("test", data.test))}
     if len(splits["train"]) == 0:
         raise recipe.error("data", "the training split is empty")
-    return Task(recipe=recipe, model=model, loss_fn=loss_fn, forward=forward, data=data, device=dev, dtype=dtype,
+    task = Task(recipe=recipe, model=model, loss_fn=loss_fn, forward=forward, data=data, device=dev, dtype=dtype,
                 splits=splits)
+    _check_loss_fits(task)
+    return task
 
 
-def _load_init(recipe: Recipe, model: nn.Module, init_from: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Copy saved parameters into the fresh model by name (strict: every saved name must exist, shapes must match)."""
-    from iefcli.train.rundir import load_checkpoint_params
+def _check_loss_fits(task: Task) -> None:
+    """The loss must fit the model's outputs and the data's targets (checked on one
+    sample, and the labels of every split for the classification losses), so a
+    mismatch is a usage error naming ``loss.kind`` before anything runs, not a
+    traceback mid-run.
 
-    path = recipe.resolve_path(init_from)
+    cross_entropy: logits (N, C), integer labels (N,) in [0, C);
+    token_cross_entropy: logits (N, T, V), integer labels (N, T) in [0, V) or ignore_index;
+    mse: floating targets of the outputs' shape.
+    """
+    loss = task.loss_fn
+    batch = next(task.batches("train", 1))
+    was_training = task.model.training
+    task.model.eval()
     try:
-        saved = load_checkpoint_params(path)
-    except UsageError as e:
-        raise recipe.error("model.init_from", str(e)) from None
+        with torch.no_grad():
+            z = task.forward(task.model, task.params(), batch.inputs)
+    finally:
+        task.model.train(was_training)
+    y = batch.targets
+    kind = loss.name
+    need = {"cross_entropy": (2, 1), "token_cross_entropy": (3, 2)}.get(kind)
+    if need is not None:
+        ok = z.dim() == need[0] and y.dim() == need[1] and not y.is_floating_point() and z.shape[:-1] == y.shape
+        if ok:
+            ignore = getattr(loss, "ignore_index", None)
+            for name, s in task.splits.items():
+                t = s.targets
+                bad = (t < 0) | (t >= z.shape[-1])
+                if ignore is not None:
+                    bad &= t != ignore
+                if bool(bad.any()):
+                    value = t[bad].flatten()[0].item()
+                    raise task.recipe.error("loss.kind", f"{kind}: the {name} data has label {value}, "
+                                                         f"outside 0..{z.shape[-1] - 1} (the model's {z.shape[-1]} outputs)")
+            return
+    elif z.shape == y.shape and y.is_floating_point():
+        return
+    what = {"cross_entropy": "logits (N, C) and integer labels (N,)",
+            "token_cross_entropy": "logits (N, T, V) and integer token labels (N, T)",
+            "mse": "floating targets of the outputs' shape"}.get(kind, "matching outputs and targets")
+    raise task.recipe.error(
+        "loss.kind", f"{kind} needs {what}; this model gives {tuple(z.shape)} outputs per batch of 1 and the data "
+                     f"has {'floating' if y.is_floating_point() else 'integer'} targets of shape {tuple(y.shape)}")
+
+
+def _load_init(recipe: Recipe, model: nn.Module, init_from: str) -> None:
+    """Copy saved parameters into the fresh model by name (a partial load: the
+    model may have more parameters than the checkpoint; see rundir.load_params)."""
+    from iefcli.train.rundir import load_params
+
     own = dict(model.named_parameters())
-    missing = [k for k in saved if k not in own]
-    if missing:
-        raise recipe.error("model.init_from", f"{path}: parameter {missing[0]!r} is not in this model")
+    saved = load_params(own, recipe.resolve_path(init_from), where=f"{recipe.source}: model.init_from",
+                        allow_missing=True)
     with torch.no_grad():
         for k, v in saved.items():
-            if own[k].shape != v.shape:
-                raise recipe.error("model.init_from", f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
-            own[k].copy_(v.to(device=device, dtype=dtype))
+            own[k].copy_(v)

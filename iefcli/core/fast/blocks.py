@@ -14,10 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from iefcli.core.fast.rules import Layer, conv_padding
+from iefcli.core.fast.rules import Call, Layer, conv_padding
 
-__all__ = ["Block", "make_block", "compute_dtype", "ACC", "MATERIALISE_MAX_ELEMENTS", "GHOST_CHUNK_ELEMENTS",
+__all__ = ["Block", "make_block", "replay_block", "compute_dtype", "ACC", "MATERIALISE_MAX_ELEMENTS", "GHOST_CHUNK_ELEMENTS",
            "COMBINE_CHUNK_ELEMENTS", "COMBINE_CHUNK_ELEMENTS_ACCEL"]
 
 ACC = torch.float64  # accumulation dtype of Gram blocks, combine and dot (see module doc)
@@ -326,3 +328,37 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
         return _EmbeddingBlock(layer.roles, layer.x, e, k, tuple(m.weight.shape), m.padding_idx, cdt)
     raise AssertionError(layer.kind)
 
+
+
+def replay_block(call: Call, grads: list[Tensor], shapes: dict[str, torch.Size], *,
+                 randomness: str = "error") -> Block:
+    """The per-module fallback: a module without a rule (``call``: its captured arguments) is run
+    again per sample under vmap, with only ITS OWN parameters as variables, and each sample's
+    output gradient (one per cotangent set, ``grads`` K x (N, ...)) is pulled back by a vjp:
+    rows_{kn} = (d out_n / d theta_module)^T E_kn. Only this module is replayed, never the model.
+    The arguments whose leading dim is N are split per sample; others are shared."""
+    module = call.module
+    sub = {attr: getattr(module, attr).detach() for attr in call.roles}
+    n = grads[0].shape[0]
+    flat, spec = tree_flatten((call.args, call.kwargs))
+    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in flat]
+    u = torch.stack(grads)  # (K, N, ...)
+
+    def one(xs: list[Tensor], u_n: Tensor) -> dict[str, Tensor]:
+        it = iter(xs)
+        leaves = [next(it).unsqueeze(0) if b else t for t, b in zip(flat, batched)]
+        args, kwargs = tree_unflatten(leaves, spec)
+
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, p, tuple(args), kwargs).squeeze(0)
+
+        _, vjp_n = vjp(f, sub)
+        return vmap(lambda uk: vjp_n(uk)[0])(u_n)  # attr -> (K, *shape)
+
+    xs = [t for t, b in zip(flat, batched) if b]
+    # The module's other (frozen or rule-covered) parameters are constants here: no outer graph.
+    with torch.no_grad():
+        per = vmap(one, in_dims=([0] * len(xs), 1), randomness=randomness)(xs, u)  # attr -> (N, K, *shape)
+    k = u.shape[0]
+    mats = {attr: g.detach().transpose(0, 1).reshape(k * n, -1) for attr, g in per.items()}
+    return _DenseBlock("vmap", call.roles, mats, shapes)

@@ -8,7 +8,7 @@ from torch.func import jvp as func_jvp
 
 from iefcli.core.fast.blocks import compute_dtype, make_block
 from iefcli.core.fast.rows import FastRows
-from iefcli.core.fast.rules import Layer, active_dropout, leaf_uses, rule_for, train_mode_batchnorm
+from iefcli.core.fast.rules import Layer, active_dropout, leaf_uses, plan_layers, train_mode_batchnorm
 from iefcli.core.jacobian import (
     Forward,
     Inputs,
@@ -58,7 +58,8 @@ class FastJacobian:
         self._dtype = next(iter(params.values())).dtype
         self.fallback_reasons: dict[str, str] = {}
 
-        layers = self._candidates(model, params)
+        layers, reasons = plan_layers(model, params)
+        self.fallback_reasons.update(reasons)
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         handles = [layer.module.register_forward_hook(layer.hook, with_kwargs=True) for layer in layers]
         try:
@@ -96,36 +97,6 @@ class FastJacobian:
         self.layer_paths = {layer.name: layer.kind for layer in self._layers}
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
-
-    def _candidates(self, model: nn.Module, params: Params) -> list[Layer]:
-        """Modules holding trainable params with a rule; other params get a fallback reason."""
-        aliases: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            aliases[id(p)] = aliases.get(id(p), 0) + 1
-        modules = dict(model.named_modules(remove_duplicate=False))
-        by_module: dict[str, dict[str, str]] = {}
-        for name in params:
-            mod_name, _, attr = name.rpartition(".")
-            by_module.setdefault(mod_name, {})[attr] = name
-        layers = []
-        for mod_name, roles in by_module.items():
-            module = modules.get(mod_name)
-            kind, reason = (None, f"no module {mod_name!r}") if module is None else rule_for(module)
-            if kind is not None and set(roles) - {"weight", "bias"}:
-                kind, reason = None, f"unexpected parameters {sorted(set(roles) - {'weight', 'bias'})}"
-            if kind is not None:
-                for attr, pname in list(roles.items()):
-                    if aliases.get(id(getattr(module, attr, None)), 0) > 1:  # tied weights
-                        self.fallback_reasons[pname] = f"{mod_name}: parameter shared with another module"
-                        del roles[attr]
-                if not roles:
-                    continue
-            if kind is None:
-                for pname in roles.values():
-                    self.fallback_reasons[pname] = f"{mod_name or type(model).__name__}: {reason}"
-                continue
-            layers.append(Layer(mod_name, module, kind, roles))
-        return layers
 
     # -- the OutputJacobian protocol
 

@@ -29,6 +29,11 @@ class FastRows:
         self.dtype = dtype
         self.device = device
         self._gram: Tensor | None = None
+        covered = {name for b in blocks for name in b.names}
+        if fallback_layout is not None:
+            covered |= set(fallback_layout.names)
+        # Parameters in no block (a layer that no sample reached) have zero rows.
+        self._complete = covered >= set(layout.names)
 
     @property
     def strategies(self) -> dict[str, str]:
@@ -54,7 +59,8 @@ class FastRows:
 
     def combine(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """R^T x for x (M,): (P,) in ``dtype`` (default: the parameters'), accumulated in float64."""
-        flat = torch.empty(self.layout.size, dtype=dtype or self.dtype, device=self.device)
+        alloc = torch.empty if self._complete else torch.zeros
+        flat = alloc(self.layout.size, dtype=dtype or self.dtype, device=self.device)
         views = self.layout.unflatten(flat)  # each block writes its parameters' slices in place
         for b in self.blocks:
             b.combine_into(x, views)

@@ -13,13 +13,14 @@ parameter (a parameter used outside its layer breaks the per-layer rule).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-__all__ = ["Layer", "rule_for", "conv_padding", "leaf_uses", "active_dropout", "train_mode_batchnorm"]
+__all__ = ["Layer", "Call", "plan_layers", "rule_for", "conv_padding", "leaf_uses", "active_dropout", "train_mode_batchnorm"]
 
 def _stock_forward(module: nn.Module, cls: type) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward
@@ -77,8 +78,20 @@ class Layer:
     x_ref: Tensor | None = None  # the input object itself, to re-read its version counter
     out: Tensor | None = None  # the module's own output (in the graph), before any later in-place op
     reason: str = ""
+    enabled: bool = True  # off: the hook does nothing (a forward that is not recorded, or a replay)
+    capture_grad: bool = False  # on: a tensor hook keeps dL/dZ from the next ordinary backward in ``grad``
+    grad: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the last forward (a new one is about to be recorded)."""
+        self.calls, self.x, self.x_ref, self.out, self.grad, self.reason = 0, None, None, None, None, ""
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if not self.enabled:
+            return None
         self.calls += 1
         if self.calls > 1:
             return None
@@ -88,6 +101,8 @@ class Layer:
             return None
         self.x_ref, self.x_version, self.x = x, x._version, x.detach()
         self.out = output
+        if self.capture_grad:
+            output.register_hook(self._keep_grad)
         # Downstream code may modify the output in place (e.g. ReLU(inplace=True)),
         # which would move the autograd history of ``output``; it gets a copy.
         return output.clone()
@@ -111,12 +126,89 @@ class Layer:
         return out
 
 
+@dataclass
+class Call:
+    """One module WITHOUT a rule, captured for the per-module replay fallback: its arguments
+    (detached), its output (in the graph) and, from the ordinary backward, dL/d(output)."""
+
+    name: str
+    module: nn.Module
+    roles: dict[str, str]  # attribute -> qualified name of the module's own trainable parameters
+    calls: int = 0
+    args: Any = None
+    kwargs: Any = None
+    out: Tensor | None = None
+    grad: Tensor | None = None
+    reason: str = ""
+    enabled: bool = True
+
+    def reset(self) -> None:
+        self.calls, self.args, self.kwargs, self.out, self.grad, self.reason = 0, None, None, None, None, ""
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if not self.enabled:
+            return None
+        self.calls += 1
+        if self.calls > 1:
+            return None
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            self.reason = "its output is not a single differentiable tensor"
+            return None
+        detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+        self.args, self.kwargs = tree_map(detach, args), tree_map(detach, kwargs)
+        self.out = output
+        output.register_hook(self._keep_grad)
+        return output.clone()
+
+
+def plan_layers(model: nn.Module, params) -> tuple[list[Layer], dict[str, str]]:
+    """The modules holding trainable ``params`` (names) that have a rule, as :class:`Layer` s (not yet
+    hooked), and param name -> why it has no rule, for the others (they take a fallback)."""
+    fallback_reasons: dict[str, str] = {}
+    aliases: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        aliases[id(p)] = aliases.get(id(p), 0) + 1
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_module: dict[str, dict[str, str]] = {}
+    for name in params:
+        mod_name, _, attr = name.rpartition(".")
+        by_module.setdefault(mod_name, {})[attr] = name
+    layers = []
+    for mod_name, roles in by_module.items():
+        module = modules.get(mod_name)
+        kind, reason = (None, f"no module {mod_name!r}") if module is None else rule_for(module)
+        if kind is not None and set(roles) - {"weight", "bias"}:
+            kind, reason = None, f"unexpected parameters {sorted(set(roles) - {'weight', 'bias'})}"
+        if kind is not None:
+            for attr, pname in list(roles.items()):
+                if aliases.get(id(getattr(module, attr, None)), 0) > 1:  # tied weights
+                    fallback_reasons[pname] = f"{mod_name}: parameter shared with another module"
+                    del roles[attr]
+            if not roles:
+                continue
+        if kind is None:
+            for pname in roles.values():
+                fallback_reasons[pname] = f"{mod_name or type(model).__name__}: {reason}"
+            continue
+        layers.append(Layer(mod_name, module, kind, roles))
+    return layers, fallback_reasons
+
+
 def leaf_uses(root: Tensor, leaves: dict[str, Tensor]) -> dict[int, int]:
-    """For each leaf (by id), the number of autograd edges from the graph of ``root`` into it."""
+    """For each leaf (by id), the number of autograd consumers of it in the graph of ``root``.
+
+    An edge into the leaf counts once, except through a cast node (autocast caches one cast of
+    each parameter per region and reuses it): there every edge into the cast counts.
+    """
     wanted = {id(t) for t in leaves.values()}
     uses: dict[int, int] = {}
     if root.grad_fn is None:
         return uses
+    indegree: dict[Any, int] = {}
+    into_leaf: list[tuple[Any, int]] = []  # (node, leaf id) for each edge node -> wanted leaf
     seen = {root.grad_fn}
     stack = [root.grad_fn]
     while stack:
@@ -127,11 +219,15 @@ def leaf_uses(root: Tensor, leaves: dict[str, Tensor]) -> dict[int, int]:
             var = getattr(nxt, "variable", None)
             if var is not None:
                 if id(var) in wanted:
-                    uses[id(var)] = uses.get(id(var), 0) + 1
+                    into_leaf.append((node, id(var)))
                 continue
+            indegree[nxt] = indegree.get(nxt, 0) + 1
             if nxt not in seen:
                 seen.add(nxt)
                 stack.append(nxt)
+    for node, leaf in into_leaf:
+        cast = type(node).__name__.startswith("ToCopyBackward") and len(node.next_functions) == 1
+        uses[leaf] = uses.get(leaf, 0) + (indegree.get(node, 1) if cast else 1)
     return uses
 
 

@@ -489,3 +489,14 @@ def test_ief_optimizer_with_grad_scaler():
     flat = (lambda ps: torch.cat([ps[k].reshape(-1) for k in before]))  # noqa: E731
     assert ref.rel_err(flat(after), flat(before) - 0.1 * want) < 1e-7
     assert float((flat(after) - flat(before)).abs().max()) > 1e-4  # the step was taken (not skipped)
+
+
+def test_bench_loop_rows():
+    """The signature the CLI wires to (``ief bench --loop``): one row per batch size and path."""
+    from iefcli.precond.bench import PATHS, bench_loop, format_rows
+
+    rows = bench_loop(model="mlp:8-16-3", batch_sizes=(4, 6), repeats=1, warmup=1, memory=False)
+    assert [(r["n"], r["path"]) for r in rows] == [(n, p) for n in (4, 6) for p in PATHS]
+    assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 and r["peak_mib"] is None for r in rows)
+    assert all(r["wall_vs_sgd"] == 1.0 for r in rows if r["path"] == "sgd_loop")
+    assert len(format_rows(rows).splitlines()) == 1 + len(rows)

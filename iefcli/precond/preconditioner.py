@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from iefcli.core.fast.blocks import compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
-from iefcli.core.fast.rules import Call, Layer, leaf_uses, plan_layers, train_mode_batchnorm
+from iefcli.core.fast.rules import Call, Layer, leaf_uses, plan_layers, train_mode_batchnorm, translate_func_error
 from iefcli.core.jacobian import BatchGrads
 from iefcli.core.params import ParamLayout
 from iefcli.errors import ModelError
@@ -406,6 +406,12 @@ class Preconditioner:
                 blocks.append(replay_block(call, [e.to(cdt) / c], shapes))
                 if self._sampled is not None:
                     sampled_blocks.append(replay_block(call, self._sampled[1][id(call)], shapes))
+            except RuntimeError as err:
+                where = f"module {call.name or type(call.module).__name__} ({type(call.module).__name__}, no fast rule)"
+                one_line = translate_func_error(err, where)
+                if one_line is None:
+                    raise
+                raise one_line from None
             finally:
                 self._replaying = False
         return blocks, sampled_blocks

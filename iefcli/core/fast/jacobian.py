@@ -8,7 +8,14 @@ from torch.func import jvp as func_jvp
 
 from iefcli.core.fast.blocks import compute_dtype, make_block
 from iefcli.core.fast.rows import FastRows
-from iefcli.core.fast.rules import Layer, active_dropout, leaf_uses, plan_layers, train_mode_batchnorm
+from iefcli.core.fast.rules import (
+    Layer,
+    active_dropout,
+    leaf_uses,
+    plan_layers,
+    train_mode_batchnorm,
+    translate_func_error,
+)
 from iefcli.core.jacobian import (
     Forward,
     Inputs,
@@ -149,7 +156,14 @@ class FastJacobian:
         fallback = fb_layout = None
         if self._fallback_names:
             fj = self._fallback_jacobian()
-            fallback, fb_layout = fj.rows(cotangents), fj.layout
+            try:
+                fallback, fb_layout = fj.rows(cotangents), fj.layout
+            except RuntimeError as e:
+                err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
+                                           + (" ..." if len(self._fallback_names) > 3 else ""))
+                if err is None:
+                    raise
+                raise err from None
         n = self.logits.shape[0]
         return FastRows(blocks, fallback, fb_layout, self.layout, k * n, self._dtype, self.logits.device)
 

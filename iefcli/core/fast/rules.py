@@ -246,3 +246,26 @@ def train_mode_batchnorm(model: nn.Module) -> str | None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             return name or type(m).__name__
     return None
+
+
+_FUNC_ERRORS = (
+    ("data-dependent control flow", "its forward branches on tensor values (e.g. `if mask.all():`), which torch.func "
+     "cannot run per sample; for Hugging Face models pass forward=iefcli.hf.vmap_compat.hf_forward"),
+    ("calling .item()", "its forward reads a tensor value into Python (.item(), .tolist(), int(t)), which torch.func "
+     "cannot run per sample"),
+    ("randomness error mode", "it draws random numbers (dropout in train mode?): put the model in eval mode or pass "
+     "randomness='different'"),
+    ("Batching rule not implemented", "an operation in its forward has no per-sample (vmap) rule"),
+)
+
+
+def translate_func_error(err: Exception, where: str) -> Exception | None:
+    """A one-line error for the common torch.func (vmap) failures of a per-sample replay of ``where``,
+    or None when ``err`` is not one of them (then it is re-raised as is)."""
+    text = str(err)
+    for needle, meaning in _FUNC_ERRORS:
+        if needle in text:
+            from iefcli.errors import ModelError
+
+            return ModelError(f"{where}: per-sample gradients by torch.func failed: {meaning}")
+    return None

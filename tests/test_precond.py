@@ -72,7 +72,7 @@ def test_rows_equal_autograd_loop_and_scale_is_paper():
     J = ref.per_sample_grads(case)
     n = case.n
     lam = 1e-3
-    got, _, pre = _pre_direction(case, "ief", lam, options=_no_dup())
+    got, _, pre = _pre_direction(case, "ief", lam, options=_no_dup(), keep_last_batch=True)
     rows = pre.last_batch.rows
     assert ref.rel_err(rows.matrix, J) < 1e-12
     ja = J / n
@@ -288,7 +288,7 @@ def test_token_mean_loss_is_the_per_sample_sum_method():
     token losses is a different method and is refused."""
     case = make_case("transformer_tokce", torch.float64)
     want = _table(case, "ief", 1e-6)
-    pre = Preconditioner(case.model, "ief", 1e-6, loss=nn.CrossEntropyLoss(ignore_index=-100))
+    pre = Preconditioner(case.model, "ief", 1e-6, loss=nn.CrossEntropyLoss(ignore_index=-100), keep_last_batch=True)
     z = case.call(case.inputs)
     pre.watch_loss(z, case.targets)
     F.cross_entropy(z.flatten(0, 1), case.targets.flatten(), ignore_index=-100).backward()
@@ -432,7 +432,8 @@ def test_hooks_that_did_not_run_are_never_a_silent_zero():
 
 def test_bf16_autocast_direction_close_to_float32():
     """bf16 autocast forward/backward (Gram accumulated in float64 from float32 copies, solve in
-    float64): the direction is within 5e-2 relative of the float32 one (bf16 has 8 mantissa bits)."""
+    float64): the direction is within 2e-2 relative of the float32 one (measured 3.9e-3; bf16 has 8
+    mantissa bits)."""
     case = make_case("mlp_ce", torch.float32)
     lam = 1e-4
     want, _, _ = _pre_direction(case, "ief", lam)
@@ -446,7 +447,7 @@ def test_bf16_autocast_direction_close_to_float32():
     pre.step()
     got = _flat_grads(pre)
     assert got.dtype == torch.float32
-    assert ref.rel_err(got, want) < 5e-2, ref.rel_err(got, want)
+    assert ref.rel_err(got, want) < 2e-2, ref.rel_err(got, want)
 
 
 def test_grad_scaler_unscale_before_step():
@@ -528,7 +529,8 @@ def test_torch_func_errors_translated_to_one_line():
 
 
 def test_fp16_autocast_with_grad_scaler_close_to_float32():
-    """fp16 autocast + GradScaler (unscale_ before pre.step): the direction is within 2e-2 of float32's."""
+    """fp16 autocast + GradScaler (unscale_ before pre.step): the direction is within 5e-3 of float32's
+    (measured 4.8e-4)."""
     case = make_case("mlp_ce", torch.float32)
     lam = 1e-4
     want, _, _ = _pre_direction(case, "ief", lam)
@@ -545,4 +547,4 @@ def test_fp16_autocast_with_grad_scaler_close_to_float32():
     scaler.scale(pre.loss(logits, case.targets)).backward()
     scaler.unscale_(opt)
     pre.step()
-    assert ref.rel_err(_flat_grads(pre), want) < 2e-2, ref.rel_err(_flat_grads(pre), want)
+    assert ref.rel_err(_flat_grads(pre), want) < 5e-3, ref.rel_err(_flat_grads(pre), want)

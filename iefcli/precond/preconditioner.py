@@ -112,10 +112,12 @@ class Preconditioner:
     loss:      see :mod:`iefcli.precond.losses` (names, torch modules and functions, project losses).
     options:   :class:`iefcli.core.methods.MethodOptions` (dup_threshold, mc_samples, ...).
     seed:      SF's label draws (a generator of its own; saved by :meth:`state_dict`).
+    keep_last_batch: keep the last step's BatchGrads in ``last_batch`` (rows, s, losses; it holds
+               the captured activations until the next step, so it is off by default).
     """
 
     def __init__(self, model: nn.Module, method: str = "ief", damping: float = 1e-7, loss: Any = "cross_entropy",
-                 *, options: Any = None, seed: int = 0):
+                 *, options: Any = None, seed: int = 0, keep_last_batch: bool = False):
         from iefcli.core.methods import METHODS, MethodOptions
 
         if method not in METHODS:
@@ -142,6 +144,8 @@ class Preconditioner:
         self._gen: torch.Generator | None = None
         self._gen_state: Tensor | None = None  # set by load_state_dict before the generator exists
         self.steps = 0
+        self.keep_last_batch = keep_last_batch
+        self.last_batch: BatchGrads | None = None
 
         layers, reasons = plan_layers(root, self.params)
         modules = dict(root.named_modules(remove_duplicate=False))
@@ -368,8 +372,10 @@ class Preconditioner:
             else:
                 p.grad.copy_(part)
         self.steps += 1
-        self.last_batch = bg
+        self.last_batch = bg if self.keep_last_batch else None
         self._clear()
+        for cap in [*self._layers, *self._calls]:
+            cap.reset()  # the captured activations are not needed any more
         return {"loss": bg.loss.mean().detach(), **info}
 
     def _blocks(self, n: int, c: float):

@@ -548,3 +548,25 @@ def test_fp16_autocast_with_grad_scaler_close_to_float32():
     scaler.unscale_(opt)
     pre.step()
     assert ref.rel_err(_flat_grads(pre), want) < 5e-3, ref.rel_err(_flat_grads(pre), want)
+
+
+@pytest.mark.parametrize("mode, ok", [("plain", True), ("inplace", True), ("reused", False), ("outside", False)])
+def test_mixed_models_replay_or_refuse(mode, ok):
+    """The fast path's mixed models: a raw-parameter module is replayed per sample (that module only) and
+    an in-place op after a layer is harmless; a layer called twice or a weight read outside its layer is
+    refused with one line (the functional core's whole-model vmap fallback is the remedy)."""
+    from test_fast import _mixed_case
+
+    model, params, x, y = _mixed_case(mode)
+    bg = batch_grads(model, params, x, y, CrossEntropy())
+    want, _ = compute_direction("ief", bg, 1e-6)
+    pre = Preconditioner(model, "ief", 1e-6)
+    pre.loss(model(x), y).backward()
+    if ok:
+        pre.step()
+        assert pre.param_paths["raw.scale"] == "replay"
+        assert ref.rel_err(_flat_grads(pre), want) < 1e-10
+    else:
+        with pytest.raises(ModelError, match="module fc2 .*batch_grads") as e:
+            pre.step()
+        assert "\n" not in str(e.value)

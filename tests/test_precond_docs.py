@@ -45,8 +45,7 @@ def test_library_md_examples_run():
     assert ns["loss"].item() < 0.5  # from ~1.1 at the start: the loop trains
     state = ns["state"]
     assert "preconditioner" in state and state["preconditioner"]["steps"] == 4
-    if skipped:
-        pytest.skip(f"examples {skipped} need optional packages")
+    assert set(skipped) <= {2, 3}  # only the Hugging Face / Lightning examples may lack their packages
 
 
 def test_readme_shows_the_same_examples_once_built():

@@ -1,5 +1,16 @@
 """The fast path: Gram matrices J J^T and combinations J^T x without per-sample gradients.
 
+Package layout (four layers, each usable on its own):
+``rules``    which modules have a rule, and the CAPTURE layer (:class:`Layer`: a forward hook
+             keeping X and Z, optionally a tensor hook keeping dL/dZ from an ordinary backward;
+             :class:`Call` for the per-module replay), parameter-use counting on the graph;
+``blocks``   per-layer block maths from X and E (gram / combine_into / dot, and ``matrix()``,
+             the dense twin), and the per-module replay block;
+``rows``     :class:`FastRows`, the sum of the blocks (plus the whole-model vmap fallback);
+``jacobian`` :class:`FastJacobian`, the OutputJacobian over a functional forward.
+The same capture and blocks serve :class:`iefcli.precond.Preconditioner` (hooks on the
+user's own modules during their own forward/backward).
+
 :class:`FastJacobian` is an :class:`iefcli.core.jacobian.OutputJacobian`
 registered as ``"fast"`` (``make_jacobian(jacobian="auto")`` picks it). It runs
 ONE batched forward with the trainable parameters substituted

@@ -398,11 +398,17 @@ def test_dropout_in_train_mode_uses_the_forwards_own_masks():
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_compiled_model_works_with_hooks_on_the_original_modules():
+@pytest.mark.parametrize("how", ["wrapper", "in_place"])
+def test_compiled_model_works_with_hooks_on_the_original_modules(how):
     case = make_case("mlp_ce", torch.float64)
     want = _table(case, "ief", 1e-6)
-    compiled = torch.compile(case.model, backend="aot_eager")
-    pre = Preconditioner(compiled, "ief", 1e-6)
+    if how == "wrapper":
+        compiled = torch.compile(case.model, backend="aot_eager")
+        pre = Preconditioner(compiled, "ief", 1e-6)
+    else:
+        pre = Preconditioner(case.model, "ief", 1e-6)
+        case.model.compile(backend="aot_eager")
+        compiled = case.model
     for _ in range(2):  # the first call compiles; both must record
         case.model.zero_grad()
         pre.loss(compiled(case.inputs), case.targets).backward()

@@ -471,3 +471,23 @@ def test_sequence_block_strategies_equal_dense_twin(monkeypatch):
         assert q.strategy == label
         want = _columns(jac.layout, q.names, dense)
         assert ref.rel_err(q.gram(), want @ want.T) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["mlp_ce", "transformer_tokce"])
+def test_compiled_model_is_not_a_silent_zero(name):
+    """batch_grads on a torch.compile wrapper (params named _orig_mod.*): the fast path runs the original
+    module (its hooks would not see inside the compiled code: a ZERO direction before) and gives the
+    uncompiled model's rows under the wrapper's names; the vmap fallback (the transformer's pos) too."""
+    case = make_case(name, torch.float64)
+    bg = batch_grads(case.model, case.params, case.inputs, case.targets, case.loss_fn, jacobian="fast")
+    compiled = torch.compile(case.model, backend="aot_eager")
+    params = trainable_params(compiled)
+    assert all(k.startswith("_orig_mod.") for k in params)
+    bc = batch_grads(compiled, params, case.inputs, case.targets, case.loss_fn, jacobian="fast")
+    assert bc.layout.names == tuple(params)
+    assert ref.rel_err(bc.rows.gram(), bg.rows.gram()) < 1e-12
+    assert ref.rel_err(directions.ief(bc.rows, bc.s, 1e-6), directions.ief(bg.rows, bg.s, 1e-6)) < 1e-10
+    v = torch.randn(bc.layout.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert ref.rel_err(bc.jac.jvp(v), bg.jac.jvp(v)) < 1e-12
+    with pytest.raises(ModelError, match="torch.compile wrapper"):
+        FastJacobian(compiled, case.params, case.inputs)

@@ -29,6 +29,20 @@ from iefcli.errors import ModelError
 
 __all__ = ["FastJacobian"]
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _uncompiled(model: nn.Module, params: Params) -> tuple[nn.Module, str]:
+    """(module to run, prefix of the params' names): a torch.compile wrapper's original module, whose
+    submodules the hooks can see (the wrapper's compiled code would bypass them: a zero direction)."""
+    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):
+        if all(k.startswith(_COMPILED_PREFIX) for k in params):
+            return model._orig_mod, _COMPILED_PREFIX
+        raise ModelError("the model is a torch.compile wrapper but the params are not named after it "
+                         "(trainable_params(compiled_model)); pass the original module instead")
+    return model, ""
+
+
 class FastJacobian:
     """The fast OutputJacobian (see the module docstring).
 
@@ -65,13 +79,18 @@ class FastJacobian:
         self._dtype = next(iter(params.values())).dtype
         self.fallback_reasons: dict[str, str] = {}
 
-        layers, reasons = plan_layers(model, params)
-        self.fallback_reasons.update(reasons)
+        # A compiled model runs as its original module here (functional_call never used the compiled
+        # code's speed anyway); the params keep the caller's names outside.
+        self._inner, self._prefix = _uncompiled(model, params)
+        layers, reasons = plan_layers(self._inner, self._strip(params))
+        for layer in layers:
+            layer.roles = {r: self._prefix + p for r, p in layer.roles.items()}
+        self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         handles = [layer.module.register_forward_hook(layer.hook, with_kwargs=True) for layer in layers]
         try:
             with torch.enable_grad():
-                out = forward(model, self._leaves, inputs)
+                out = forward(self._inner, self._strip(self._leaves), inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -105,6 +124,13 @@ class FastJacobian:
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
 
+    def _strip(self, params: Params) -> Params:
+        """The caller's names -> the names inside the module that runs (compiled: without the prefix)."""
+        if not self._prefix:
+            return params
+        k = len(self._prefix)
+        return {name[k:]: v for name, v in params.items()}
+
     # -- the OutputJacobian protocol
 
     def vjp(self, cotangent: Tensor) -> Tensor:
@@ -121,7 +147,7 @@ class FastJacobian:
     def jvp(self, tangent: Tensor) -> Tensor:
         """Jz v, (N, ...), forward mode over the (hook-free) forward."""
         tangents = self.layout.unflatten(tangent.to(self._dtype))
-        _, out = func_jvp(lambda p: self.forward(self.model, p, self.inputs), (self.params,), (tangents,))
+        _, out = func_jvp(lambda p: self.forward(self._inner, self._strip(p), self.inputs), (self.params,), (tangents,))
         return out
 
     def _fallback_jacobian(self) -> VmapJacobian:
@@ -129,8 +155,10 @@ class FastJacobian:
             fixed = {k: v for k, v in self.params.items() if k not in set(self._fallback_names)}
             forward, sub = self.forward, {k: self.params[k] for k in self._fallback_names}
 
+            inner, strip = self._inner, self._strip
+
             def forward_sub(model: nn.Module, p: Params, inputs: Inputs) -> Tensor:
-                return forward(model, {**fixed, **p}, inputs)
+                return forward(inner, strip({**fixed, **p}), inputs)
 
             self._fallback = VmapJacobian(
                 self.model, sub, self.inputs, forward=forward_sub, chunk_size=self.chunk_size,

@@ -21,7 +21,7 @@ import reference as ref
 from cases import CASE_NAMES, DAMPINGS, make_case
 from iefcli import directions
 from iefcli.core import CrossEntropy, TokenCrossEntropy, batch_grads, sampled_rows, trainable_params
-from iefcli.core import fast as fastmod
+from iefcli.core.fast import blocks as fastblocks
 from iefcli.core.fast import FastJacobian, FastRows
 from iefcli.core.jacobian import VmapJacobian, make_jacobian
 from iefcli.errors import ModelError
@@ -126,8 +126,8 @@ def test_sequence_linear_strategies_agree(monkeypatch):
     assert strategies["pos"] == "vmap" and strategies["q.weight"].startswith("linear:")
     want = bv.rows.gram()
     for cap, label in ((0, "ghost"), (1 << 40, None)):
-        monkeypatch.setattr(fastmod, "MATERIALISE_MAX_ELEMENTS", cap)
-        monkeypatch.setattr(fastmod, "GHOST_CHUNK_ELEMENTS", 64)  # several row chunks
+        monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", cap)
+        monkeypatch.setattr(fastblocks, "GHOST_CHUNK_ELEMENTS", 64)  # several row chunks
         rows = FastJacobian(case.model, case.params, case.inputs).rows(bf.logit_grads[None])
         if label:
             assert rows.strategies["q.weight"] == "linear:ghost"
@@ -414,3 +414,80 @@ def test_no_n_by_p_tensor_on_fast_path(name):
     assert sizes["vmap"] >= n * p
     # the largest is a P-vector (the direction) or an activation, far below N x P
     assert sizes["fast"] * 4 < n * p, (sizes, n * p)
+
+
+# ---------------------------------------------------------------- each block against its dense twin
+
+
+def _columns(layout, names, dense):
+    """The columns of ``dense`` (M, P) that belong to ``names``, in that order."""
+    offsets = dict(zip(layout.names, torch.cumsum(torch.tensor((0,) + layout.numels), 0).tolist()))
+    sizes = dict(zip(layout.names, layout.numels))
+    return torch.cat([dense[:, offsets[n]: offsets[n] + sizes[n]] for n in names], dim=1)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_every_block_equals_its_dense_twin(name, monkeypatch):
+    """Per block, in float64, with K = 2 label sets: matrix() equals the autograd loop's columns, and
+    gram / combine / dot equal the products of that dense matrix. The chunk sizes are shrunk so every
+    blocked loop (combine over output units, ghost rows, materialised columns) runs more than one block."""
+    monkeypatch.setattr(fastblocks, "COMBINE_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(fastblocks, "COMBINE_CHUNK_ELEMENTS_ACCEL", 1)
+    monkeypatch.setattr(fastblocks, "GHOST_CHUNK_ELEMENTS", 8)
+    case = make_case(name, torch.float64)
+    jac = FastJacobian(case.model, case.params, case.inputs)
+    yhat = case.loss_fn.sample(jac.logits, case.targets, 2, torch.Generator().manual_seed(4))
+    u = torch.stack([case.loss_fn.logit_grad(jac.logits, yhat[i]) for i in range(2)])
+    rows = jac.rows(u)
+    dense = torch.cat([ref.per_sample_grads(case, yhat[i]) for i in range(2)])  # (2N, P), k-major
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(dense.shape[0], dtype=torch.float64, generator=gen)
+    v = torch.randn(jac.layout.size, dtype=torch.float64, generator=gen)
+    vd = jac.layout.unflatten(v)
+    assert rows.blocks, name
+    for block in rows.blocks:
+        want = _columns(jac.layout, block.names, dense)
+        mat = block.matrix()
+        assert mat.shape == want.shape and ref.rel_err(mat, want) < 1e-12, (name, block.kind)
+        assert ref.rel_err(block.gram(), want @ want.T) < 1e-12, (name, block.kind)
+        assert ref.rel_err(block.dot(vd), want @ _columns(jac.layout, block.names, v[None])[0]) < 1e-12
+        views = {n: torch.full(s, float("nan"), dtype=torch.float64) for n, s in zip(jac.layout.names, jac.layout.shapes)}
+        block.combine_into(x, views)
+        got = torch.cat([views[n].reshape(-1) for n in block.names])
+        assert ref.rel_err(got, want.T @ x) < 1e-12, (name, block.kind)
+
+
+def test_sequence_block_strategies_equal_dense_twin(monkeypatch):
+    """The ghost and materialise forms of a sequence Linear against the dense twin, several row chunks."""
+    case = make_case("transformer_tokce", torch.float64)
+    dense = ref.per_sample_grads(case)
+    for cap, label in ((0, "ghost"), (1 << 40, "materialise")):
+        monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", cap)
+        monkeypatch.setattr(fastblocks, "GHOST_CHUNK_ELEMENTS", 16)
+        jac = FastJacobian(case.model, case.params, case.inputs)
+        z = case.loss_fn.logit_grad(jac.logits, case.targets)
+        rows = jac.rows(z[None])
+        q = next(b for b in rows.blocks if "q.weight" in b.names)
+        assert q.strategy == label
+        want = _columns(jac.layout, q.names, dense)
+        assert ref.rel_err(q.gram(), want @ want.T) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["mlp_ce", "transformer_tokce"])
+def test_compiled_model_is_not_a_silent_zero(name):
+    """batch_grads on a torch.compile wrapper (params named _orig_mod.*): the fast path runs the original
+    module (its hooks would not see inside the compiled code: a ZERO direction before) and gives the
+    uncompiled model's rows under the wrapper's names; the vmap fallback (the transformer's pos) too."""
+    case = make_case(name, torch.float64)
+    bg = batch_grads(case.model, case.params, case.inputs, case.targets, case.loss_fn, jacobian="fast")
+    compiled = torch.compile(case.model, backend="aot_eager")
+    params = trainable_params(compiled)
+    assert all(k.startswith("_orig_mod.") for k in params)
+    bc = batch_grads(compiled, params, case.inputs, case.targets, case.loss_fn, jacobian="fast")
+    assert bc.layout.names == tuple(params)
+    assert ref.rel_err(bc.rows.gram(), bg.rows.gram()) < 1e-12
+    assert ref.rel_err(directions.ief(bc.rows, bc.s, 1e-6), directions.ief(bg.rows, bg.s, 1e-6)) < 1e-10
+    v = torch.randn(bc.layout.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert ref.rel_err(bc.jac.jvp(v), bg.jac.jvp(v)) < 1e-12
+    with pytest.raises(ModelError, match="torch.compile wrapper"):
+        FastJacobian(compiled, case.params, case.inputs)

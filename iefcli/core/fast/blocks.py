@@ -1,0 +1,364 @@
+"""Per-layer blocks of the gradient rows: each layer's columns of R (M x P_layer), never materialised.
+
+A block is built from what the capture layer (:mod:`iefcli.core.fast.rules`)
+recorded: the layer's input X (N, T, d_in) and its output gradients E
+(M, T, d_out), M = K N rows (K cotangent sets, k-major). Every block answers
+``gram()`` (its share of R R^T, float64), ``combine_into(x, views)`` (its
+columns of R^T x) and ``dot(v)`` (its share of R v), and ``matrix()`` (its
+columns of R, (M, P_block), float64: the dense twin, for tests and tiny models).
+The formulas per layer are in the package docstring (:mod:`iefcli.core.fast`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from iefcli.core.fast.rules import Call, Layer, conv_padding
+
+__all__ = ["Block", "make_block", "replay_block", "compute_dtype", "ACC", "MATERIALISE_MAX_ELEMENTS", "GHOST_CHUNK_ELEMENTS",
+           "COMBINE_CHUNK_ELEMENTS", "COMBINE_CHUNK_ELEMENTS_ACCEL"]
+
+ACC = torch.float64  # accumulation dtype of Gram blocks, combine and dot (see module doc)
+
+# Upper bound on the per-sample blocks one layer may materialise (M * d_out * d_in numbers);
+# above it the ghost (pairwise) form is used even when it costs more flops.
+MATERIALISE_MAX_ELEMENTS = 1 << 25
+# Temporaries of the ghost form (rows_chunk x M x T x T) are kept below this many numbers.
+GHOST_CHUNK_ELEMENTS = 1 << 23
+# combine: float64 products of a layer's weight block are formed this many numbers at a time
+# (CPU: small, for peak memory; other devices: large, since each block is a kernel launch).
+COMBINE_CHUNK_ELEMENTS = 1 << 16
+COMBINE_CHUNK_ELEMENTS_ACCEL = 1 << 22
+
+
+def _seq(t: Tensor, n: int, d: int) -> Tensor:
+    """(N, ..., d) -> (N, T, d) with T = product of the middle dims (1 for (N, d))."""
+    return t.reshape(n, -1, d)
+
+
+class Block:
+    """One layer's share of the rows: its parameters' columns of R (M x P_layer).
+
+    ``names``: the block's parameter names, in the column order of ``matrix()``.
+    """
+
+    kind: str
+    strategy: str
+    roles: dict[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.roles.values())
+
+    def gram(self) -> Tensor:
+        """This block's share of R R^T, (M, M), float64."""
+        ...
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        """Write this block's columns of R^T x into ``out`` (views of the flat (P,) result)."""
+        ...
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        """This block's share of R v, (M,) float64, for v a dict name -> tensor shaped like the param."""
+        ...
+
+    def matrix(self) -> Tensor:
+        """The block's columns of R, (M, P_block) float64, materialised: the dense twin of gram / combine /
+        dot (each parameter's per-sample gradients flattened, in the order of ``names``). Tests and tiny models."""
+        ...
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype X and E are kept in (and per-sample blocks formed in) for parameters of ``dtype``:
+    float64 stays float64, anything else (float32, bf16, fp16) is float32 (see the module doc)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
+    """sum_{t,t'} (X_i X_j^T)_{tt'} (E_i E_j^T)_{tt'} for X (M,T,a), E (M,T,b), chunked over i. (M, M)."""
+    m, t = x.shape[:2]
+    out = torch.empty(m, m, dtype=ACC, device=x.device)
+    step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m * t * t))
+    for i0 in range(0, m, step):
+        xx = torch.einsum("itd,jsd->ijts", x[i0 : i0 + step], x)
+        ee = torch.einsum("itd,jsd->ijts", e[i0 : i0 + step], e)
+        out[i0 : i0 + step] = (xx * ee).sum(dim=(2, 3))
+    return out
+
+
+def _gram_chunked(g: Tensor) -> Tensor:
+    """g g^T in float64 for g (M, D), upcasting D-column chunks so the float64 copy stays small."""
+    m, d = g.shape
+    step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m))
+    out = torch.zeros(m, m, dtype=ACC, device=g.device)
+    for c0 in range(0, d, step):
+        gc = g[:, c0 : c0 + step].to(ACC)
+        out += gc @ gc.T
+    return out
+
+
+def _cat(grads: list[Tensor]) -> Tensor:
+    return grads[0] if len(grads) == 1 else torch.cat(grads)
+
+
+class _MatmulBlock(Block):
+    """Linear and Conv2d: Z_nt = W X_nt (+ b) with X (N, T, d_in), E (M, T, d_out), M = K N."""
+
+    def __init__(self, kind: str, roles: dict[str, str], x: Tensor, e: Tensor, k: int, weight_shape, cdt):
+        self.kind, self.roles, self.k, self.cdt = kind, roles, k, cdt
+        self.x = x.to(cdt)  # (N, T, d_in)
+        self.e = e.to(cdt)  # (M, T, d_out)
+        self.weight_shape = weight_shape
+        n, t, d_in = self.x.shape
+        m, _, d_out = self.e.shape
+        self.strategy = "outer"
+        if "weight" in roles and t > 1:
+            ghost = m * m * t * t * (d_in + d_out)
+            mat = m * t * d_in * d_out + m * m * d_in * d_out
+            fits = m * d_in * d_out <= MATERIALISE_MAX_ELEMENTS
+            self.strategy = "materialise" if (mat <= ghost and fits) else "ghost"
+
+    def _x_rows(self) -> Tensor:
+        """X per row m = (k, n): (M, T, d_in)."""
+        return self.x.repeat(self.k, 1, 1) if self.k > 1 else self.x
+
+    def gram(self) -> Tensor:
+        m = self.e.shape[0]
+        out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
+        if "weight" in self.roles:
+            if self.x.shape[1] == 1:
+                x, e = self.x[:, 0].to(ACC), self.e[:, 0].to(ACC)
+                xx = x @ x.T  # (N, N)
+                if self.k > 1:
+                    xx = xx.repeat(self.k, self.k)
+                out += xx * (e @ e.T)  # Hadamard product of the two Grams
+            elif self.strategy == "materialise":
+                # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
+                g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
+                out += _gram_chunked(g)
+            else:
+                out += _gram_weight_ghost(self._x_rows().to(ACC), self.e.to(ACC))
+        if "bias" in self.roles:
+            eb = self.e.sum(dim=1).to(ACC)  # (M, d_out)
+            out += eb @ eb.T
+        return out
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X, accumulated in float64
+        # over blocks of output units, each rounded once into the result: the float64 temporaries
+        # stay at X's size plus COMBINE_CHUNK_ELEMENTS.
+        n, _, d_in = self.x.shape
+        d_out = self.e.shape[-1]
+        x64 = x.to(ACC)[:, None, None]
+        xin = self.x.reshape(-1, d_in).to(ACC)
+        chunk = COMBINE_CHUNK_ELEMENTS if self.x.device.type == "cpu" else COMBINE_CHUNK_ELEMENTS_ACCEL
+        step = max(1, chunk // max(1, d_in, n * self.x.shape[1]))
+        w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
+        b = out[self.roles["bias"]] if "bias" in self.roles else None
+        for r0 in range(0, d_out, step):
+            ex = self.e[..., r0 : r0 + step].to(ACC) * x64  # (M, T, chunk)
+            if self.k > 1:
+                ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
+            if w is not None:
+                w[r0 : r0 + step].copy_(ex.reshape(-1, ex.shape[-1]).T @ xin)
+            if b is not None:
+                b[r0 : r0 + step].copy_(ex.sum(dim=(0, 1)))
+
+    def matrix(self) -> Tensor:
+        e = self.e.to(ACC)
+        cols = []
+        for role in self.roles:
+            if role == "weight":  # per-sample gradient of row m: sum_t E_mt^T X_nt
+                cols.append(torch.einsum("mto,mti->moi", e, self._x_rows().to(ACC)).reshape(e.shape[0], -1))
+            else:
+                cols.append(e.sum(dim=1))
+        return torch.cat(cols, dim=1)
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        m, _, d_out = self.e.shape
+        n = self.x.shape[0]
+        out = torch.zeros(m, dtype=ACC, device=self.e.device)
+        e = self.e.to(ACC).reshape(self.k, n, *self.e.shape[1:])
+        if "weight" in self.roles:
+            w = v[self.roles["weight"]].to(ACC).reshape(d_out, -1)
+            xv = self.x.to(ACC) @ w.T  # (N, T, d_out): apply the weight direction to the inputs
+            out += (e * xv).sum(dim=(2, 3)).reshape(m)
+        if "bias" in self.roles:
+            out += (e.sum(dim=2) @ v[self.roles["bias"]].to(ACC)).reshape(m)
+        return out
+
+
+class _DenseBlock(Block):
+    """Layers whose per-sample gradients are small (LayerNorm: M x D): held as matrices."""
+
+    def __init__(self, kind: str, roles: dict[str, str], mats: dict[str, Tensor], shapes: dict[str, torch.Size]):
+        self.kind, self.roles, self.strategy = kind, roles, "materialise"
+        self.mats = {self.roles[r]: g for r, g in mats.items() if r in roles}  # name -> (M, numel)
+        self.shapes = shapes
+
+    def gram(self) -> Tensor:
+        return sum(g.to(ACC) @ g.to(ACC).T for g in self.mats.values())
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        for name, g in self.mats.items():
+            out[name].copy_((x.to(ACC) @ g.to(ACC)).view(out[name].shape))
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        return sum(g.to(ACC) @ v[name].to(ACC).reshape(-1) for name, g in self.mats.items())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.mats)
+
+    def matrix(self) -> Tensor:
+        return torch.cat([g.to(ACC) for g in self.mats.values()], dim=1)
+
+
+class _EmbeddingBlock(Block):
+    """Embedding: row m's gradient scatters E_mt (d,) into weight row ids_nt.
+
+    Gram[i, j] = sum over pairs of occurrences with the same id of <f_i,v, f_j,v>,
+    where f_m,v = sum_{t: ids_nt = v} E_mt; only ids two rows share cost anything.
+    """
+
+    def __init__(self, roles: dict[str, str], ids: Tensor, e: Tensor, k: int, weight_shape, padding_idx, cdt):
+        self.kind, self.roles, self.k, self.strategy, self.cdt = "embedding", roles, k, "sparse", cdt
+        n = ids.shape[0]
+        self.ids = ids.reshape(n, -1)  # (N, T)
+        self.e = e.to(cdt)  # (M, T, d)
+        if padding_idx is not None:  # F.embedding sends no gradient to the padding row
+            self.e = self.e * (self.ids != padding_idx).repeat(k, 1).unsqueeze(-1).to(cdt)
+        self.weight_shape = weight_shape
+
+    def gram(self) -> Tensor:
+        m, t, d = self.e.shape
+        dev = self.e.device
+        vocab = self.weight_shape[0]
+        ids = self.ids.repeat(self.k, 1)  # (M, T)
+        row = torch.arange(m, device=dev).unsqueeze(1).expand(m, t)
+        # Sum each row's occurrences of the same id: compact f (L, d) with its row and id.
+        key = (row * vocab + ids).reshape(-1)
+        uniq, inv = torch.unique(key, return_inverse=True)
+        f = torch.zeros(uniq.shape[0], d, dtype=ACC, device=dev).index_add_(0, inv, self.e.reshape(-1, d).to(ACC))
+        f_row, f_id = uniq // vocab, uniq % vocab
+        # Group the compact entries by id; all ordered pairs within a group contribute.
+        order = torch.argsort(f_id, stable=True)
+        f, f_row, f_id = f[order], f_row[order], f_id[order]
+        _, counts = torch.unique_consecutive(f_id, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        per_entry = torch.repeat_interleave(counts, counts)  # group size of each entry
+        entry_start = torch.repeat_interleave(starts, counts)
+        left = torch.repeat_interleave(torch.arange(f.shape[0], device=dev), per_entry)
+        block = torch.cumsum(per_entry, 0) - per_entry
+        right = torch.repeat_interleave(entry_start, per_entry) + (
+            torch.arange(left.shape[0], device=dev) - torch.repeat_interleave(block, per_entry)
+        )
+        out = torch.zeros(m * m, dtype=ACC, device=dev)
+        step = max(1, GHOST_CHUNK_ELEMENTS // max(1, d))
+        for p0 in range(0, left.shape[0], step):
+            li, ri = left[p0 : p0 + step], right[p0 : p0 + step]
+            dots = (f[li] * f[ri]).sum(dim=1)
+            out.index_add_(0, f_row[li] * m + f_row[ri], dots)
+        return out.reshape(m, m)
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        n = self.ids.shape[0]
+        ew = (self.e.to(ACC) * x.to(ACC)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
+        w = torch.zeros(self.weight_shape, dtype=ACC, device=self.e.device)
+        w.index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
+        out[self.roles["weight"]].copy_(w)
+
+    def matrix(self) -> Tensor:
+        m, t, d = self.e.shape
+        ids = self.ids.repeat(self.k, 1)  # (M, T)
+        rows = torch.arange(m, device=ids.device).unsqueeze(1).expand(m, t)
+        w = torch.zeros(m * self.weight_shape[0], d, dtype=ACC, device=self.e.device)
+        w.index_add_(0, (rows * self.weight_shape[0] + ids).reshape(-1), self.e.reshape(-1, d).to(ACC))
+        return w.reshape(m, -1)
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        m = self.e.shape[0]
+        gathered = v[self.roles["weight"]].to(ACC)[self.ids]  # (N, T, d)
+        e = self.e.to(ACC).reshape(self.k, -1, *self.e.shape[1:])
+        return (e * gathered).sum(dim=(2, 3)).reshape(m)
+
+
+def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
+    """xhat (N, T, D) and D, recomputed from the captured input in ``cdt``."""
+    m: nn.LayerNorm = layer.module
+    nd = len(m.normalized_shape)
+    dims = tuple(range(-nd, 0))
+    x = layer.x.to(cdt)
+    mu = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    xhat = (x - mu) / torch.sqrt(var + m.eps)
+    d = int(torch.Size(m.normalized_shape).numel())
+    return _seq(xhat, x.shape[0], d), d
+
+
+def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size], cdt: torch.dtype) -> Block:
+    """The block of ``layer`` from its output gradients, one per cotangent set (K of them)."""
+    k = len(grads)
+    m = layer.module
+    n = layer.x.shape[0]
+    if layer.kind == "linear":
+        d_in, d_out = m.in_features, m.out_features
+        x = _seq(layer.x, n, d_in)
+        e = _cat([_seq(g, n, d_out) for g in grads])
+        return _MatmulBlock("linear", layer.roles, x, e, k, (d_out, d_in), cdt)
+    if layer.kind == "conv2d":
+        x = layer.x if layer.x.dim() == 4 else layer.x.unsqueeze(0)
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=conv_padding(m), stride=m.stride)
+        x = patches.transpose(1, 2)  # (N, L, C_in kh kw), in the order of weight.view(C_out, -1)
+        e = _cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
+        return _MatmulBlock("conv2d", layer.roles, x, e, k, tuple(m.weight.shape), cdt)
+    if layer.kind == "layernorm":
+        xhat, d = _layernorm_features(layer, cdt)
+        e = _cat([_seq(g, n, d) for g in grads]).to(cdt)  # (M, T, D)
+        xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
+        mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
+        return _DenseBlock("layernorm", layer.roles, mats, shapes)
+    if layer.kind == "embedding":
+        d = m.embedding_dim
+        e = _cat([_seq(g, n, d) for g in grads])
+        return _EmbeddingBlock(layer.roles, layer.x, e, k, tuple(m.weight.shape), m.padding_idx, cdt)
+    raise AssertionError(layer.kind)
+
+
+
+def replay_block(call: Call, grads: list[Tensor], shapes: dict[str, torch.Size], *,
+                 randomness: str = "error") -> Block:
+    """The per-module fallback: a module without a rule (``call``: its captured arguments) is run
+    again per sample under vmap, with only ITS OWN parameters as variables, and each sample's
+    output gradient (one per cotangent set, ``grads`` K x (N, ...)) is pulled back by a vjp:
+    rows_{kn} = (d out_n / d theta_module)^T E_kn. Only this module is replayed, never the model.
+    The arguments whose leading dim is N are split per sample; others are shared."""
+    module = call.module
+    sub = {attr: getattr(module, attr).detach() for attr in call.roles}
+    n = grads[0].shape[0]
+    flat, spec = tree_flatten((call.args, call.kwargs))
+    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in flat]
+    u = torch.stack(grads)  # (K, N, ...)
+
+    def one(xs: list[Tensor], u_n: Tensor) -> dict[str, Tensor]:
+        it = iter(xs)
+        leaves = [next(it).unsqueeze(0) if b else t for t, b in zip(flat, batched)]
+        args, kwargs = tree_unflatten(leaves, spec)
+
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, p, tuple(args), kwargs).squeeze(0)
+
+        _, vjp_n = vjp(f, sub)
+        return vmap(lambda uk: vjp_n(uk)[0])(u_n)  # attr -> (K, *shape)
+
+    xs = [t for t, b in zip(flat, batched) if b]
+    # The module's other (frozen or rule-covered) parameters are constants here: no outer graph.
+    with torch.no_grad():
+        per = vmap(one, in_dims=([0] * len(xs), 1), randomness=randomness)(xs, u)  # attr -> (N, K, *shape)
+    k = u.shape[0]
+    mats = {attr: g.detach().transpose(0, 1).reshape(k * n, -1) for attr, g in per.items()}
+    return _DenseBlock("vmap", call.roles, mats, shapes)

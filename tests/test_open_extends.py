@@ -144,3 +144,16 @@ def test_dry_run_counts_parameters():
     assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 1797
     text = dry_run_text(rep)
     assert yaml.safe_load(text)["model"]["sizes"] == [7] and "trainable of" in text
+
+
+def test_docs_composing_example_resolves(tmp_path):
+    """The `extends` example of docs/own-model.md loads as it says."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "own-model.md").read_text()
+    block = [b for b in re.findall(r"```yaml\n(.*?)```", doc, flags=re.S) if b.startswith("extends: digits-ief")]
+    assert len(block) == 1
+    p = _w(tmp_path / "mine.yaml", block[0])
+    r, parent = load_recipe(p), load_recipe_file("digits-ief")
+    assert r["optimizer"]["lr"] == 20.0 and r["train"]["epochs"] == 3
+    assert r["optimizer"]["damping"] == parent["optimizer"]["damping"] and r["model"] == parent["model"]

@@ -11,8 +11,9 @@
        "command": "train", "error": {"type": "UsageError", "message": "r.yaml: optimizer.lr: must be > 0, got -1",
        "exit_code": 2}, "summary": {...}}
 
-  ``summary`` is the run's summary.json when the failure happened after a run
-  directory was written (a diverged run: ``status: failed``), else absent.
+  ``summary`` is the run's summary when the failure happened after a run
+  directory was written (a diverged run: ``status: failed``): the exception's
+  ``summary`` attribute if it has one, else ``run_dir``'s summary.json; else absent.
 - :func:`json_errors` is the context manager a command wraps around its work
   (inside ``cli_errors()``): on an IEFError it prints the object and re-raises,
   so stderr still gets the one-line message and the exit code is unchanged.
@@ -47,7 +48,10 @@ def error_object(exc: BaseException, *, command: str, run_dir: Path | str | None
     message = str(exc) or type(exc).__name__
     obj: dict[str, Any] = {"status": "error", "command": command,
                            "error": {"type": type(exc).__name__, "message": message, "exit_code": int(code)}}
-    if run_dir is not None:
+    summary = getattr(exc, "summary", None)  # a RunFailed may carry the run's summary
+    if isinstance(summary, Mapping):
+        obj["summary"] = dict(summary)
+    elif run_dir is not None:
         from iefcli.train.rundir import SUMMARY_FILE
 
         path = Path(run_dir) / SUMMARY_FILE

@@ -144,6 +144,9 @@ def test_dry_run_counts_parameters():
     assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 1797
     text = dry_run_text(rep)
     assert yaml.safe_load(text)["model"]["sizes"] == [7] and "trainable of" in text
+    assert "# optimizer ief: lr 50, damping 1e-07, weight decay 0" in text
+    rep = dry_run("quickstart", ["optimizer.name=adamw"])
+    assert rep["optimizer"] == {"name": "adamw", "lr": 1e-3, "damping": 0.0, "weight_decay": 0.01}
 
 
 def test_docs_composing_example_resolves(tmp_path):

@@ -30,7 +30,7 @@ def _cache_entry(cache: Path, repo: str, files: dict[str, str] | None = None, re
 
 @pytest.fixture
 def env(monkeypatch, tmp_path):
-    for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+    for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -79,6 +79,11 @@ def test_online_downloads_into_the_cache(env, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: calls.append((repo, k)) or "/x")
     assert hub.resolve_hub_id("org/m@v1", "model.source") == "/x"
     assert calls == [("org/m", {"revision": "v1", "cache_dir": str(tmp_path / "c")})]
+    # HF_HUB_OFFLINE decides over TRANSFORMERS_OFFLINE (which iefcli.hf.require sets by default)
+    env.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert not hub.is_offline()
+    env.delenv("HF_HUB_OFFLINE")
+    assert hub.is_offline()
 
 
 def test_looks_like_hub_id():
@@ -108,5 +113,5 @@ def test_model_source_by_hub_id_loads_the_cached_weights(env, tmp_path, monkeypa
     with pytest.raises(UsageError, match=r"model.source: 'org/other' is not in the Hugging Face cache"):
         models.build_model({"arch": "classifier", "source": "org/other"})
     # 'minilm' and local directories behave as before
-    with pytest.raises(UsageError, match="neither 'minilm' nor a local model directory"):
+    with pytest.raises(UsageError, match="neither 'minilm'"):
         models.build_model({"arch": "classifier", "source": str(tmp_path / "nothing" / "x" / "y")})

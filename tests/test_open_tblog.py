@@ -23,10 +23,13 @@ def _scalars(run_dir):
 def _train(tmp_path, monkeypatch, mode="auto"):
     import iefcli.train.loop as loop
 
-    # What the loop does once wired (see the report): its metrics writer comes from tblog.
-    monkeypatch.setattr(loop.rundir, "MetricsWriter",
-                        lambda d, truncate_after_step=None: tblog.open_metrics_writer(
-                            d, truncate_after_step=truncate_after_step, mode=mode))
+    def writer(d, truncate_after_step=None, **_):
+        return tblog.open_metrics_writer(d, truncate_after_step=truncate_after_step, mode=mode)
+
+    if hasattr(loop, "open_metrics_writer"):  # wired: the loop calls tblog itself
+        monkeypatch.setattr(loop, "open_metrics_writer", writer)
+    else:  # not yet wired: what the loop will do, in place of its MetricsWriter
+        monkeypatch.setattr(loop.rundir, "MetricsWriter", writer)
     run = tmp_path / "run"
     loop.prepare_run_dir(run, False)
     loop.train(recipe=recipe_from_dict(RECIPE), run_dir=run)

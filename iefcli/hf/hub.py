@@ -7,7 +7,7 @@ they use, read when the lookup happens:
 - the cache directory: ``HF_HUB_CACHE``, else ``HUGGINGFACE_HUB_CACHE``, else
   ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
   ``~/.cache/huggingface/hub``;
-- offline mode: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set to 1/true/yes/on.
+- offline mode: ``HF_HUB_OFFLINE`` set to 1/true/yes/on (when it is unset, ``TRANSFORMERS_OFFLINE``).
   :func:`iefcli.hf.require` sets ``HF_HUB_OFFLINE=1`` unless the user set it,
   so by default a model that is not cached is an error, never a download.
 
@@ -48,7 +48,11 @@ def hub_cache_dir() -> Path:
 
 
 def is_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    """HF_HUB_OFFLINE decides when set (to anything); else TRANSFORMERS_OFFLINE."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var) is not None:
+            return os.environ[var].strip().lower() in TRUE
+    return False
 
 
 def looks_like_hub_id(text: str) -> bool:

@@ -260,9 +260,11 @@ def dry_run(name_or_path: str | Path, overrides: Iterable[str] = (), *, device: 
     """What `ief train --dry-run` reports: the resolved recipe and the model's size, without training.
 
     Builds the data and the model (on ``device``, default the CPU) and returns
-    ``{"recipe": dict, "yaml": str, "n_params": int, "n_trainable": int,
+    ``{"optimizer": {name, lr, damping, weight_decay} (nulls replaced by the
+    optimiser's defaults), "recipe": dict, "yaml": str, "n_params": int, "n_trainable": int,
     "n_train": int, "n_val": int, "n_test": int, "notes": [str]}``.
     """
+    from iefcli.optim import config_from_recipe
     from iefcli.train.task import build_task
 
     notes: list[str] = []
@@ -270,7 +272,9 @@ def dry_run(name_or_path: str | Path, overrides: Iterable[str] = (), *, device: 
     task = build_task(recipe, device)
     n_params = sum(p.numel() for p in task.model.parameters())
     n_trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    cfg = config_from_recipe(recipe["optimizer"])
     return {
+        "optimizer": {"name": cfg.name, "lr": cfg.lr, "damping": cfg.damping, "weight_decay": cfg.weight_decay},
         "recipe": recipe.plain(), "yaml": recipe.to_yaml(), "n_params": int(n_params),
         "n_trainable": int(n_trainable), "n_train": task.size("train"), "n_val": task.size("val"),
         "n_test": task.size("test"), "notes": notes,
@@ -282,4 +286,6 @@ def dry_run_text(report: Mapping[str, Any]) -> str:
     line = (f"# {report['n_trainable']:,} trainable of {report['n_params']:,} parameters; "
             f"data {report['n_train']} train / {report['n_val']} val / {report['n_test']} test")
     notes = "".join(f"# {n}\n" for n in report.get("notes", ()))
-    return report["yaml"] + notes + line + "\n"
+    o = report["optimizer"]
+    opt = f"# optimizer {o['name']}: lr {o['lr']:g}, damping {o['damping']:g}, weight decay {o['weight_decay']:g}\n"
+    return report["yaml"] + notes + opt + line + "\n"

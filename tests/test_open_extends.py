@@ -38,9 +38,24 @@ def test_extends_builtin_matches_the_parent_with_the_child_on_top(tmp_path):
     assert r["output"]["dir"] == "runs/{name}"  # output.dir is not inherited either
     assert r["model"] == q["model"] and r["data"] == q["data"]
     assert r["optimizer"]["name"] == "adamw" and r["optimizer"]["lr"] == 0.003
-    assert r["optimizer"]["damping"] == q["optimizer"]["damping"]  # a mapping merges key by key
+    assert r["optimizer"]["damping"] is None  # another optimiser: none of iEF's keys (damping 1e-7) carry over
     assert r["train"]["epochs"] == 2 and r["train"]["batch_size"] == q["train"]["batch_size"]
     assert r["description"] == ""
+
+
+def test_merge_recipes_starts_a_section_afresh_when_its_kind_changes():
+    from iefcli.train.extends import merge_recipes
+
+    parent = {"model": {"kind": "hf", "source": "minilm", "peft": {"r": 8}}, "data": {"kind": "text", "builtin": "rt"},
+              "optimizer": {"name": "ief", "lr": 50.0, "damping": 1e-7}}
+    got = merge_recipes(parent, {"model": {"kind": "mlp", "sizes": [8]}, "optimizer": {"name": "adamw"}})
+    assert got == {"model": {"kind": "mlp", "sizes": [8]}, "data": {"kind": "text", "builtin": "rt"},
+                   "optimizer": {"name": "adamw"}}
+    got = merge_recipes(parent, {"model": {"kind": "hf", "peft": {"r": 4}}, "optimizer": {"name": "ief", "lr": 5.0}})
+    assert got["model"] == {"kind": "hf", "source": "minilm", "peft": {"r": 4}}
+    assert got["optimizer"] == {"name": "ief", "lr": 5.0, "damping": 1e-7}
+    # no optimizer.name in the parent means iEF: a child naming ief keeps the parent's keys
+    assert merge_recipes({"optimizer": {"lr": 9.0}}, {"optimizer": {"name": "ief"}})["optimizer"] == {"lr": 9.0, "name": "ief"}
 
 
 def test_extends_chain_by_path_and_list(tmp_path):
@@ -160,3 +175,27 @@ def test_docs_composing_example_resolves(tmp_path):
     r, parent = load_recipe(p), load_recipe_file("digits-ief")
     assert r["optimizer"]["lr"] == 20.0 and r["train"]["epochs"] == 3
     assert r["optimizer"]["damping"] == parent["optimizer"]["damping"] and r["model"] == parent["model"]
+
+
+@pytest.mark.parametrize("name, parent", [
+    ("digits-sgd", "quickstart"), ("digits-adamw", "quickstart"), ("digits-ef", "quickstart"),
+    ("digits-ngd", "quickstart"), ("fmnist-mlp-cpu", "quickstart"), ("toy-lsq", "quickstart"),
+    ("minilm-lora-adamw", "minilm-lora-ief"), ("minilm-prompt-sf", "minilm-prompt-ief"),
+])
+def test_shorten_builtins_resolves_identically(tmp_path, name, parent):
+    """`shorten` writes a built-in as `extends: parent` + its differences; that file resolves to the same recipe."""
+    from iefcli.train.extends import shorten
+
+    from iefcli.train.data import DIGITS_FIELDS
+
+    child, inherited = shorten(name, parent)
+    assert list(child)[0] == "extends"
+    p = _w(tmp_path / f"{name}.yaml", yaml.safe_dump(child, sort_keys=False))
+    got, want = load_recipe(p).plain(), load_recipe_file(name).plain()
+    for key, value in inherited.items():  # keys the parent sets to what the builder would default to anyway
+        section, field = key.split(".")
+        assert want[section]["kind"] == "digits" and DIGITS_FIELDS[field].default == value, key
+        del got[section][field]
+    assert got == want
+    if name.startswith("digits-"):  # the optimizer section and identity keys, nothing else
+        assert set(child) <= {"extends", "name", "description", "output", "optimizer"}, child

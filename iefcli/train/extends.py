@@ -9,7 +9,11 @@ A recipe may start from another one::
 
 The parent is loaded (recursively: it may extend a third), then this file is
 merged INTO it: mappings merge key by key at every depth, anything else (a
-number, a string, a list, null) replaces the parent's value. Three keys belong
+number, a string, a list, null) replaces the parent's value. A section whose
+kind the child changes starts afresh (:func:`merge_recipes`): ``model`` or
+``data`` with another ``kind`` replaces the parent's section, ``optimizer``
+with another ``name`` keeps none of the parent's optimizer keys (the same rule
+as ``--set optimizer.name``). Three keys belong
 to the file that sets them and are never inherited: ``name`` (defaults to the
 file's stem), ``description`` and ``output.dir`` (so a child never writes into
 its parent's run directory). ``extends`` may also be a list: the parents are
@@ -61,6 +65,25 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+KIND_KEYS = {"model": "kind", "data": "kind", "optimizer": "name"}
+DEFAULT_KINDS = {"model": "mlp", "data": "digits", "optimizer": "ief"}
+
+
+def merge_recipes(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict:
+    """``child`` over ``parent`` with :func:`deep_merge`, except that a section whose
+    kind the child changes starts afresh: a ``model``/``data`` section with another
+    ``kind`` replaces the parent's (its keys belong to the parent's kind), and an
+    ``optimizer`` with another ``name`` drops the parent's other optimizer keys (they
+    take the new optimiser's defaults: AdamW never inherits iEF's lr 50)."""
+    base = copy.deepcopy(dict(parent))
+    for section, key in KIND_KEYS.items():
+        p, c = base.get(section), child.get(section)
+        if isinstance(p, Mapping) and isinstance(c, Mapping) and key in c:
+            if c[key] != p.get(key, DEFAULT_KINDS[section]):
+                base[section] = {}
+    return deep_merge(base, child)
 
 
 def strip_identity(raw: Mapping[str, Any]) -> dict:
@@ -184,8 +207,8 @@ def load_raw(path: Path, source: str | None = None, *, _chain: tuple[Path, ...] 
     for target in parents:
         ppath = find_parent(target, path, source)
         parent = load_raw(ppath, str(ppath), _chain=(*_chain, key), reader=reader)
-        merged = deep_merge(merged, strip_identity(parent))
-    return deep_merge(merged, raw)
+        merged = merge_recipes(merged, strip_identity(parent))
+    return merge_recipes(merged, raw)
 
 
 def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = (), *, notes: list[str] | None = None):
@@ -289,3 +312,58 @@ def dry_run_text(report: Mapping[str, Any]) -> str:
     o = report["optimizer"]
     opt = f"# optimizer {o['name']}: lr {o['lr']:g}, damping {o['damping']:g}, weight decay {o['weight_decay']:g}\n"
     return report["yaml"] + notes + opt + line + "\n"
+
+
+# ----------------------------------------------------------------------------- making built-ins short
+
+
+def _leaves(d: Mapping[str, Any], prefix: tuple = ()) -> dict[tuple, Any]:
+    out: dict[tuple, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_leaves(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _set_leaf(d: dict, path: tuple, value: Any) -> None:
+    for p in path[:-1]:
+        d = d.setdefault(p, {})
+    d[path[-1]] = copy.deepcopy(value)
+
+
+def shorten(name_or_path: str | Path, parent: str) -> tuple[dict, dict[str, Any]]:
+    """The shortest ``extends: parent`` recipe equivalent to ``name_or_path``:
+    ``(child, inherited)``. ``child`` is a dict (``extends`` first; comments are the
+    caller's to keep) that resolves to the same recipe except for ``inherited``:
+    keys of an open section (model/data, same kind) that the parent sets and the
+    recipe leaves to the builder's default ({dotted key: parent's value}); merging
+    cannot remove a key, so the caller checks these equal the builder's defaults."""
+    from iefcli.train.recipe import resolve, resolve_recipe_path
+
+    target = load_recipe(name_or_path)
+    want = target.plain()
+    ppath = resolve_recipe_path(parent)
+    base = strip_identity(load_raw(ppath))
+    child: dict[str, Any] = {"extends": parent, "name": want["name"]}
+    if want["description"]:
+        child["description"] = want["description"]
+    child["output"] = {"dir": want["output"]["dir"]}
+    for section, key in KIND_KEYS.items():  # a changed kind: the section is the recipe's own
+        if want[section].get(key) != (base.get(section) or {}).get(key, DEFAULT_KINDS[section]):
+            child[section] = {key: want[section][key]}
+    for _ in range(4):
+        merged = merge_recipes(base, {k: v for k, v in child.items() if k != "extends"})
+        got = resolve(merged, source=str(name_or_path), path=target.path).plain()
+        g, w = _leaves(got), _leaves(want)
+        extra = {p: v for p, v in g.items() if p not in w and not any(p[: len(q)] == q for q in w)}
+        if any(p[0] not in ("model", "data") for p in extra):
+            bad = next(p for p in extra if p[0] not in ("model", "data"))
+            raise UsageError(f"{name_or_path}: cannot extend {parent}: it would inherit {'.'.join(map(str, bad))}")
+        todo = {path: value for path, value in w.items() if g.get(path, object()) != value}
+        if not todo:
+            return child, {".".join(map(str, p)): v for p, v in extra.items()}
+        for path, value in todo.items():
+            _set_leaf(child, path, value)
+    raise UsageError(f"{name_or_path}: cannot extend {parent} (no fixed point)")

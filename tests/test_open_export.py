@@ -48,11 +48,11 @@ def hf_files(tmp_path_factory):
     return make_tokenizer(root / "tok"), write_split_files(root / "data")
 
 
-def _hf_recipe(files, peft: dict, name: str) -> dict:
+def _hf_recipe(files, peft: dict, name: str, dtype: str = "float64") -> dict:
     from hf_tiny import BERT
 
     tok, data = files
-    return {"name": name, "seed": 3, "device": "cpu", "dtype": "float64",
+    return {"name": name, "seed": 3, "device": "cpu", "dtype": dtype,
             "model": {"kind": "hf", "arch": "classifier", "config": BERT, "tokenizer": str(tok), "peft": peft},
             "data": {"kind": "text", "path": str(data), "max_length": 16},
             "optimizer": {"name": "ief", "lr": 10.0}, "train": TRAIN}
@@ -65,13 +65,18 @@ def _val_inputs(run_dir):
     return task.splits["val"].inputs
 
 
-def test_lora_export_loads_in_peft_with_identical_logits(hf_files, tmp_path):
+@pytest.mark.parametrize("peft", [{"method": "lora", "r": 2, "alpha": 4}, {"method": "prompt", "num_virtual_tokens": 3}],
+                         ids=["lora", "prompt"])
+def test_adapter_export_loads_in_peft_with_identical_logits(hf_files, tmp_path, peft):
     from peft import PeftModel
 
     from iefcli.hf.export import load_trained_model
     from iefcli.hf.models import build_base
 
-    run = _train(_hf_recipe(hf_files, {"method": "lora", "r": 2, "alpha": 4}, "lora"), tmp_path / "run")
+    # peft creates a prompt encoder in torch's default dtype (float32) whatever the base model's:
+    # a float64 prompt would be rounded on load, so the prompt run is float32.
+    dtype = "float32" if peft["method"] == "prompt" else "float64"
+    run = _train(_hf_recipe(hf_files, peft, peft["method"], dtype), tmp_path / "run")
     out = tmp_path / "adapter"
     res = runner.invoke(_app(), ["export", str(run), "--out", str(out), "--checkpoint", "last", "--json"])
     assert res.exit_code == 0, res.output
@@ -92,19 +97,29 @@ def test_lora_export_loads_in_peft_with_identical_logits(hf_files, tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
         base, _ = build_base({**spec, "num_labels": 2})
-    base = base.to(torch.float64)
+    base = base.to(getattr(torch, dtype))
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     with torch.no_grad():
         got = loaded(**inputs).logits
-    assert torch.equal(got, want)
+    assert torch.equal(got, want), (got - want).abs().max()
     # and the adapter is not a no-op: without it the base model's logits differ
-    with torch.no_grad(), loaded.disable_adapter():
-        assert not torch.allclose(loaded(**inputs).logits, want)
+    with torch.no_grad():
+        if peft["method"] == "lora":
+            with loaded.disable_adapter():
+                plain = loaded(**inputs).logits
+        else:  # prompt tuning leaves the base model untouched (peft's disable_adapter fails for it)
+            plain = loaded.get_base_model()(**inputs).logits
+    assert not torch.allclose(plain, want)
     # the exported weights are the checkpoint's, not the fresh init's
     from safetensors.torch import load_file
 
     exported = load_file(str(out / "adapter_model.safetensors"))
     saved = rundir.load_checkpoint_params(rundir.checkpoint_dir(run, 2))
+    if peft["method"] == "prompt":
+        prompt = [v for k, v in exported.items() if "prompt_embeddings" in k]
+        want_prompt = [v for k, v in saved.items() if "prompt_encoder" in k]
+        assert len(prompt) == len(want_prompt) == 1 and torch.equal(prompt[0], want_prompt[0])
+        return
     lora_b = [k for k in saved if "lora_B" in k]
     assert lora_b and any(float(saved[k].abs().max()) > 0 for k in lora_b)  # LoRA B starts at 0: it trained
     for k in lora_b:

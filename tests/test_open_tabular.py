@@ -180,3 +180,68 @@ def test_image_folder(tmp_path):
     assert s.inputs.shape == (12, 1, 4, 3)
     # pixel values come back to their class: cat < 50/255 < dog
     assert torch.all((s.inputs.mean((1, 2, 3)) > 100 / 255) == (s.targets == 1))
+
+
+class _FakeDataset:
+    """What iefcli uses of datasets.Dataset: len() and to_dict() (columns)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def to_dict(self):
+        return {k: [r[k] for r in self.rows] for k in self.rows[0]}
+
+
+def test_datasets_glue_with_a_stand_in_module(tmp_path, monkeypatch):
+    """The save_to_disk / load_dataset path, with a stand-in `datasets` module when the real one is absent:
+    DatasetDict splits keep their names (validation -> val), a lone Dataset is split by the fractions."""
+    import sys
+    import types
+
+    rows = _rows(50)
+    fake = types.ModuleType("datasets")
+
+    class DatasetDict(dict):
+        pass
+
+    calls = []
+    fake.DatasetDict = DatasetDict
+    fake.load_from_disk = lambda p: calls.append(("disk", p)) or DatasetDict(
+        train=_FakeDataset(rows[:30]), validation=_FakeDataset(rows[30:40]), test=_FakeDataset(rows[40:]))
+    fake.load_dataset = lambda fmt, data_files, **kw: calls.append((fmt, data_files, kw)) or DatasetDict(
+        train=_FakeDataset(rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "ds").mkdir()
+    t = _task({"kind": "tabular", "path": str(tmp_path / "ds"), "label": "species", "standardize": False})
+    assert (t.size("train"), t.size("val"), t.size("test")) == (30, 10, 10)
+    assert torch.equal(t.splits["val"].inputs[:, 0], torch.tensor([r["f1"] for r in rows[30:40]], dtype=torch.float32))
+    _csv(tmp_path / "b.tsv", rows, delimiter="\t")
+    t = _task({"kind": "tabular", "path": str(tmp_path / "b.tsv"), "label": "species", "reader": "datasets",
+               "val_fraction": 0.2, "test_fraction": 0.2})
+    assert calls[-1] == ("csv", str(tmp_path / "b.tsv"), {"delimiter": "\t"})
+    assert (t.size("train"), t.size("val"), t.size("test")) == (30, 10, 10)
+
+
+def test_parquet_glue_with_a_stand_in_module(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    pa = types.ModuleType("pyarrow")
+    pq = types.ModuleType("pyarrow.parquet")
+
+    class _Table:
+        def to_pydict(self):
+            return {"a": [float(i) for i in range(20)], "b": [1.0] * 20, "label": [i % 2 for i in range(20)]}
+
+    pq.read_table = lambda p: _Table()
+    pa.parquet = pq
+    monkeypatch.setitem(sys.modules, "pyarrow", pa)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", pq)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    t = _task({"kind": "tabular", "path": str(tmp_path / "d.parquet"), "standardize": False})
+    assert t.info.n_outputs == 2 and t.info.input_shape == (2,)
+    x, y = t.splits["train"].inputs, t.splits["train"].targets
+    assert torch.equal(y, x[:, 0].long() % 2)  # rows stay aligned through the split

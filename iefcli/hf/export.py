@@ -8,7 +8,9 @@ What is written depends on the run's model:
   ``PeftModel.from_pretrained(base_model, DIR)``; the trained classification
   head travels inside the adapter (peft's ``modules_to_save``). The base model
   is the run's ``model.source`` (named in ``base_model_name_or_path``) or, for
-  a model built from a config, the same config (``base_config.json``).
+  a model built from a config, the same config (``base_config.json``). (peft
+  creates a prompt encoder in torch's default dtype: load a float64 prompt run
+  under ``torch.set_default_dtype(torch.float64)`` or it is rounded to float32.)
 - a full transformers model (``peft.method: none``): ``save_pretrained``
   (``config.json`` + ``model.safetensors``), loadable with ``AutoModel*.from_pretrained(DIR)``.
 - any other model (``mlp``, ``linear``, a model by import path):

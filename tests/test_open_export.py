@@ -144,6 +144,14 @@ def test_full_hf_model_export_round_trips(hf_files, tmp_path):
     with torch.no_grad():
         got, want = loaded(**inputs).logits, task.model(**inputs).logits
     assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=0, atol=1e-12), (got - want).abs().max()
+    # the tokenizer travels with it: the same ids as the run's own inputs
+    from transformers import AutoTokenizer
+
+    from hf_tiny import make_rows
+
+    tok_run, tok_out = AutoTokenizer.from_pretrained(str(hf_files[0])), AutoTokenizer.from_pretrained(str(out))
+    texts = [r["text"] for r in make_rows(5, seed=9)]
+    assert tok_out(texts)["input_ids"] == tok_run(texts)["input_ids"]
 
 
 def test_plain_model_export_and_errors(tmp_path):

@@ -17,6 +17,7 @@ What is written depends on the run's model:
   ``model.safetensors`` holding the full ``state_dict`` by name, plus the
   run's ``recipe.yaml`` (which rebuilds the module).
 
+An hf run's tokenizer is saved beside the model (``AutoTokenizer.from_pretrained(DIR)``).
 Every export also writes ``export.json`` (what was exported, from which
 checkpoint, the iefcli and schema versions). The directory is assembled under a
 temporary name and moved into place, so a failed export leaves nothing behind.
@@ -104,11 +105,25 @@ def _is_transformers(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _save_tokenizer(task: Any, tmp: Path) -> None:
+    """An hf run's tokenizer goes with the export (``AutoTokenizer.from_pretrained(DIR)``)."""
+    spec = task.recipe["model"]
+    if spec.get("kind") != "hf":
+        return
+    name = spec.get("tokenizer", spec.get("source"))
+    if name is None:
+        return
+    from iefcli.hf.models import load_tokenizer
+
+    load_tokenizer(str(name), "model.tokenizer").save_pretrained(str(tmp))
+
+
 def write_export(task: Any, tmp: Path) -> str:
     """Write the model of ``task`` into the empty directory ``tmp``; returns the format name."""
     from iefcli.train.rundir import atomic_write_json, atomic_write_text, save_tensors_atomic
 
     model = task.model
+    _save_tokenizer(task, tmp)
     if _is_peft(model):
         model.save_pretrained(str(tmp), safe_serialization=True)
         base = model.get_base_model()

@@ -5,7 +5,7 @@
     data:
       kind: tabular
       path: data/iris.csv     # .csv .tsv .jsonl .json .npz .parquet, or a datasets save_to_disk directory
-      label: species          # the target column (NPZ: the target array; default "y")
+      label: species          # the target column (default "label"; NPZ: the target array, default "y")
       features: null          # columns to use (default: every other column; NPZ: ["x"])
       task: auto              # auto | classification | regression
       val_fraction: 0.15      # held out of the rows for validation
@@ -53,7 +53,7 @@ def _fraction(v: float) -> str | None:
 
 TABULAR_FIELDS = {
     "path": Field("str", None, "a .csv/.tsv/.jsonl/.json/.npz/.parquet file or a datasets save_to_disk directory"),
-    "label": Field("str", None, "the target column (NPZ: the target array, default y)", optional=True),
+    "label": Field("str", None, "the target column (default: label; NPZ: the target array, default y)", optional=True),
     "features": Field("list", None, "feature columns (default: every other column; NPZ: [x])", optional=True,
                       check=lambda v: None if isinstance(v, list) and v and all(isinstance(c, str) for c in v)
                       else f"must be a non-empty list of column names, got {v!r}"),

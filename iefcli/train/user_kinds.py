@@ -29,7 +29,8 @@ Data::
       task: auto                     # auto | classification | regression
       num_classes: null              # classification: default max label + 1
 
-``load(**args)`` returns one of: a :class:`~iefcli.train.data.DataSplits`
+``load(**args)`` (plus ``seed=`` the recipe's seed, when ``load`` declares a
+``seed`` parameter) returns one of: a :class:`~iefcli.train.data.DataSplits`
 (full control); a mapping ``{"train": S, "val": S, "test": S}`` (val/test
 optional); or one ``S`` for everything, split by the fractions and the
 recipe's seed. ``S`` is an ``(inputs, targets)`` pair of tensors / numpy

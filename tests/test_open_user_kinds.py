@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -193,6 +192,8 @@ def test_make_splits_validation_names_split_and_row():
     y = torch.arange(10) % 3
     s = make_splits({"train": (x, y)}, seed=0, val_fraction=0.2, test_fraction=0.2)
     assert s.info.n_outputs == 3 and len(s.train) == 6 and s.info.loss == "cross_entropy"
+    s1 = make_splits({"train": (x, y[:, None])}, seed=0, val_fraction=0.2, test_fraction=0.2)
+    assert torch.equal(s1.train.targets, s.train.targets) and s1.train.targets.dim() == 1
     # the same seed gives the same split; the splits partition the rows
     s2 = make_splits({"train": (torch.arange(10.0)[:, None], y)}, seed=0, val_fraction=0.2, test_fraction=0.2)
     rows = torch.cat([s2.train.inputs, s2.val.inputs, s2.test.inputs])[:, 0]

@@ -311,6 +311,8 @@ def make_splits(
                     i = int((~((tf == tf.round()) & torch.isfinite(tf))).reshape(tf.shape[0], -1).any(1).nonzero()[0])
                     raise _error(ctx, where, f"{s} split: target of row {i} is not an integer class ({t[i].tolist()})")
             t = t.to(torch.long)
+            if t.dim() == 2 and t.shape[1] == 1:
+                t = t[:, 0]  # (N, 1) labels, as a column vector
             if t.dim() != 1:
                 raise _error(ctx, where, f"{s} split: classification targets must be one label per row, "
                                          f"got shape {tuple(t.shape)}")

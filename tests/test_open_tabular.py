@@ -126,6 +126,10 @@ def test_regression_from_tsv_and_jsonl(tmp_path):
         s = t.splits["train"]
         assert s.targets.shape == (t.size("train"), 1)
         assert torch.allclose(s.targets[:, 0].double(), 5.0 * s.inputs[:, 0].double() + 0.25, atol=1e-5)
+    rows[6]["b"] = None  # JSON null: not a number (numpy alone would read it as NaN)
+    (tmp_path / "n.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UsageError, match=r"n\.jsonl: line 7: column 'b': None is not a number"):
+        _task({"kind": "tabular", "path": str(tmp_path / "n.jsonl"), "label": "target"})
 
 
 def test_npz_integer_classes(tmp_path):

@@ -1,0 +1,63 @@
+"""The issue-13 commands through the real `ief` app, once the lead has wired them (skipped before):
+`recipes show/copy`, `train --dry-run`, `--set optimizer.name`, `--json` failure object, `export`,
+a model by import path accepted by the recipe schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from iefcli.cli import app
+from iefcli.train import registry
+from iefcli.train.recipe import load_recipe_file
+
+runner = CliRunner()
+
+
+def test_recipes_show_and_copy(tmp_path):
+    if "copy" not in runner.invoke(app, ["recipes", "--help"]).output:
+        pytest.skip("`ief recipes show` not wired yet (see the open helper's report)")
+    res = runner.invoke(app, ["recipes", "show", "quickstart", "--set", "train.epochs=2"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.stdout)["train"]["epochs"] == 2
+    res = runner.invoke(app, ["recipes", "copy", "quickstart", str(tmp_path)])
+    assert res.exit_code == 0 and (tmp_path / "quickstart.yaml").is_file()
+    res = runner.invoke(app, ["recipes"])
+    assert res.exit_code == 0 and "quickstart" in res.stdout
+
+
+def test_train_dry_run_and_optimizer_switch(tmp_path):
+    if "--dry-run" not in runner.invoke(app, ["train", "--help"]).output:
+        pytest.skip("`ief train --dry-run` not wired yet (see the open helper's report)")
+    res = runner.invoke(app, ["train", "quickstart", "--dry-run", "--set", "model.sizes=[7]",
+                              "--set", "optimizer.name=adamw"])
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.stdout)
+    assert shown["optimizer"] == {**shown["optimizer"], "name": "adamw", "lr": None}
+    assert "535 trainable of 535 parameters" in res.stdout  # 64*7+7 + 7*10+10
+    assert "optimizer.lr" in res.stdout  # the note on the replaced keys
+    assert not (tmp_path / "runs").exists()
+
+
+def test_json_failure_and_import_kind_accepted(tmp_path):
+    if "--dry-run" not in runner.invoke(app, ["train", "--help"]).output:
+        pytest.skip("`ief train` --json error object not wired yet (see the open helper's report)")
+    res = runner.invoke(app, ["train", "quickstart", "--out", str(tmp_path / "r"), "-q", "--json",
+                              "--set", "optimizer.lr=-1"])
+    assert res.exit_code == 2
+    obj = json.loads(res.stdout)
+    assert obj["error"]["message"] == "--set optimizer.lr=-1: optimizer.lr: must be > 0, got -1"
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"model": {"kind": "somewhere.models:build"}, "data": {"kind": "tabular", "path": "x"}}))
+    r = load_recipe_file(p)
+    assert r["model"]["kind"] == "somewhere.models:build" and "tabular" in registry.DATA_KINDS
+
+
+def test_export_registered():
+    if "export" not in runner.invoke(app, ["--help"]).output:
+        pytest.skip("`ief export` not in COMMAND_MODULES yet (see the open helper's report)")
+    res = runner.invoke(app, ["export", "/nonexistent-run", "--out", "/tmp/x-open-never"])
+    assert res.exit_code == 2 and "run directory not found" in res.stderr

@@ -11,7 +11,8 @@ the mean-loss gradient J^T 1 / N.
 - ``ief(J, s, lam)``  = J^T (J J^T + lam I)^{-1} s / N
 - ``sf(Jhat, g, lam)``= (Jhat^T Jhat + lam I)^{-1} g  = (g - Jhat^T (Jhat Jhat^T + lam I)^{-1} Jhat g) / lam,
   Jhat holding k*N sampled-label gradient rows each scaled by 1/sqrt(k)
-- ``ngd(bg, lam)``    = (G + lam I)^{-1} g, G the GGN (= Fisher) of the SUMMED loss, by CG or densely
+- ``ngd(bg, lam)``    = (G + lam I)^{-1} g, G the GGN (= Fisher) of the SUMMED loss: exactly through
+  the (N*K) x (N*K) dual system where that is small, else by CG
 
 J may be a dense tensor (any float dtype, any device) or any
 :class:`iefcli.core.jacobian.Rows` (e.g. from the fast path). The N x N solves
@@ -31,7 +32,7 @@ from iefcli.core.solve import SolveInfo, solve_gram
 
 DEFAULT_DUP_THRESHOLD = 0.99
 
-__all__ = ["sgd", "ef", "ief", "sf", "ngd", "SolveInfo", "CGInfo", "DEFAULT_DUP_THRESHOLD"]
+__all__ = ["sgd", "ef", "ief", "sf", "ngd", "SolveInfo", "CGInfo", "DEFAULT_DUP_THRESHOLD", "NGD_EXACT_MAX_ROWS"]
 
 
 def _rows(J: Tensor | Rows) -> Rows:
@@ -123,32 +124,69 @@ def sf(
     return (d, info) if return_info else d
 
 
+# Largest dual system (rows = N * loss.ggn_rank) that method="auto" solves exactly.
+NGD_EXACT_MAX_ROWS = 1024
+
+
 def ngd(
     bg: BatchGrads,
     damping: float,
     *,
-    method: str = "cg",
+    method: str = "auto",
     tol: float | None = None,
     maxiter: int = 500,
+    exact_max_rows: int = NGD_EXACT_MAX_ROWS,
+    check_every: int | None = 10,
     return_info: bool = False,
 ):
-    """Exact natural gradient d = (G + lam I)^{-1} g, G the GGN of the summed loss.
+    """Natural gradient d = (G + lam I)^{-1} g, G the GGN of the SUMMED loss.
 
-    ``method="cg"``: matrix-free conjugate gradients with G-vector products from
-    jvp/vjp (tolerance ``tol`` on the relative residual, default 1e-10 in
-    float64 and 1e-5 in float32; at most ``maxiter`` iterations).
-    ``method="dense"``: forms G (P x P) and solves in float64; tiny models only.
-    With lam = 0 the dense path uses the pseudo-inverse (the minimum-norm solution).
+    ``method="exact"``: the dual system, in float64, exact down to lam = 0
+    (derivation below). ``"cg"``: matrix-free conjugate gradients on the
+    P-vector (tolerance ``tol`` on the relative residual, default 1e-10 in
+    float64 and 1e-5 in float32; at most ``maxiter`` iterations; one host read
+    per ``check_every`` iterations, None for none). ``"auto"`` (default):
+    exact when N * K <= ``exact_max_rows`` (K = ``loss_fn.ggn_rank``: C-1 for
+    softmax CE, T*(C-1) for token CE, the output size for MSE), else CG.
+    ``"dense"``: forms G (P x P) and solves in float64; tiny models only.
+    The info (``return_info=True``) is a :class:`CGInfo` of 0-d tensors: CG's
+    iterations and true final residual, or for exact/dense 0 iterations and the
+    relative residual ||(G + lam I) d - g|| / ||g||.
+
+    Derivation of the exact solve. Factor each sample's output Hessian
+    H_n = L_n^T L_n with L_n of K rows and pick b_n with L_n^T b_n = dl_n/dz_n
+    (``loss_fn.ggn_factor``: softmax CE uses C-1 rows -(sqrt(p) * q_k) with
+    q_k an orthonormal basis of sqrt(p)'s complement and b_nk = q_k[y_n] /
+    sqrt(p_{y_n}); MSE uses L = I and b = the residual). Let R be the (N*K) x P
+    matrix with rows r_{kn} = Jz_n^T L_n[k] (per-sample gradients at the
+    cotangents L_n[k]: ``jac.rows``, so the fast path serves it too). Then
+        G = sum_n Jz_n^T L_n^T L_n Jz_n = R^T R,
+        g = (1/N) sum_n Jz_n^T dl_n/dz_n = (1/N) sum_n Jz_n^T L_n^T b_n = R^T b / N,
+    and by the push-through identity (R^T R + lam I) R^T = R^T (R R^T + lam I),
+        (G + lam I)^{-1} g = R^T (R R^T + lam I)^{-1} b / N.
+    Only the (N*K) x (N*K) Gram R R^T is solved (float64, eigen-decomposition;
+    eigenvalues at float64 round-off, M * eps * max, are treated as zero), and
+    nothing is subtracted, so small lam costs no accuracy. As lam -> 0 this is
+    R^T (R R^T)^+ b / N = R^+ b / N = (R^T R)^+ R^T b / N = G^+ g, the
+    minimum-norm natural gradient, which is what lam = 0 returns. On CUDA the
+    eigen-decomposition synchronises with the host once per call
+    (torch.linalg.eigh has no sync-free variant); EF/iEF/SF do not.
     """
     _check_damping(damping)
     g = bg.g
-    if method == "dense":
+    if method == "auto":
+        rank = getattr(bg.loss_fn, "ggn_rank", None)
+        method = "exact" if rank is not None and bg.n * rank(bg.logits) <= exact_max_rows else "cg"
+    if method == "exact":
+        d, info = _ngd_exact(bg, damping)
+    elif method == "dense":
         G = ggn_matrix(bg.jac, bg.loss_fn, bg.targets)
         A = G + damping * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         g64 = g.to(torch.float64)
         d64 = torch.linalg.pinv(A, hermitian=True) @ g64 if damping == 0 else torch.linalg.solve(A, g64)
         d = d64.to(g.dtype)
-        info = CGInfo(0, float(torch.linalg.vector_norm(A @ d64 - g64) / torch.linalg.vector_norm(g64)), True)
+        res = torch.linalg.vector_norm(A @ d64 - g64) / torch.linalg.vector_norm(g64)
+        info = CGInfo(torch.zeros((), dtype=torch.int64, device=g.device), res, res <= 1e-8)
     elif method == "cg":
         if tol is None:
             tol = 1e-10 if g.dtype == torch.float64 else 1e-5
@@ -156,7 +194,30 @@ def ngd(
         def matvec(v: Tensor) -> Tensor:
             return ggn_vp(bg.jac, bg.loss_fn, bg.targets, v) + damping * v
 
-        d, info = conjugate_gradient(matvec, g, tol=tol, maxiter=maxiter)
+        d, info = conjugate_gradient(matvec, g, tol=tol, maxiter=maxiter, check_every=check_every)
     else:
-        raise ValueError(f"unknown ngd method {method!r}; choose cg or dense")
+        raise ValueError(f"unknown ngd method {method!r}; choose auto, exact, cg or dense")
     return (d, info) if return_info else d
+
+
+def _ngd_exact(bg: BatchGrads, damping: float) -> tuple[Tensor, CGInfo]:
+    """R^T (R R^T + lam I)^{+} b / N; see :func:`ngd`."""
+    u, b = bg.loss_fn.ggn_factor(bg.logits, bg.targets)  # (K, N, ...), (K, N) float64
+    rows = bg.jac.rows(u)  # K*N rows, k-major: row k*N + n, as b.reshape(-1)
+    rhs = b.reshape(-1) / bg.n
+    gram = rows.gram().to(torch.float64)
+    m = gram.shape[0]
+    evals, evecs = torch.linalg.eigh(gram)
+    cut = evals.abs().max() * m * torch.finfo(torch.float64).eps
+    live = evals > cut
+    inv = torch.where(live, 1.0 / (evals.clamp_min(cut) + damping), torch.zeros_like(evals))
+    y = evecs @ (inv * (evecs.T @ rhs))
+    d64 = rows.combine(y, dtype=torch.float64)
+    # Residual of the primal system through R: (G + lam I) d - g = R^T ((R R^T + lam I) y - b / N).
+    g64 = rows.combine(rhs, dtype=torch.float64)
+    r64 = rows.combine(gram @ y + damping * y - rhs, dtype=torch.float64)
+    gnorm = torch.linalg.vector_norm(g64)
+    res = torch.linalg.vector_norm(r64) / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm))
+    ok = torch.isfinite(d64).all() & (res <= 1e-8)
+    its = torch.zeros((), dtype=torch.int64, device=gram.device)
+    return d64.to(bg.g.dtype), CGInfo(its, res, ok)

@@ -162,3 +162,30 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- small closed-form models
+
+
+def plain_loss(name: str):
+    """A one-sample loss (z_n, y_n) -> scalar written with torch.nn.functional."""
+    import torch.nn.functional as F
+
+    if name == "cross_entropy":
+        return lambda z, y: F.cross_entropy(z.unsqueeze(0), y.unsqueeze(0), reduction="sum")
+    if name == "mse":
+        return lambda z, y: 0.5 * F.mse_loss(z, y, reduction="sum")
+    raise ValueError(name)
+
+
+def linear_ggn(x: Tensor, z: Tensor, y: Tensor, loss) -> Tensor:
+    """Dense GGN of the summed loss for z_n = W x_n + b (params: W row-major, then b):
+    Jz_n = [I kron x_n^T, I] written out, H_n by autograd of the plain ``loss``."""
+    d_out = z.shape[1]
+    eye = torch.eye(d_out, dtype=torch.float64)
+    out = 0
+    for n in range(x.shape[0]):
+        jz = torch.cat([torch.kron(eye, x[n].to(torch.float64)[None, :]), eye], dim=1)  # (d_out, P)
+        h = torch.autograd.functional.hessian(lambda v: loss(v, y[n]), z[n].detach().to(torch.float64))
+        out = out + jz.T @ h @ jz
+    return out

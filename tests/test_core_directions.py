@@ -118,12 +118,6 @@ def test_solve_info_diagnostics(name):
         assert 1.0 <= float(info.cond) <= _cond(A) * (1 + 1e-8)
 
 
-def _sf_svd(Jh, g, lam):
-    """(Jh^T Jh + lam I)^{-1} g by the SVD: range part V (S^2 + lam)^{-1} V^T g plus (g - V V^T g) / lam."""
-    _, S, Vh = torch.linalg.svd(Jh, full_matrices=False)
-    vg = Vh @ g
-    return Vh.T @ (vg / (S * S + lam)) + (g - Vh.T @ vg) / lam
-
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_sampled_rows_match_loop_at_sampled_labels(name):
@@ -156,7 +150,7 @@ def test_sf_matches_explicit_form(name, lam):
     g = bg.g
     d, info = directions.sf(R, g, lam, dup_threshold=None, return_info=True)
     assert d.shape == g.shape and d.dtype == g.dtype
-    expect = _sf_svd(Jh, g, lam)
+    expect = ref.sf_svd(Jh, g, lam)
     # (g - Jh^T x) / lam cancels when g lies (nearly) in the row space of Jh; both
     # forms then carry ~eps * ||g|| / lam absolute error. Tolerance states that, and
     # must stay small enough to mean something on every case.
@@ -310,7 +304,7 @@ def test_sf_float32_when_g_lies_in_the_rows_span(name, jacobian):
     g64 = bg.g.double()
     for lam in (1e-3, 1e-5, 1e-7, 1e-9):
         d32 = directions.sf(bg.rows, bg.g, lam)
-        d64 = _sf_svd(J64, g64, lam)
+        d64 = ref.sf_svd(J64, g64, lam)
         assert d32.dtype == torch.float32
         assert ref.rel_err(d32, d64) < 1e-6, lam
         assert float(d32.double() @ g64) > 0, lam

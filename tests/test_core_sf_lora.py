@@ -47,37 +47,28 @@ def _model(dtype):
     return built, model, {"input_ids": ids, "attention_mask": mask}, y
 
 
-def _loop_rows(model, ids, labels):
-    """(N, P) gradients of CE at ``labels``, each sample alone and trimmed, float64."""
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    rows = []
-    for i, k in enumerate(LENGTHS):
-        z = model(input_ids=ids[i : i + 1, :k]).logits
-        grads = torch.autograd.grad(F.cross_entropy(z, labels[i : i + 1], reduction="sum"), params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]).to(torch.float64))
-    return torch.stack(rows)
 
 
-def _sf_svd(Jh, g, lam):
-    _, S, Vh = torch.linalg.svd(Jh, full_matrices=False)
-    vg = Vh @ g
-    return Vh.T @ (vg / (S * S + lam)) + (g - Vh.T @ vg) / lam
+def _rows(model, inputs, labels):
+    """Per-sample CE gradients at ``labels``, each sample alone and trimmed (reference.module_rows)."""
+    ce = lambda z, y: F.cross_entropy(z, y, reduction="sum")  # noqa: E731
+    return ref.module_rows(model, inputs["input_ids"], labels, ce, lengths=LENGTHS)
 
 
 @pytest.mark.parametrize("jacobian", ["vmap", "fast"])
 def test_sf_on_lora_transformer_matches_dense_float64(jacobian):
     built, model, inputs, y = _model(torch.float64)
     bg = batch_grads(model, trainable_params(model), inputs, y, CrossEntropy(), jacobian=jacobian, forward=built.forward)
-    J = _loop_rows(model, inputs["input_ids"], y)
+    J = _rows(model, inputs, y)
     assert ref.rel_err(bg.g, J.mean(0)) < 1e-10
     yhat = CrossEntropy().sample(bg.logits, y, K, torch.Generator().manual_seed(5))
     R = sampled_rows(bg, K, torch.Generator().manual_seed(5))
-    Jh = torch.cat([_loop_rows(model, inputs["input_ids"], yhat[i]) for i in range(K)]) / math.sqrt(K)
+    Jh = torch.cat([_rows(model, inputs, yhat[i]) for i in range(K)]) / math.sqrt(K)
     g = J.mean(0)
     lam = 1e-8
     for rows, label in ((R, "sampled"), (bg.rows, "true labels: g in the rows' span")):
         Jr = Jh if label == "sampled" else J
-        expect = _sf_svd(Jr, g, lam)
+        expect = ref.sf_svd(Jr, g, lam)
         d = directions.sf(rows, bg.g, lam)
         # Both forms carry ~eps * ||g|| / lam absolute error from g - V V^T g.
         tol = 1e-9 + 1e3 * EPS64 * float(g.norm()) / (lam * float(expect.norm()))
@@ -99,6 +90,6 @@ def test_float32_sf_is_a_descent_direction_when_g_is_in_the_span(jacobian):
     g = bg.g.double()
     for lam in (1e-5, 1e-7, 1e-9):
         d = directions.sf(bg.rows, bg.g, lam)
-        expect = _sf_svd(J64, g, lam)
+        expect = ref.sf_svd(J64, g, lam)
         assert float(d.double() @ g) > 0, lam
         assert ref.rel_err(d, expect) < 1e-5, lam

@@ -115,6 +115,15 @@ def sf(Jhat: Tensor, g: Tensor, lam: float) -> Tensor:
     return torch.linalg.solve(Jhat.T @ Jhat + lam * torch.eye(P, dtype=Jhat.dtype), g)
 
 
+def sf_svd(Jh: Tensor, g: Tensor, lam: float) -> Tensor:
+    """(Jh^T Jh + lam I)^{-1} g by the SVD Jh = U S V^T: the range part
+    V (S^2 + lam)^{-1} V^T g plus (g - V V^T g) / lam. Accurate for every lam > 0
+    up to eps ||g|| / lam absolute error in the second term."""
+    _, S, Vh = torch.linalg.svd(Jh, full_matrices=False)
+    vg = Vh @ g
+    return Vh.T @ (vg / (S * S + lam)) + (g - Vh.T @ vg) / lam
+
+
 def ridge_svd(J: Tensor, b: Tensor, lam: float) -> Tensor:
     """(J^T J + lam I)^{-1} J^T b by the SVD J = U S V^T: V diag(S / (S^2 + lam)) U^T b.
 
@@ -162,3 +171,47 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- small closed-form models
+
+
+def plain_loss(name: str):
+    """A one-sample loss (z_n, y_n) -> scalar written with torch.nn.functional."""
+    import torch.nn.functional as F
+
+    if name == "cross_entropy":
+        return lambda z, y: F.cross_entropy(z.unsqueeze(0), y.unsqueeze(0), reduction="sum")
+    if name == "mse":
+        return lambda z, y: 0.5 * F.mse_loss(z, y, reduction="sum")
+    raise ValueError(name)
+
+
+def linear_ggn(x: Tensor, z: Tensor, y: Tensor, loss) -> Tensor:
+    """Dense GGN of the summed loss for z_n = W x_n + b (params: W row-major, then b):
+    Jz_n = [I kron x_n^T, I] written out, H_n by autograd of the plain ``loss``."""
+    d_out = z.shape[1]
+    eye = torch.eye(d_out, dtype=torch.float64)
+    out = 0
+    for n in range(x.shape[0]):
+        jz = torch.cat([torch.kron(eye, x[n].to(torch.float64)[None, :]), eye], dim=1)  # (d_out, P)
+        h = torch.autograd.functional.hessian(lambda v: loss(v, y[n]), z[n].detach().to(torch.float64))
+        out = out + jz.T @ h @ jz
+    return out
+
+
+def module_rows(model, inputs, labels, loss, lengths=None) -> Tensor:
+    """(N, P) per-sample gradients by one ordinary forward of the module per sample
+    (``model(x_n)``, or ``model(input_ids=ids_n[:, :length_n]).logits`` when ``lengths``
+    is given: the sample alone, trimmed, no padding and no mask) and autograd.grad of
+    ``loss(z (1, ...), y (1, ...))``. float64."""
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    rows = []
+    for i in range(labels.shape[0]):
+        if lengths is None:
+            z = model(inputs[i : i + 1])
+        else:
+            z = model(input_ids=inputs[i : i + 1, : lengths[i]]).logits
+        grads = torch.autograd.grad(loss(z, labels[i : i + 1]), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).to(torch.float64))
+    return torch.stack(rows)

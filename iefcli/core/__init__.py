@@ -1,6 +1,6 @@
 """The pure functional core: no I/O, no printing, randomness only from explicit generators."""
 
-from iefcli.core.ggn import conjugate_gradient, ggn_matrix, ggn_quadratic, ggn_vp
+from iefcli.core.ggn import CGInfo, conjugate_gradient, ggn_matrix, ggn_quadratic, ggn_vp
 from iefcli.core.jacobian import (
     BatchGrads,
     DenseRows,
@@ -28,5 +28,5 @@ __all__ = [
     "check_all_params_used", "default_forward", "make_jacobian", "per_sample_grads",
     "register_jacobian", "sampled_rows", "MSE", "CrossEntropy", "Loss", "TokenCrossEntropy",
     "get_loss", "ParamLayout", "trainable_params", "SolveInfo", "duplicate_mask", "solve_gram",
-    "batch_imbalance", "imbalance", "conjugate_gradient", "ggn_matrix", "ggn_quadratic", "ggn_vp",
+    "batch_imbalance", "imbalance", "CGInfo", "conjugate_gradient", "ggn_matrix", "ggn_quadratic", "ggn_vp",
 ]

@@ -226,7 +226,6 @@ class BatchGrads:
     jac: OutputJacobian
     targets: Tensor
     loss_fn: Loss
-    extras: dict = field(default_factory=dict)
     _g: Tensor | None = field(default=None, repr=False)
 
     @property

@@ -12,6 +12,10 @@ Every loss gives, for logits z (N, ...) and targets y:
 - ``hessian(z, y)``     -> (N, D, D) dense H_n over the flattened logits (tiny models, tests)
 - ``sample(z, y, k, generator)`` -> (k, N, ...) targets drawn from the model's
   predictive p(y | z_n); randomness only from the explicit ``generator``.
+- ``ggn_rank(z)``       -> K, rows per sample of the factor below
+- ``ggn_factor(z, y)``  -> (U (K, N, ...), b (K, N)), float64, with
+  sum_k U_kn U_kn^T = H_n and sum_k b_kn U_kn = d l_n / d z_n (exact NG, see
+  :func:`iefcli.directions.ngd`).
 For these losses the Fisher equals the generalised Gauss-Newton matrix.
 """
 
@@ -44,6 +48,30 @@ class _Base:
     def s(self, z: Tensor, y: Tensor) -> Tensor:
         """s_n = ||d l_n / d z_n||^2, shape (N,)."""
         return _squared_norm_per_sample(self.logit_grad(z, y))
+
+    def ggn_rank(self, z: Tensor) -> int:
+        """K, the number of factor rows per sample (generic: one per logit)."""
+        return z[0].numel()
+
+    def ggn_factor(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(U, b): H_n = sum_k U_kn U_kn^T, dl_n/dz_n = sum_k b_kn U_kn (float64).
+
+        Generic form from the dense Hessian: H_n = V E V^T, U_kn = sqrt(e_k) v_k,
+        b_kn = v_k . (dl_n/dz_n) / sqrt(e_k) (0 on eigenvalues at round-off level;
+        exact when dl_n/dz_n lies in the range of H_n, as it does for losses whose
+        Fisher is their GGN). Subclasses give closed forms.
+        """
+        z64 = z.detach().to(torch.float64)
+        n, d = z64.shape[0], z64[0].numel()
+        e, v = torch.linalg.eigh(self.hessian(z64, y))  # (N, D), (N, D, D)
+        cut = e.abs().amax(dim=1, keepdim=True) * d * torch.finfo(torch.float64).eps
+        live = e > cut
+        root = torch.where(live, e.clamp_min(0).sqrt(), torch.zeros_like(e))
+        u = (v * root[:, None, :]).permute(2, 0, 1)  # (D, N, D): U_kn = sqrt(e_k) v_k
+        lg = self.logit_grad(z64, y).reshape(n, d)
+        proj = torch.einsum("ndk,nd->kn", v, lg)
+        b = torch.where(live.T, proj / torch.where(live, root, torch.ones_like(root)).T, torch.zeros_like(proj))
+        return u.reshape(d, *z64.shape), b
 
     def hessian(self, z: Tensor, y: Tensor) -> Tensor:
         """Dense per-sample Hessians (N, D, D), D = numel of one sample's logits, from hvp."""
@@ -80,6 +108,22 @@ class CrossEntropy(_Base):
         p = torch.softmax(z.detach().to(torch.float64), dim=-1)
         draws = torch.multinomial(p, k, replacement=True, generator=generator)  # (N, k)
         return draws.transpose(0, 1).contiguous()
+
+    def ggn_rank(self, z: Tensor) -> int:
+        return z.shape[-1] - 1
+
+    def ggn_factor(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """C-1 rows per sample: U_k = -(w * q_k), b_k = q_k[y] / w_y (float64).
+
+        w = sqrt(p) is a unit vector; q_1..q_{C-1} are the columns of the
+        Householder reflector I - v v^T / (1 + w_j), v = w + e_j (j = argmax p),
+        other than column j: an orthonormal basis of w's complement. Then
+        sum_k U_k U_k^T = D_w (I - w w^T) D_w = diag(p) - p p^T = H, and
+        sum_k b_k U_k = -w * (Q Q^T e_y / w_y) = -w * (e_y / w_y - w) = p - e_y
+        (Q Q^T = I - w w^T and w^T e_y / w_y = 1). No subtraction of nearly equal
+        numbers; the structural null direction of H (along 1) is not a row.
+        """
+        return _ce_factor(z.detach().to(torch.float64), y)
 
 
 class TokenCrossEntropy(_Base):
@@ -125,6 +169,24 @@ class TokenCrossEntropy(_Base):
         draws = draws.transpose(0, 1).reshape(k, n, t)
         return torch.where(mask.unsqueeze(0), draws, torch.full_like(draws, self.ignore_index))
 
+    def ggn_rank(self, z: Tensor) -> int:
+        return z.shape[1] * (z.shape[2] - 1)
+
+    def ggn_factor(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """T*(C-1) rows per sample, k = t*(C-1) + c: CrossEntropy's factor of token t,
+        placed at position t, zero on padding (whose H and dl/dz are zero)."""
+        mask, yy = self._mask_labels(y)
+        n, t, c = z.shape
+        u, b = _ce_factor(z.detach().to(torch.float64).reshape(n * t, c), yy.reshape(n * t))  # (C-1, N*T, C)
+        m = mask.reshape(n * t).to(torch.float64)
+        u = (u * m[None, :, None]).reshape(c - 1, n, t, c)
+        b = (b * m[None, :]).reshape(c - 1, n, t)
+        eye_t = torch.eye(t, dtype=torch.float64, device=z.device)
+        # U[(t0, k), n, t, :] = delta(t0, t) u[k, n, t, :]
+        big_u = torch.einsum("knxc,sx->sknxc", u, eye_t).reshape(t * (c - 1), n, t, c)
+        big_b = b.permute(2, 0, 1).reshape(t * (c - 1), n)
+        return big_u, big_b
+
     def __repr__(self) -> str:
         return f"TokenCrossEntropy(ignore_index={self.ignore_index})"
 
@@ -150,6 +212,33 @@ class MSE(_Base):
         zd = z.detach()
         noise = torch.randn((k, *zd.shape), dtype=zd.dtype, device=zd.device, generator=generator)
         return zd.unsqueeze(0) + noise
+
+    def ggn_factor(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """H = I: U_k = e_k (one row per output), b_k = the residual's k-th entry."""
+        z64 = z.detach().to(torch.float64)
+        n, d = z64.shape[0], z64[0].numel()
+        eye = torch.eye(d, dtype=torch.float64, device=z.device)
+        u = eye[:, None, :].expand(d, n, d).reshape(d, *z64.shape)
+        return u, (z64 - y.to(torch.float64)).reshape(n, d).T.contiguous()
+
+
+def _ce_factor(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """CrossEntropy.ggn_factor on float64 (M, C) logits: U (C-1, M, C), b (C-1, M)."""
+    m, c = z.shape
+    logp = torch.log_softmax(z, dim=-1)
+    w = torch.exp(0.5 * logp)  # sqrt(p), from log p so that it never underflows before p does
+    j = logp.argmax(dim=-1)  # w_j >= 1 / sqrt(C): 1 + w_j has no cancellation
+    v = w + torch.nn.functional.one_hot(j, c).to(z.dtype)
+    eye = torch.eye(c, dtype=z.dtype, device=z.device)
+    house = eye - v[:, :, None] * v[:, None, :] / (1.0 + w.gather(1, j[:, None]))[:, :, None]  # (M, C, C)
+    # Drop column j (it is -w): columns idx = 0..C-2 shifted past j. Static shapes.
+    idx = torch.arange(c - 1, device=z.device)[None, :]
+    idx = idx + (idx >= j[:, None]).to(idx.dtype)  # (M, C-1)
+    q = house.gather(2, idx[:, None, :].expand(m, c, c - 1))  # (M, C, C-1), orthonormal, orthogonal to w
+    u = -(w[:, :, None] * q).permute(2, 0, 1)  # (C-1, M, C)
+    inv_wy = torch.exp(-0.5 * logp.gather(1, y[:, None]))  # 1 / sqrt(p_y)
+    b = (q.gather(1, y[:, None, None].expand(m, 1, c - 1)).squeeze(1) * inv_wy).T  # (C-1, M)
+    return u, b.contiguous()
 
 
 LOSSES = {"cross_entropy": CrossEntropy, "token_cross_entropy": TokenCrossEntropy, "mse": MSE}

@@ -45,11 +45,6 @@ class ParamLayout:
         """dict of tensors shaped like the params -> (P,). Works under vmap."""
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
 
-    def flatten_batched(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        """dict of (B, *shape) tensors -> (B, P)."""
-        first = tensors[self.names[0]]
-        return torch.cat([tensors[n].reshape(first.shape[0], -1) for n in self.names], dim=1)
-
     def unflatten(self, vec: Tensor) -> Params:
         """(P,) -> dict of tensors shaped like the params (views into ``vec``)."""
         out: Params = {}

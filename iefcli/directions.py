@@ -30,7 +30,7 @@ from iefcli.core.ggn import CGInfo, conjugate_gradient, ggn_matrix, ggn_vp
 from iefcli.core.jacobian import BatchGrads, DenseRows, Rows
 from iefcli.core.solve import SolveInfo, solve_gram
 
-DEFAULT_DUP_THRESHOLD = 0.99
+from iefcli.core.methods import CG_MAXITER, DUP_THRESHOLD as DEFAULT_DUP_THRESHOLD, NGD_EXACT_MAX_ROWS
 
 __all__ = ["sgd", "ef", "ief", "sf", "ngd", "SolveInfo", "CGInfo", "DEFAULT_DUP_THRESHOLD", "NGD_EXACT_MAX_ROWS"]
 
@@ -160,7 +160,6 @@ def sf(
 
 
 # Largest dual system (rows = N * loss.ggn_rank) that method="auto" solves exactly.
-NGD_EXACT_MAX_ROWS = 1024
 
 
 def ngd(
@@ -169,7 +168,7 @@ def ngd(
     *,
     method: str = "auto",
     tol: float | None = None,
-    maxiter: int = 500,
+    maxiter: int = CG_MAXITER,
     exact_max_rows: int = NGD_EXACT_MAX_ROWS,
     check_every: int | None = 10,
     return_info: bool = False,

@@ -30,7 +30,7 @@ KINDS = {
                   {}, {"name": "ief", "lr": 10.0}),
     # The tiny random BERT makes a nearly singular Gram for prompt tuning; iEF needs real damping there.
     "bert-prompt": ({"arch": "classifier", "config": BERT, "peft": {"method": "prompt", "num_virtual_tokens": 4}},
-                    {}, {"name": "ief", "lr": 10.0, "damping": 1.0}),
+                    {}, {"name": "ief", "lr": 10.0, "damping": 1.0 / 64**2}),
     "t5-prompt": ({"arch": "seq2seq", "config": T5, "peft": {"method": "prompt", "num_virtual_tokens": 4}},
                   {"label_words": ["negative", "positive"]}, {"name": "ief", "lr": 30.0}),
 }

@@ -95,7 +95,7 @@ def test_compare_json_rows_grouped_and_checked_against_files(runs):
         assert r["final_train_loss"] == pytest.approx(s["final_train_loss"])
         assert r["wall_time_s"] > 0 and r["steps_per_s"] == pytest.approx(6 / r["wall_time_s"])
         assert r["status"] == "completed"
-    assert rows[0]["damping"] == pytest.approx(1e-7) and rows[1]["damping"] is None  # sgd has none
+    assert rows[0]["damping"] == pytest.approx(1e-7 / 64**2) and rows[1]["damping"] is None  # sgd has none
     # Best per column, recomputed here, within the digits group only (the toy run is alone in its group).
     d = rows[:2]
     lo = min(range(2), key=lambda i: d[i]["final_train_loss"])

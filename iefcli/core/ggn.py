@@ -16,6 +16,7 @@ from torch import Tensor
 
 from iefcli.core.jacobian import DenseRows, OutputJacobian
 from iefcli.core.losses import Loss
+from iefcli.core.methods import CG_MAXITER
 
 
 def ggn_vp(jac: OutputJacobian, loss_fn: Loss, targets: Tensor, v: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class CGInfo:
 
 
 def conjugate_gradient(
-    matvec, b: Tensor, *, tol: float = 1e-10, maxiter: int = 1000, check_every: int | None = 10
+    matvec, b: Tensor, *, tol: float = 1e-10, maxiter: int = CG_MAXITER, check_every: int | None = 10
 ) -> tuple[Tensor, CGInfo]:
     """Solve A x = b for symmetric positive (semi-)definite A given v -> A v, in b's dtype.
 

@@ -43,6 +43,9 @@ CG_MAXITER = 500
 well-conditioned systems, so the cap only binds where a smaller one would return a
 wrong direction (small damping); 500 is what eval-gamma has always used."""
 
+NGD_EXACT_MAX_ROWS = 1024
+"""ngd "auto": the exact dual solve up to this many rows (N * K), CG above."""
+
 
 @dataclass(frozen=True)
 class MethodOptions:
@@ -51,15 +54,20 @@ class MethodOptions:
     dup_threshold: ef/ief duplicate-row filter (None: off). SF never filters: repeated
                    label draws are Monte-Carlo weight, and its damping is > 0.
     mc_samples:    sf: labels drawn per sample (k; rows scaled by 1/sqrt(k)).
-    ngd_method:    ngd: "cg" (matrix-free) or "dense" (forms the P x P GGN; tiny models),
-                   or any other method :func:`iefcli.directions.ngd` accepts.
+    ngd_method:    ngd: "auto" (the exact (N*K)-sized dual solve up to ngd_exact_max_rows
+                   rows, CG above), "exact", "cg" (matrix-free) or "dense" (P x P; tiny models).
+    ngd_exact_max_rows: ngd "auto": the largest dual system solved exactly.
+    cg_check_every: ngd by CG: read the convergence flag every this many iterations
+                   (None: never, no host read at all).
     cg_tol:        ngd by CG: relative residual tolerance (None: 1e-10 in float64, 1e-5 in float32).
     cg_maxiter:    ngd by CG: iteration cap.
     """
 
     dup_threshold: float | None = DUP_THRESHOLD
     mc_samples: int = 1
-    ngd_method: str = "cg"
+    ngd_method: str = "auto"
+    ngd_exact_max_rows: int = NGD_EXACT_MAX_ROWS
+    cg_check_every: int | None = 10
     cg_tol: float | None = None
     cg_maxiter: int = CG_MAXITER
 
@@ -127,7 +135,8 @@ def _ngd(bg, damping, generator, options):
     from iefcli import directions
 
     d, info = directions.ngd(bg, damping, method=options.ngd_method, tol=options.cg_tol,
-                             maxiter=options.cg_maxiter, return_info=True)
+                             maxiter=options.cg_maxiter, exact_max_rows=options.ngd_exact_max_rows,
+                             check_every=options.cg_check_every, return_info=True)
     dev = d.device
     return d, {"cg_iterations": torch.as_tensor(info.iterations, device=dev),
                "cg_residual": torch.as_tensor(info.residual, dtype=torch.float64, device=dev),

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from iefcli.cli import app
-from iefcli.commands import eval_gamma as eg
+from iefcli.eval import figures, gamma_output as go
 from iefcli.train.loop import train_from_cli
 
 runner = CliRunner()
@@ -125,10 +125,10 @@ def test_stage_all_out_dir_csv_pngs_and_figures(digits_run, tmp_path):
     assert r.exit_code == 0, r.output
     docs = json.loads(r.stdout)
     assert [d["step"] for d in docs] == [0, 100, 200]
-    assert json.loads((out / eg.JSON_FILE).read_text()) == docs
-    with open(out / eg.CSV_FILE, newline="") as f:
+    assert json.loads((out / go.JSON_FILE).read_text()) == docs
+    with open(out / go.CSV_FILE, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0].keys()) == eg.CSV_COLUMNS
+    assert tuple(rows[0].keys()) == go.CSV_COLUMNS
     assert len(rows) == 3 * 2 * 4 * 2  # stages x batches x methods x dampings
     assert {int(x["stage"]) for x in rows} == {0, 100, 200}
     assert all(x["cos_to_ngd"] == "" for x in rows)  # ngd not requested
@@ -137,12 +137,12 @@ def test_stage_all_out_dir_csv_pngs_and_figures(digits_run, tmp_path):
     agg = _by(docs[2])[("ief", 1e-10)]
     assert agg["gamma_ratio_median"] == pytest.approx(sum(one) / 2, rel=1e-12)
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted([eg.PNG_DAMPING, eg.PNG_STAGE, eg.PNG_IMBALANCE])
+    assert pngs == sorted(f"{stem}.png" for stem in figures.GAMMA_FIGURES)
     for p in out.glob("*.png"):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     # The figure objects: a panel per stage, one line per method in each.
-    fig = eg.figure_ratio_vs_damping(docs)
+    fig = figures.gamma_ratio_vs_damping(docs)
     panels = [a for a in fig.axes if a.get_visible()]
     assert [a.get_title() for a in panels] == ["step 0", "step 100", "step 200"]
     for ax, doc in zip(panels, docs):
@@ -151,13 +151,13 @@ def test_stage_all_out_dir_csv_pngs_and_figures(digits_run, tmp_path):
         x, y = ax.get_lines()[2].get_data()
         assert list(x) == [1e-10, 1e-2]
         assert list(y) == [_by(doc)[("ief", lam)]["gamma_ratio_median"] for lam in (1e-10, 1e-2)]
-    fig = eg.figure_ratio_vs_stage(docs)
+    fig = figures.gamma_ratio_vs_stage(docs)
     panels = [a for a in fig.axes if a.get_visible()]
     assert len(panels) == 2
     for a in panels:
         assert len(a.get_lines()) == 4
         assert list(a.get_lines()[0].get_data()[0]) == [0, 100, 200]
-    fig = eg.figure_imbalance_vs_stage(docs)
+    fig = figures.imbalance_vs_stage(docs)
     assert len(fig.axes[0].get_lines()) == 4
     # training makes per-sample gradient norms more imbalanced (the paper's stage figure)
     assert docs[-1]["imbalance"]["grad_norm_top10_bottom10"] > docs[0]["imbalance"]["grad_norm_top10_bottom10"]
@@ -183,11 +183,11 @@ def test_out_dir_never_overwritten_without_flag(digits_run, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     out2 = tmp_path / "ev2"
     assert invoke(digits_run, *CHEAP, "--out", out2).exit_code == 0
-    first = (out2 / eg.JSON_FILE).read_text()
+    first = (out2 / go.JSON_FILE).read_text()
     assert invoke(digits_run, *CHEAP, "--out", out2, "--seed", "9").exit_code == 2
-    assert (out2 / eg.JSON_FILE).read_text() == first
+    assert (out2 / go.JSON_FILE).read_text() == first
     assert invoke(digits_run, *CHEAP, "--out", out2, "--seed", "9", "--overwrite").exit_code == 0
-    assert (out2 / eg.JSON_FILE).read_text() != first
+    assert (out2 / go.JSON_FILE).read_text() != first
     assert not list(tmp_path.glob(".*"))  # no temporaries left behind
 
 
@@ -244,7 +244,7 @@ def test_interrupt_exits_130_and_leaves_no_output(digits_run, tmp_path, monkeypa
     def boom(results):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eg, "build_figures", boom)  # interrupted while writing --out
+    monkeypatch.setattr(go, "build_figures", boom)  # interrupted while writing --out
     out = tmp_path / "ev"
     r = invoke(digits_run, *CHEAP, "--out", out)
     assert r.exit_code == 130 and r.stderr == "ief: error: interrupted\n"

@@ -52,6 +52,9 @@ __all__ = [
     "evaluate_gamma",
     "aggregate",
     "aggregate_imbalance",
+    "bad_rows",
+    "direction_sanity",
+    "row_is_ok",
 ]
 
 METHODS = ("sgd", "ef", "ief", "sf", "ngd")
@@ -64,7 +67,12 @@ IMBALANCE_KEYS = (
     "logit_grad_norm_top10_bottom10",
 )
 # One tidy row per (batch, method, damping); cos_to_ngd is None unless ngd was requested.
-ROW_COLUMNS = ("batch", "method", "damping", "gamma", "gamma_ratio", "cos_to_ngd", *IMBALANCE_KEYS)
+# sanity: "ok", "non-finite" (d or its gamma has a NaN/Inf) or "not-descent" (d^T g <= 0);
+# cos_to_grad = d^T g / (|d| |g|), whose sign is the descent test (scale-free, unlike d^T g).
+ROW_COLUMNS = (
+    "batch", "method", "damping", "gamma", "gamma_ratio", "cos_to_ngd", "cos_to_grad", "sanity", *IMBALANCE_KEYS
+)
+SANITY_OK, SANITY_NONFINITE, SANITY_ASCENT = "ok", "non-finite", "not-descent"
 SUMMARY_KEYS = (
     "method",
     "damping",
@@ -74,6 +82,7 @@ SUMMARY_KEYS = (
     "gamma_median",
     "cos_to_ngd_median",
     "n_batches",
+    "n_bad",
 )
 
 
@@ -82,6 +91,7 @@ class GammaEval:
     """The result of :func:`evaluate_gamma`.
 
     rows:       tidy rows, dicts with keys ROW_COLUMNS, batch-major, then method, then damping
+                (every row carries its direction's sanity; see :func:`direction_sanity`)
     imbalance:  one dict per batch (IMBALANCE_KEYS -> float)
     summary:    :func:`aggregate` of the rows (one dict per method x damping)
     imbalance_summary: :func:`aggregate_imbalance` (median over batches)
@@ -100,6 +110,11 @@ class GammaEval:
     @property
     def n_batches(self) -> int:
         return len(self.imbalance)
+
+    @property
+    def bad_rows(self) -> list[dict[str, Any]]:
+        """The rows whose direction failed the sanity check (left out of ``summary``)."""
+        return bad_rows(self.rows)
 
 
 def check_methods(methods: Iterable[str], dampings: Iterable[float]) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -136,6 +151,23 @@ def _split_batch(batch: Any) -> tuple[Any, Tensor]:
 
 def _cos(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.to(torch.float64), b.to(torch.float64), dim=0))
+
+
+def direction_sanity(finite: bool, cos_to_grad: float, gamma_value: float) -> str:
+    """The per-row diagnostic: "non-finite" when the direction or its gamma has a NaN/Inf,
+    "not-descent" when d^T g <= 0 (then gamma is <= 0 or infinite: meaningless), else "ok"."""
+    if not finite or not math.isfinite(gamma_value) or math.isnan(cos_to_grad):
+        return SANITY_NONFINITE
+    if not cos_to_grad > 0:
+        return SANITY_ASCENT
+    return SANITY_OK
+
+
+def row_is_ok(row: dict[str, Any]) -> bool:
+    """Whether a row enters the statistics: its sanity is ok AND its ratio a finite
+    positive number (a hand-built row without a sanity field is judged by its ratio)."""
+    r = row.get("gamma_ratio")
+    return row.get("sanity", SANITY_OK) == SANITY_OK and r is not None and math.isfinite(r) and r > 0
 
 
 def evaluate_gamma(
@@ -247,6 +279,8 @@ def _one_batch(
         for lam in dampings:
             d = dirs[(m, lam)]
             gam = gamma_sgd if m == "sgd" else float(gamma(bg, d))
+            finite = bool(torch.isfinite(d).all())
+            cos_g = _cos(d, bg.g)
             out.append(
                 {
                     "method": m,
@@ -254,6 +288,8 @@ def _one_batch(
                     "gamma": gam,
                     "gamma_ratio": gam / gamma_sgd,
                     "cos_to_ngd": _cos(d, dirs[("ngd", lam)]) if "ngd" in methods else None,
+                    "cos_to_grad": cos_g,
+                    "sanity": direction_sanity(finite, cos_g, gam),
                 }
             )
     return out, ngd_info
@@ -271,11 +307,12 @@ def _quantile(sorted_x: list[float], q: float) -> float:
 
 
 def _stats(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, median, q25, q75) over the non-NaN values; NaN when none."""
-    x = sorted(v for v in values if v is not None and not math.isnan(v))
+    """(mean, median, q25, q75) of the values (the caller has already left out the bad
+    rows: nothing is dropped silently here); NaN when there are none."""
+    x = sorted(values)
     if not x:
         return (math.nan,) * 4
-    mean = sum(x) / len(x)  # plain sum: +-inf (a non-descent direction) propagates instead of raising
+    mean = sum(x) / len(x)
     return mean, statistics.median(x), _quantile(x, 0.25), _quantile(x, 0.75)
 
 
@@ -286,7 +323,10 @@ def aggregate(
     [25th, 75th percentile] (linear interpolation) of the gamma ratio; the median
     gamma and the median cosine to NG (None when ngd was not evaluated).
 
-    NaN values are left out of the statistics; n_batches counts every batch.
+    Only the rows whose direction passed the sanity check (:func:`row_is_ok`:
+    finite, d^T g > 0, a finite positive ratio) enter the statistics; the others are
+    COUNTED in ``n_bad`` (and listed per row by the caller), never averaged in.
+    n_batches counts every batch. Statistics over no good row are NaN.
     Order: methods, then dampings, in the given (or first-seen) order.
     """
     if methods is None:
@@ -299,8 +339,10 @@ def aggregate(
             sel = [r for r in rows if r["method"] == m and r["damping"] == lam]
             if not sel:
                 continue
-            mean, med, q25, q75 = _stats([r["gamma_ratio"] for r in sel])
-            cos = [r["cos_to_ngd"] for r in sel if r.get("cos_to_ngd") is not None]
+            good = [r for r in sel if row_is_ok(r)]
+            mean, med, q25, q75 = _stats([r["gamma_ratio"] for r in good])
+            # (a NaN cosine comes from a bad NGD direction, which its own row already reports)
+            cos = [r["cos_to_ngd"] for r in good if r.get("cos_to_ngd") is not None and not math.isnan(r["cos_to_ngd"])]
             out.append(
                 {
                     "method": m,
@@ -308,14 +350,34 @@ def aggregate(
                     "gamma_ratio_median": med,
                     "gamma_ratio_mean": mean,
                     "gamma_ratio_iqr": [q25, q75],
-                    "gamma_median": _stats([r["gamma"] for r in sel])[1],
+                    "gamma_median": _stats([r["gamma"] for r in good])[1],
                     "cos_to_ngd_median": _stats(cos)[1] if cos else None,
                     "n_batches": len({r["batch"] for r in sel}),
+                    "n_bad": len(sel) - len(good),
                 }
             )
     return out
 
 
+def bad_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows left out of the statistics, with what identifies them and why."""
+    keys = ("stage", "batch", "method", "damping", "sanity", "cos_to_grad", "gamma", "gamma_ratio")
+    out = []
+    for r in rows:
+        if not row_is_ok(r):
+            bad = {k: r[k] for k in keys if k in r}
+            if bad.get("sanity", SANITY_OK) == SANITY_OK:  # judged by its ratio alone
+                ratio = r.get("gamma_ratio")
+                bad["sanity"] = SANITY_ASCENT if ratio is not None and ratio <= 0 else SANITY_NONFINITE
+            out.append(bad)
+    return out
+
+
 def aggregate_imbalance(per_batch: list[dict[str, float]]) -> dict[str, float]:
-    """The median over batches of each imbalance figure (robust to one extreme batch)."""
-    return {k: _stats([b[k] for b in per_batch])[1] for k in IMBALANCE_KEYS if per_batch and k in per_batch[0]}
+    """The median over batches of each imbalance figure (robust to one extreme batch);
+    NaN values (a degenerate batch) are left out."""
+    return {
+        k: _stats([b[k] for b in per_batch if not math.isnan(b[k])])[1]
+        for k in IMBALANCE_KEYS
+        if per_batch and k in per_batch[0]
+    }

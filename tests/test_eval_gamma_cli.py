@@ -15,7 +15,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
+
+import reference_eval as ref
 
 from iefcli.cli import app
 from iefcli.eval import figures, gamma_output as go
@@ -116,7 +119,52 @@ def test_json_schema_and_determinism(digits_run):
         assert r["n_batches"] == 2
     for k in ("grad_norm_max_min", "grad_norm_top10_bottom10", "logit_grad_norm_top10_bottom10"):
         assert isinstance(doc["imbalance"][k], float) and doc["imbalance"][k] >= 1
-    assert all(r["gamma_ratio_median"] == 1.0 for r in doc["results"] if r["method"] == "sgd")
+    assert doc["bad_rows"] == [] and all(r["n_bad"] == 0 for r in doc["results"])
+
+
+def _toy_reference(ckpt: Path):
+    """J, s, g, G_sum of the toy-lsq recipe's two data at a checkpoint's params, read with
+    safetensors itself (not the library's loader), in closed form."""
+    from safetensors.torch import load_file
+
+    (w,) = load_file(str(ckpt / "params.safetensors")).values()
+    # recipes/toy-lsq.yaml data.x, data.y (the data builder stores them as float32)
+    X = torch.tensor([[1.0, 0.2], [0.3, 1.0]], dtype=torch.float32).double()
+    y = torch.tensor([1.0, -1.0], dtype=torch.float32).double()
+    return ref.linear_lsq(w, X, y)
+
+
+def test_every_csv_and_json_number_matches_a_dense_reference(toy_run, tmp_path):
+    out = tmp_path / "ev"
+    lams = (1e-4, 1e-2, 1.0)
+    r = invoke(toy_run, "--stage", "all", "--methods", "sgd,ef,ief,ngd", "--damping", ",".join(map(str, lams)),
+               "--out", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    docs = json.loads(r.stdout)
+    with open(out / go.CSV_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [d["step"] for d in docs] == [0, 3, 6] and len(rows) == 3 * 4 * len(lams)
+    checked = 0
+    for doc in docs:
+        J, s, g, G = _toy_reference(Path(doc["checkpoint"]))
+        by = _by(doc)
+        g_sgd = ref.gamma(G, g, g, 2)
+        for lam in lams:
+            want = ref.paper_directions(J, s, g, G, ref.library_damping_as_paper(lam, 2))
+            for m, d in want.items():
+                (row,) = [x for x in rows if int(x["stage"]) == doc["step"] and x["method"] == m and float(x["damping"]) == lam]
+                gam = ref.gamma(G, g, d, 2)
+                assert float(row["gamma"]) == pytest.approx(gam, rel=1e-7), (doc["step"], m, lam)
+                assert float(row["gamma_ratio"]) == pytest.approx(gam / g_sgd, rel=1e-7)
+                assert float(row["cos_to_ngd"]) == pytest.approx(ref.cos(d, want["ngd"]), abs=1e-7)
+                assert float(row["cos_to_grad"]) == pytest.approx(ref.cos(d, g), abs=1e-9) and row["sanity"] == "ok"
+                # one batch: the JSON's medians are that batch's numbers
+                assert by[(m, lam)]["gamma_ratio_median"] == pytest.approx(gam / g_sgd, rel=1e-7)
+                assert by[(m, lam)]["gamma_median"] == pytest.approx(gam, rel=1e-7)
+                checked += 1
+        norms = J.norm(dim=1)
+        assert doc["imbalance"]["grad_norm_max_min"] == pytest.approx(float(norms.max() / norms.min()), rel=1e-9)
+    assert checked == 3 * 4 * len(lams)
 
 
 def test_stage_all_out_dir_csv_pngs_and_figures(digits_run, tmp_path):
@@ -235,9 +283,17 @@ def test_corrupt_and_missing_files_exit_2(digits_run, tmp_path):
 
 
 def test_progress_goes_to_stderr_and_json_stays_clean(digits_run):
-    r = invoke(digits_run, "--methods", "sgd,ief", "--damping", "1e-8", "--batches", "1", "--batch-size", "32", "--json")
+    r = invoke(digits_run, "--stage", "all", "--methods", "sgd,ief", "--damping", "1e-8", "--batches", "2",
+               "--batch-size", "32", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["results"][1]["method"] == "ief"
+    docs = json.loads(r.stdout)  # stdout is the JSON and nothing else
+    assert r.stdout == json.dumps(docs, indent=2) + "\n"
+    assert [d["results"][1]["method"] for d in docs] == ["ief"] * 3
+    # Not a terminal here: one progress line per checkpoint on stderr, none on stdout.
+    lines = r.stderr.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == [f"eval-gamma: step {s} done" for s in (0, 100, 200)]
+    assert "(2/6 batches," in lines[0] and "(6/6 batches," in lines[-1]
+    assert "eval-gamma" not in r.stdout
 
 
 def test_interrupt_exits_130_and_leaves_no_output(digits_run, tmp_path, monkeypatch):

@@ -156,11 +156,11 @@ def _cos(a: Tensor, b: Tensor) -> float:
 def direction_sanity(finite: bool, cos_to_grad: float, gamma_value: float) -> str:
     """The per-row diagnostic: "non-finite" when the direction or its gamma has a NaN/Inf,
     "not-descent" when d^T g <= 0 (then gamma is <= 0 or infinite: meaningless), else "ok"."""
-    if not finite or not math.isfinite(gamma_value) or math.isnan(cos_to_grad):
+    if not finite or math.isnan(cos_to_grad):
         return SANITY_NONFINITE
     if not cos_to_grad > 0:
         return SANITY_ASCENT
-    return SANITY_OK
+    return SANITY_OK if math.isfinite(gamma_value) else SANITY_NONFINITE
 
 
 def row_is_ok(row: dict[str, Any]) -> bool:
@@ -259,18 +259,9 @@ def _one_batch(
     ngd_info: list[dict[str, Any]] = []
     for lam in dampings:
         for m in methods:
-            if m == "sgd":
-                dirs[(m, lam)] = bg.g
-            elif m == "ef":
-                dirs[(m, lam)] = directions.ef(bg.rows, lam, dup_threshold=dup_threshold)
-            elif m == "ief":
-                dirs[(m, lam)] = directions.ief(bg.rows, bg.s, lam, dup_threshold=dup_threshold)
-            elif m == "sf":
-                # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and lam > 0.
-                dirs[(m, lam)] = directions.sf(sf_rows, bg.g, lam)
-            elif m == "ngd":
-                d, cg = directions.ngd(bg, lam, tol=ngd_tol, maxiter=ngd_maxiter, return_info=True)
-                dirs[(m, lam)] = d
+            d, cg = _direction(m, bg, lam, sf_rows=sf_rows, dup_threshold=dup_threshold, ngd_maxiter=ngd_maxiter, ngd_tol=ngd_tol)
+            dirs[(m, lam)] = d
+            if cg is not None:
                 ngd_info.append(
                     {"damping": lam, "cg_iterations": cg.iterations, "cg_residual": cg.residual, "cg_converged": cg.converged}
                 )
@@ -293,6 +284,24 @@ def _one_batch(
                 }
             )
     return out, ngd_info
+
+
+def _direction(
+    m: str, bg: BatchGrads, lam: float, *, sf_rows, dup_threshold: float | None, ngd_maxiter: int, ngd_tol: float | None
+) -> tuple[Tensor, Any]:
+    """Method m's direction at damping lam (and ngd's CG info, else None)."""
+    if m == "sgd":
+        return bg.g, None
+    if m == "ef":
+        return directions.ef(bg.rows, lam, dup_threshold=dup_threshold), None
+    if m == "ief":
+        return directions.ief(bg.rows, bg.s, lam, dup_threshold=dup_threshold), None
+    if m == "sf":
+        # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and lam > 0.
+        return directions.sf(sf_rows, bg.g, lam), None
+    if m == "ngd":
+        return directions.ngd(bg, lam, tol=ngd_tol, maxiter=ngd_maxiter, return_info=True)
+    raise ValueError(f"unknown method {m!r}")
 
 
 def _quantile(sorted_x: list[float], q: float) -> float:

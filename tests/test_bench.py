@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from iefcli import bench
+from iefcli.eval import bench
+from iefcli.optim import REGISTRY
 from iefcli.cli import app
 
 TINY = "mlp:8-16-3"
@@ -40,29 +41,49 @@ def test_check_uses_a_prefix_when_n_times_p_is_large():
     assert n == 3 and diffs["ief"] < 1e-5
 
 
-def test_steps_update_the_model_and_agree_with_sgd_direction():
-    """One ief step moves the parameters by -lr * d; one sgd step by -lr * g (vs autograd)."""
+def test_steps_are_the_training_optimisers_update():
+    """A bench step IS the registry optimiser's update: sgd moves by -lr * g (autograd), ief by -lr * d
+    with d the method table's direction on the plain path; state carries over between calls."""
     wl = bench.build_workload(TINY, 5, dtype=torch.float64)
-    before = [p.detach().clone() for p in wl.model.parameters()]
+    before = {k: p.detach().clone() for k, p in wl.model.named_parameters()}
     z = wl.model(wl.inputs)
     g = torch.autograd.grad(torch.nn.functional.cross_entropy(z, wl.targets), list(wl.model.parameters()))
-    bench.make_step("sgd", wl, lr=0.5)()
-    for p, b, gi in zip(wl.model.parameters(), before, g):
-        assert torch.allclose(p.detach(), b - 0.5 * gi, rtol=0, atol=1e-12)
+    step = bench.make_step("sgd", wl, lr=0.5)
+    assert isinstance(step.opt, REGISTRY["sgd"])
+    step()
+    for (k, b), gi in zip(before.items(), g):
+        assert torch.allclose(step.params[k], b - 0.5 * gi, rtol=0, atol=1e-12)
     d, bg = bench._direction("ief", wl, jacobian="vmap", damping=1e-3, seed=0)
-    snap = [p.detach().clone() for p in wl.model.parameters()]
-    bench.make_step("ief", wl, lr=0.25, damping=1e-3)()
-    moved = torch.cat([(s - p.detach()).reshape(-1) for p, s in zip(wl.model.parameters(), snap)])
+    step = bench.make_step("ief", wl, lr=0.25, damping=1e-3)
+    assert isinstance(step.opt, REGISTRY["ief"]) and step.opt.config.damping == 1e-3
+    step()
+    moved = torch.cat([(before[k] - v).reshape(-1) for k, v in step.params.items()])
     assert torch.allclose(moved, 0.25 * d, rtol=1e-9, atol=1e-14)
+    # The next call starts from the new params (the module itself is left alone).
+    first = {k: v.clone() for k, v in step.params.items()}
+    step()
+    assert step.steps == 2 and not all(torch.equal(first[k], step.params[k]) for k in first)
+    assert all(torch.equal(p.detach(), before[k]) for k, p in wl.model.named_parameters())
+
+
+MEM_MODEL = "mlp:256-512-10"  # P = 136,842: every weight matrix above the worker's 64 KiB mmap threshold
 
 
 @pytest.mark.skipif(not bench.cpu_peak_supported(), reason="needs Linux /proc peak-RSS reset")
-def test_memory_worker_reports_every_method():
-    mem = bench.measure_cpu_memory(model=TINY, batch_sizes=[4], methods=["sgd", "ief"], jacobian="auto",
+def test_memory_worker_measures_what_a_step_allocates():
+    """Each peak = model + batch (held) + what the step allocates. A step makes a new copy of the
+    parameters (the pure update returns new tensors) besides the gradient, so the measured growth must be
+    >= 2P floats; and it is far below the worker's whole resident set (torch alone is > 100 MiB)."""
+    n = 16
+    mem = bench.measure_cpu_memory(model=MEM_MODEL, batch_sizes=[n], methods=["sgd", "ief"], jacobian="auto",
                                    damping=1e-4, seed=0, threads=1)
-    # at least the model and batch, which every step holds
-    floor = (8 * 16 + 16 + 16 * 3 + 3 + 4 * 8) * 4 / 2**20
-    assert set(mem["4"]) == {"sgd", "ief"} and all(v >= floor for v in mem["4"].values())
+    p = 256 * 512 + 512 + 512 * 10 + 10
+    held = (p + n * 256) * 4 + n * 8  # float32 params and inputs, int64 targets
+    assert set(mem[str(n)]) == {"sgd", "ief"}
+    for m, peak in mem[str(n)].items():
+        grown = peak * 2**20 - held
+        assert grown >= 2 * p * 4, (m, grown)  # at least a gradient and the new params
+        assert grown < 64 * 2**20, (m, grown)
 
 
 def test_cli_json():
@@ -88,6 +109,7 @@ def test_cli_table():
         (["-n", "0"], "--batch-sizes"),
         (["-n", "a,b"], "--batch-sizes"),
         (["--methods", "sgd,adam"], "--methods"),
+        (["--methods", "sgd,kfac-x"], "--methods"),
         (["--jacobian", "dense"], "--jacobian"),
         (["--damping", "0"], "--damping"),
         (["--repeats", "0"], "--repeats"),
@@ -113,6 +135,13 @@ def test_cli_bad_recipe_exit_2(tmp_path):
     bad.write_text("model: [unclosed\n")
     res = runner.invoke(app, ["bench", "--recipe", str(bad), "-q"])
     assert res.exit_code == 2 and "ief: error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_any_training_optimiser_can_be_timed():
+    rows = bench.run_bench(model=TINY, batch_sizes=[4], methods=["sgd", "adamw", "ngd"], repeats=1, warmup=0,
+                           memory=False, check=False)
+    assert [r["optimizer"] for r in rows] == ["sgd", "adamw", "ngd"]
+    assert [r["jacobian"] for r in rows] == ["n/a", "n/a", "auto"]
 
 
 def test_without_sgd_no_ratios():

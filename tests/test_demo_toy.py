@@ -18,18 +18,18 @@ F64 = torch.float64
 
 
 def _closed_forms(p: ToyProblem, theta: torch.Tensor, lam_ef: float) -> dict[str, torch.Tensor]:
-    """Dense float64 references written from the paper's sum-form formulas / N
-    (N = 2), with J = diag(r) X, s = r^2, G = X^T X."""
+    """Dense float64 references written from the authors' formulas (N = 2): rows of the MEAN
+    loss J_a = diag(r) X / N, s_a = r^2 / N^2, the mean-loss Fisher G_a = X^T X / N^2."""
     X, y = p.inputs, p.targets
     n = X.shape[0]
     r = X @ theta - y
-    J = r[:, None] * X
-    g = J.sum(0) / n
+    Ja = r[:, None] * X / n
+    g = Ja.sum(0)
     return {
         "sgd": g,
-        "ngd": torch.linalg.solve(X.T @ X, J.sum(0)) / n,
-        "ief": J.T @ torch.linalg.solve(J @ J.T, r**2) / n,
-        "ef": torch.linalg.solve(J.T @ J + lam_ef * torch.eye(2, dtype=F64), g),
+        "ngd": torch.linalg.solve(X.T @ X / n**2, g),
+        "ief": Ja.T @ torch.linalg.solve(Ja @ Ja.T, r**2 / n**2),
+        "ef": Ja.T @ torch.linalg.solve(Ja @ Ja.T + lam_ef * torch.eye(2, dtype=F64), torch.ones(2, dtype=F64)),
     }
 
 
@@ -38,12 +38,14 @@ def test_toy_directions_match_closed_forms(theta):
     p = ToyProblem()
     th = torch.tensor(theta, dtype=F64)
     bg = grads_at(p, th)
-    ref = _closed_forms(p, th, lam_ef=1e-2)
+    lam_ef = ToySettings().damping["ef"]
+    ref = _closed_forms(p, th, lam_ef=lam_ef)
     for m in METHODS:
-        lam = 1e-2 if m == "ef" else 0.0
+        lam = lam_ef if m == "ef" else 0.0
         torch.testing.assert_close(direction(bg, m, lam), ref[m], rtol=1e-10, atol=1e-12)
-    # On this toy iEF and NGD are both the Newton step (theta - theta*) / N.
+    # On this toy iEF and NGD both point at the minimum: iEF (theta - theta*) / N, NGD N (theta - theta*).
     torch.testing.assert_close(ref["ief"], (th - p.theta_star) / 2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref["ngd"], (th - p.theta_star) * 2, rtol=1e-10, atol=1e-12)
     # ... and the core's per-sample loss is l_n = 0.5 r_n^2 (mean over n).
     r = p.inputs @ th - p.targets
     torch.testing.assert_close(p.losses(th), (0.5 * r**2).mean())
@@ -51,7 +53,9 @@ def test_toy_directions_match_closed_forms(theta):
 
 def test_ief_trajectory_is_geometric_and_field_is_unit():
     # Undamped iEF with step lr: theta_k - theta* = (1 - lr/N)^k (theta_0 - theta*).
-    s = ToySettings(steps=6, damping={"sgd": 0.0, "ngd": 0.0, "ief": 0.0, "ef": 1e-2}, starts=((3.0, -1.0),))
+    s = ToySettings(steps=6, damping={"sgd": 0.0, "ngd": 0.0, "ief": 0.0, "ef": 2.5e-3}, starts=((3.0, -1.0),))
+    # NGD's paper-scale step is N^2 = 4 times iEF's at the same lr: the defaults compensate exactly.
+    assert s.lr["ngd"] * 4 == s.lr["ief"]
     res = run_toy(settings=s, grid=4)  # 4 points per axis: none falls on the minimum (d = 0 there)
     path = res.trajectories["ief"][0]
     th0 = torch.tensor((3.0, -1.0), dtype=F64) - res.problem.theta_star

@@ -1,7 +1,7 @@
 """`ief bench`: time SGD vs EF / iEF / SF steps (and their peak memory) on one model and batch.
 
-The shell around :func:`iefcli.bench.run_bench`: parse options, print a Rich
-table or ``--json``. All timing and memory logic lives in :mod:`iefcli.bench`.
+The shell around :func:`iefcli.eval.bench.run_bench`: parse options, print a Rich
+table or ``--json``. All timing and memory logic lives in :mod:`iefcli.eval.bench`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from iefcli.commands._common import cli_errors, err, out
+from iefcli.core.methods import BENCH_METHODS
 from iefcli.errors import UsageError
 
 DEFAULT_BATCH_SIZES = "32,64,128"
-DEFAULT_METHODS = "sgd,ef,ief,sf"
+DEFAULT_METHODS = ",".join(BENCH_METHODS)
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
@@ -38,12 +39,12 @@ def parse_int_list(text: str, option: str) -> list[int]:
 
 
 def parse_methods(text: str) -> list[str]:
-    from iefcli.bench import METHODS
+    from iefcli.eval.bench import choices
 
     items = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in items if m not in METHODS]
+    bad = [m for m in items if m not in choices()]
     if bad or not items:
-        raise UsageError(f"--methods {text}: {', '.join(bad) or 'empty'}; choose from {', '.join(METHODS)}")
+        raise UsageError(f"--methods {text}: {', '.join(bad) or 'empty'}; choose from {', '.join(choices())}")
     return list(dict.fromkeys(items))
 
 
@@ -82,13 +83,13 @@ def bench(
     model: Annotated[str, typer.Option(help="Built-in model spec: mlp (64-1024-1024-10), mlp:W0-W1-...-C, or bert-lora (tiny BERT + LoRA, sequence length 64; needs transformers and peft).")] = "mlp",
     recipe: Annotated[Optional[str], typer.Option(help="Benchmark a training recipe's model and data instead (a YAML file or built-in name); overrides --model.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-n", help="Comma-separated batch sizes N.")] = DEFAULT_BATCH_SIZES,
-    methods: Annotated[str, typer.Option(help="Comma-separated: sgd, ef, ief, sf (ratios need sgd).")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option(help="Comma-separated optimisers (any of `ief train`'s: sgd, adamw, adafactor, ef, ief, sf, ngd; ratios need sgd).")] = DEFAULT_METHODS,
     jacobian: Annotated[str, typer.Option(help="Path timed for ef/ief/sf: auto (fast), fast, or vmap (the plain per-sample path).")] = "auto",
     repeats: Annotated[int, typer.Option(help="Timed rounds; the methods alternate within each round.")] = 7,
     warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 2,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
-    damping: Annotated[float, typer.Option(help="Damping lambda of the EF/iEF/SF solves.")] = 1e-4,
+    damping: Annotated[float, typer.Option(help="Damping of the EF/iEF/SF/NGD solves, on the paper's scale (as in recipes).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seeds the model and the random batch.")] = 0,
     memory: Annotated[bool, typer.Option(help="Measure peak memory (CPU: in a worker process).")] = True,
     check: Annotated[bool, typer.Option(help="Compare fast-path and plain-path directions.")] = True,
@@ -97,14 +98,14 @@ def bench(
 ) -> None:
     """Time an SGD step and EF / iEF / SF steps on the same model and batch, for each batch size.
 
-    Methods alternate after warm-up; medians, the ratio to SGD, peak memory (CPU: resident set
+    Each step is the optimiser update `ief train` runs. Methods alternate after warm-up; medians, the ratio to SGD, peak memory (CPU: resident set
     of a worker process; CUDA: max_memory_allocated) and the max relative difference between
     fast-path and plain-path directions are reported.
     """
     with cli_errors():
         sizes = parse_int_list(batch_sizes, "--batch-sizes")
         method_list = parse_methods(methods)
-        from iefcli.bench import run_bench
+        from iefcli.eval.bench import run_bench
 
         note = None if quiet else (lambda msg: err.print(f"ief: note: {msg}", highlight=False))
         if recipe is not None:

@@ -5,18 +5,21 @@ weight, P = 2) with the core's MSE loss l_n = 0.5 (z_n - y_n)^2 on N = 2 data
 points whose inputs have very different norms (so their per-sample gradients
 have very different scales). The batch loss is the MEAN, as everywhere in
 iefcli. Every update direction is computed by the CORE: one
-:func:`iefcli.core.jacobian.batch_grads` call at theta, then
-:mod:`iefcli.directions` (``sgd``, ``ef``, ``ief``, ``ngd``); nothing here
-re-derives a direction.
+:func:`iefcli.core.jacobian.batch_grads` call at theta, then the method table
+:func:`iefcli.core.methods.compute_direction` (``sgd``, ``ef``, ``ief``,
+``ngd``), so damping and lr are on the paper's scale; nothing here re-derives
+a direction.
 
-What the figure shows (restated from the paper): with X invertible,
-- NGD: G = X^T X (summed loss), d = (X^T X)^{-1} X^T r / N = (theta - theta*) / N,
-  the Newton step, straight at the minimum;
-- iEF: J = diag(r) X, s = r^2, d = J^T (J J^T)^{-1} s / N = X^{-1} r / N:
-  the same direction (the two coincide on this toy);
-- EF:  d = X^{-1} (1 / r) / N: every sample's loss is asked to drop by the
-  same amount, so the sample that is nearly fitted (tiny r_n) dominates and
-  the field is distorted, most of all near the per-sample optimal lines.
+What the figure shows (restated from the paper, on its scale: rows
+J_a = diag(r) X / N of the mean loss, s_a = r^2 / N^2, G_a = X^T X / N^2):
+with X invertible,
+- NGD: d = G_a^{-1} g = N (theta - theta*), straight at the minimum;
+- iEF: d = J_a^T (J_a J_a^T)^{-1} s_a = X^{-1} r / N = (theta - theta*) / N:
+  the same direction (the two coincide on this toy; NGD's step is N^2 times
+  longer at the same lr, so the defaults give NGD lr / N^2);
+- EF:  d = J_a^{-1} 1 = N X^{-1} (1 / r): every sample's loss is asked to drop
+  by the same amount, so the sample that is nearly fitted (tiny r_n) dominates
+  and the field is distorted, most of all near the per-sample optimal lines.
 (r_n = x_n . theta - y_n; formulas undamped, for the reader, not used.)
 
 Everything here is pure (no I/O, no printing, no randomness); the figure is
@@ -31,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from iefcli import directions
 from iefcli.core.jacobian import BatchGrads, batch_grads
 from iefcli.core.losses import MSE
+from iefcli.core.methods import MethodOptions, compute_direction
 
 METHODS = ("sgd", "ngd", "ief", "ef")
 """Direction names, in the order the demo reports them."""
@@ -89,20 +92,22 @@ class ToyProblem:
 
 @dataclass(frozen=True)
 class ToySettings:
-    """Step sizes and dampings of the demo (mean-loss scale, see DESIGN.md).
+    """Step sizes and dampings of the demo, on the paper's scale (docs/train.md).
 
     ``lr``: per method; SGD's is near 1 / lambda_max(X^T X / N) (the largest
-    stable order of magnitude), the three preconditioned methods share one.
-    ``damping``: lambda per method, added to J J^T (EF, iEF) or to G (NGD).
-    NGD is exact (0); iEF uses the paper's near-zero 1e-12; EF needs real
+    stable order of magnitude). The three preconditioned methods take the same
+    step length per unit of direction on the mean loss's own scale: iEF lr,
+    NGD and EF lr / N^2 (their paper-scale directions are N^2 longer; N = 2).
+    ``damping``: lambda per method, added to J_a J_a^T (EF, iEF) or to G / N^2
+    (NGD). NGD is exact (0); iEF near zero (1e-12 / N^2); EF needs real
     damping: undamped, a residual near zero makes its step explode
-    (r_n <- r_n - c / r_n in residual space, c = lr / N), and heavily damped
-    it is SGD with step lr / lambda. 1e-2 keeps it stable and its own
+    (r_n <- r_n - c / r_n in residual space, c = lr N), and heavily damped
+    it is SGD with step lr / lambda. 2.5e-3 keeps it stable and its own
     geometry visible: pulled onto the small-gradient sample's optimal line.
     """
 
-    lr: dict = field(default_factory=lambda: {"sgd": 1.5, "ngd": 0.2, "ief": 0.2, "ef": 0.2})
-    damping: dict = field(default_factory=lambda: {"sgd": 0.0, "ngd": 0.0, "ief": 1e-12, "ef": 1e-2})
+    lr: dict = field(default_factory=lambda: {"sgd": 1.5, "ngd": 0.05, "ief": 0.2, "ef": 0.05})
+    damping: dict = field(default_factory=lambda: {"sgd": 0.0, "ngd": 0.0, "ief": 2.5e-13, "ef": 2.5e-3})
     steps: int = 40
     starts: tuple = DEFAULT_STARTS
 
@@ -116,18 +121,16 @@ def grads_at(problem: ToyProblem, theta: Tensor, model: nn.Module | None = None)
     )
 
 
+# The dense GGN is 2 x 2 here: exact and cheaper than CG. (The duplicate filter never fires:
+# the rows r_n x_n have |cos| = |cos(x_1, x_2)| = 0.69 everywhere.)
+TOY_OPTIONS = MethodOptions(ngd_method="dense")
+
+
 def direction(bg: BatchGrads, method: str, damping: float) -> Tensor:
-    """d (P = 2,) for ``method`` in METHODS, from the core's directions."""
-    if method == "sgd":
-        return directions.sgd(bg.rows)
-    if method == "ef":
-        return directions.ef(bg.rows, damping)
-    if method == "ief":
-        return directions.ief(bg.rows, bg.s, damping)
-    if method == "ngd":
-        # The dense GGN is 2 x 2 here; exact and cheaper than CG.
-        return directions.ngd(bg, damping, method="dense")
-    raise ValueError(f"unknown toy method {method!r}; choose one of {', '.join(METHODS)}")
+    """d (P = 2,) for ``method`` in METHODS, from the method table (paper scale)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown toy method {method!r}; choose one of {', '.join(METHODS)}")
+    return compute_direction(method, bg, damping, options=TOY_OPTIONS)[0]
 
 
 def trajectory(
@@ -143,8 +146,8 @@ def trajectory(
     """theta_0 .. theta_K, (K + 1, 2), with theta_{k+1} = theta_k - lr * d(theta_k).
 
     With ``compare=(other_method, other_damping)`` also returns the largest
-    ||d - d_other|| / ||d_other|| seen along the path (from the same
-    ``batch_grads`` call), else 0.0.
+    ||d / ||d|| - d_other / ||d_other|| || seen along the path (the difference
+    of the unit directions, from the same ``batch_grads`` call), else 0.0.
     """
     model = problem.model()
     theta = start.to(torch.float64)
@@ -155,7 +158,9 @@ def trajectory(
         d = direction(bg, method, damping)
         if compare is not None:
             other = direction(bg, *compare)
-            gap = torch.maximum(gap, torch.linalg.vector_norm(d - other) / torch.linalg.vector_norm(other).clamp_min(1e-300))
+            unit = d / torch.linalg.vector_norm(d).clamp_min(1e-300)
+            unit_o = other / torch.linalg.vector_norm(other).clamp_min(1e-300)
+            gap = torch.maximum(gap, torch.linalg.vector_norm(unit - unit_o))
         theta = theta - lr * d
         path.append(theta)
     return torch.stack(path), float(gap)
@@ -187,7 +192,8 @@ class ToyResult:
     final_loss:   method -> (n_starts,) mean loss after K steps
     field:        method -> (B, A, 2) unit update vectors on grid (xs, ys)
     loss_grid:    (B, A) mean loss on the grid, for the contours
-    ief_ngd_gap:  max over the iEF trajectories of ||d_iEF - d_NG|| / ||d_NG||
+    ief_ngd_gap:  max over the iEF trajectories of the unit directions' difference
+                  ||d_iEF / ||d_iEF|| - d_NG / ||d_NG|| ||
     """
 
     problem: ToyProblem

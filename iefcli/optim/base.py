@@ -16,9 +16,10 @@
   grad_norm, update_norm, and for ef/sf/ief/ngd the solve diagnostics and
   cos_update_grad). The shell reads them back to the host when it logs.
 
-Scale: the loss is the MEAN per-sample loss; curvature directions follow
-:mod:`iefcli.directions` (damping added to the Gram of UNSCALED per-sample
-gradients). The step is theta <- theta - lr * d, then optionally clipped to
+Scale: the loss is the MEAN per-sample loss; curvature directions come from
+the method table :func:`iefcli.core.methods.compute_direction`, so ``damping``
+and ``lr`` are on the PAPER's scale (the authors' code: damping added to the
+Gram of the per-sample gradients of the MEAN loss). The step is theta <- theta - lr * d, then optionally clipped to
 ``clip_update_norm`` in L2 over all parameters.
 """
 
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from iefcli.core.jacobian import Forward, default_forward
 from iefcli.core.losses import Loss
+from iefcli.core.methods import MethodOptions
 from iefcli.core.params import ParamLayout, Params
 
 State = dict[str, Any]
@@ -50,13 +52,18 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     beta2_decay: float = -0.8
-    dup_threshold: float | None = 0.99
+    dup_threshold: float | None = MethodOptions.dup_threshold
     jacobian: str = "auto"
     chunk_size: int | None = None
-    mc_samples: int = 1
-    cg_tol: float | None = None
-    cg_maxiter: int = 100
+    mc_samples: int = MethodOptions.mc_samples
+    cg_tol: float | None = MethodOptions.cg_tol
+    cg_maxiter: int = MethodOptions.cg_maxiter
     clip_update_norm: float | None = None
+
+    def method_options(self) -> MethodOptions:
+        """The direction options of :mod:`iefcli.core.methods` this config sets."""
+        return MethodOptions(dup_threshold=self.dup_threshold, mc_samples=self.mc_samples,
+                             cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter)
 
 
 class Optimizer(Protocol):

@@ -1,25 +1,25 @@
 """ef, sf, ief, ngd: the core's directions behind the pure optimiser contract.
 
 One step: ``batch_grads`` (per-sample losses, logit gradients, rows J, mean
-gradient g) -> direction d from :mod:`iefcli.directions` -> optional heavy-ball
+gradient g) -> direction d from the method table
+(:func:`iefcli.core.methods.compute_direction`, paper-scale damping) -> optional heavy-ball
 momentum (buf <- momentum * buf + d; d <- buf) -> decoupled weight decay
 (d <- d + wd * theta) -> theta <- theta - lr * d (then the shared clipping).
 
 Metrics (0-d tensors): loss, solve_residual, rows_kept, cond_estimate,
-solve_fallback (ef/sf/ief), cg_iterations/cg_residual (ngd), the gradient-norm
+solve_fallback (ef/sf/ief), cg_iterations/cg_residual/cg_converged (ngd), the gradient-norm
 imbalance of :func:`iefcli.core.batch_imbalance` (from the Gram diagonal),
 mean_target_prob (cross-entropy), grad_norm, update_norm, cos_update_grad.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
-from iefcli import directions
-from iefcli.core.jacobian import batch_grads, sampled_rows
+from iefcli.core.jacobian import batch_grads
+from iefcli.core.methods import CURVATURE_METHODS, compute_direction, get_method
 from iefcli.core.params import Params
 from iefcli.core.stats import batch_imbalance
 from iefcli.optim.base import ModelFn, OptimConfig, State, finish_step
@@ -27,10 +27,12 @@ from iefcli.optim.base import ModelFn, OptimConfig, State, finish_step
 
 class CurvatureOptimizer:
     def __init__(self, config: OptimConfig, fn: ModelFn):
-        if config.name not in ("ef", "sf", "ief", "ngd"):
+        if config.name not in CURVATURE_METHODS:
             raise ValueError(f"not a curvature optimiser: {config.name}")
-        if config.name == "sf" and not config.damping > 0:
-            raise ValueError("sf needs damping > 0")
+        self.method = get_method(config.name)
+        if self.method.needs_damping and not config.damping > 0:
+            raise ValueError(f"{config.name} needs damping > 0")
+        self.options = config.method_options()
         self.config = config
         self.name = config.name
         self.fn = fn
@@ -41,30 +43,14 @@ class CurvatureOptimizer:
         return {}
 
     def direction(self, params: Params, batch: Any, key: int):
-        """(bg, d (P,), metrics) for one batch: the raw direction, before momentum."""
+        """(bg, d (P,), metrics) for one batch: the raw direction (paper scale), before momentum."""
         c, fn = self.config, self.fn
         bg = batch_grads(fn.model, params, batch.inputs, batch.targets, fn.loss_fn,
                          jacobian=c.jacobian, forward=fn.forward, chunk_size=c.chunk_size)
+        gen = torch.Generator(device=bg.logits.device).manual_seed(int(key)) if self.method.random else None
+        d, info = compute_direction(c.name, bg, c.damping, generator=gen, options=self.options)
         m: dict[str, torch.Tensor] = {"loss": bg.loss.mean().detach()}
-        if c.name in ("ef", "ief", "sf"):
-            if c.name == "ef":
-                d, info = directions.ef(bg.rows, c.damping, dup_threshold=c.dup_threshold, return_info=True)
-            elif c.name == "ief":
-                d, info = directions.ief(bg.rows, bg.s, c.damping, dup_threshold=c.dup_threshold, return_info=True)
-            else:
-                dev = bg.g.device
-                gen = torch.Generator(device=dev).manual_seed(int(key))
-                # A diverged step leaves NaN/Inf logits, on which sampling would raise; sample from
-                # finite stand-ins instead and let the shell reject the step (its loss is not finite).
-                safe = dataclasses.replace(bg, logits=torch.nan_to_num(bg.logits, nan=0.0, posinf=0.0, neginf=0.0))
-                rows = sampled_rows(safe, c.mc_samples, gen)
-                # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and damping > 0.
-                d, info = directions.sf(rows, bg.g, c.damping, return_info=True)
-            m.update({"solve_residual": info.residual, "rows_kept": info.rows_kept,
-                      "cond_estimate": info.cond, "solve_fallback": info.fallback})
-        else:
-            d, info = directions.ngd(bg, c.damping, method="cg", tol=c.cg_tol, maxiter=c.cg_maxiter, return_info=True)
-            m.update({"cg_iterations": torch.tensor(info.iterations), "cg_residual": torch.tensor(info.residual)})
+        m.update(info)
         m.update(batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s))
         if bg.loss_fn.name == "cross_entropy":  # the paper also logs the mean target probability
             m["mean_target_prob"] = torch.softmax(bg.logits.to(torch.float64), -1).gather(

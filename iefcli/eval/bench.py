@@ -5,11 +5,12 @@ core itself stays pure. For each batch size N it builds the workload (a
 built-in model spec, random data from a fixed seed), then
 
 - times one optimiser step per method, ALTERNATING the methods over
-  ``repeats`` rounds after ``warmup`` rounds, and reports the median:
-  ``sgd``  = forward + mean-loss backward + torch.optim.SGD step on the module;
-  ``ef`` / ``ief`` / ``sf`` = :func:`iefcli.core.batch_grads` (the path chosen by
-  ``jacobian``) + the direction from :mod:`iefcli.directions` + the in-place
-  update theta -= lr d. Every step uses the same model and batch.
+  ``repeats`` rounds after ``warmup`` rounds, and reports the median. A step
+  is exactly what ``ief train`` runs: ``make_optimizer(...).update(params,
+  state, batch, key=, lr=)`` from the optimiser registry (:mod:`iefcli.optim`),
+  with the per-sample path chosen by ``jacobian`` and the paper-scale
+  ``damping``; each method carries its own params and state from step to step.
+  Every step uses the same model and batch.
 - measures each step's peak memory:
   CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
   (parameters + batch + everything the step allocates);
@@ -22,10 +23,12 @@ built-in model spec, random data from a fixed seed), then
   method's peak cannot mask another's. Elsewhere peak memory is not reported.
 - checks the answer: the max relative difference ||d_fast - d_plain|| / ||d_plain||
   between the fast-path and plain (vmap) directions of each curvature method
+  (both from the method table, :func:`iefcli.core.methods.compute_direction`)
   on the same batch (on the first ``check_n`` samples when N x P would exceed
   ``check_max_numbers``, since the plain path holds N x P numbers).
 
-Model specs: ``mlp`` (64-1024-1024-10, ReLU, cross-entropy), ``mlp:W0-W1-...-C``
+Model specs: ``mlp`` (64-1024-1024-10, ReLU, cross-entropy; the recipes' ``mlp``
+model kind, :func:`iefcli.train.models.build_mlp`), ``mlp:W0-W1-...-C``
 (any widths, for P scaling), ``bert-lora`` (a tiny-config BERT classifier,
 hidden 128, 2 layers, 2 heads, sequence length 64, LoRA r=8 on query/value
 plus the classifier head trainable; needs transformers and peft), or
@@ -50,15 +53,26 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from iefcli.core.methods import BENCH_METHODS, GRAM_METHODS, METHODS as DIRECTION_METHODS
 from iefcli.errors import RunFailed, UsageError
 
-METHODS = ("sgd", "ef", "ief", "sf")
-CURVATURE = ("ef", "ief", "sf")
+METHODS = BENCH_METHODS
+"""What ``ief bench`` times by default: SGD and the Gram-solve methods."""
+CURVATURE = GRAM_METHODS
+"""The methods whose fast-path direction is checked against the plain path."""
+
+
+def choices() -> tuple[str, ...]:
+    """What ``--methods`` accepts: every optimiser of the training registry."""
+    from iefcli.optim import REGISTRY
+
+    return tuple(REGISTRY)
 DEFAULT_BATCH_SIZES = (32, 64, 128)
 DEFAULT_MODEL = "mlp"
 MLP_DEFAULT_WIDTHS = (64, 1024, 1024, 10)
 BERT_SEQ_LEN = 64
 MMAP_THRESHOLD = 65536  # bytes; see the module docstring
+BENCH_LR = 1e-6  # small: the timed steps must not drive the model anywhere odd
 
 
 @dataclass
@@ -93,13 +107,20 @@ def _mlp_widths(spec: str) -> tuple[int, ...]:
     return widths
 
 
-def _mlp(widths: tuple[int, ...]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+def _mlp(widths: tuple[int, ...], seed: int) -> nn.Module:
+    """The recipes' ``mlp`` model kind (:func:`iefcli.train.models.build_mlp`) with these widths, seeded."""
+    from iefcli.train.data import DataInfo
+    from iefcli.train.models import build_mlp
+    from iefcli.train.recipe import recipe_from_dict
+    from iefcli.train.registry import BuildContext
+
+    section = {"kind": "mlp", "sizes": list(widths[1:-1]), "activation": "relu"}
+    recipe = recipe_from_dict({"name": "bench", "seed": seed, "model": section}, source="--model")
+    ctx = BuildContext(recipe=recipe, device=torch.device("cpu"), dtype=torch.float32, seed=seed,
+                       data=DataInfo(input_shape=(widths[0],), n_outputs=widths[-1]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_mlp(section, ctx)
 
 
 def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.device = "cpu",
@@ -115,9 +136,7 @@ def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.devi
         inputs = {"input_ids": torch.randint(0, vocab, (n, BERT_SEQ_LEN), generator=gen).to(device)}
     elif spec.startswith("mlp"):
         widths = _mlp_widths(spec)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _mlp(widths)
+        model = _mlp(widths, seed)
         forward, n_classes = default_forward, widths[-1]
         inputs = torch.randn(n, widths[0], generator=gen).to(device=device, dtype=dtype)
     else:
@@ -167,50 +186,47 @@ def _bert_lora(seed: int):
 # ---------------------------------------------------------------- steps
 
 
-def _direction(method: str, wl: Workload, *, jacobian: str, damping: float, seed: int,
-               params: dict | None = None) -> tuple[Tensor, Any]:
-    from iefcli import directions
-    from iefcli.core import batch_grads, sampled_rows, trainable_params
+def _optimizer(method: str, wl: Workload, *, jacobian: str, damping: float):
+    """The training loop's optimiser for ``method`` (registry + recipe defaults), at the bench's damping."""
+    from iefcli.optim import config_from_recipe, make_optimizer
 
-    params = trainable_params(wl.model) if params is None else params
-    bg = batch_grads(wl.model, params, wl.inputs, wl.targets, wl.loss_fn, jacobian=jacobian, forward=wl.forward)
-    if method == "ef":
-        d = directions.ef(bg.rows, damping)
-    elif method == "ief":
-        d = directions.ief(bg.rows, bg.s, damping)
-    elif method == "sf":
-        gen = torch.Generator(device=bg.g.device).manual_seed(seed)
-        d = directions.sf(sampled_rows(bg, 1, gen), bg.g, damping)
-    else:
-        raise ValueError(method)
-    return d, bg
+    section = {"name": method, "lr": BENCH_LR, "jacobian": jacobian}
+    if method in DIRECTION_METHODS and method != "sgd":
+        section["damping"] = damping
+    return make_optimizer(config_from_recipe(section), model=wl.model, loss_fn=wl.loss_fn, forward=wl.forward)
+
+
+class Step:
+    """One optimiser update of ``method`` on ``wl`` per call, exactly as ``ief train`` runs it
+    (``make_optimizer(...).update`` from the registry). Each call continues from the previous
+    call's ``params`` and ``state`` (held here; the module's own tensors are not touched)."""
+
+    def __init__(self, method: str, wl: Workload, *, jacobian: str = "auto", damping: float = 1e-4,
+                 lr: float | None = None, seed: int = 0):
+        from iefcli.core import trainable_params
+        from iefcli.train.task import Batch
+
+        self.opt = _optimizer(method, wl, jacobian=jacobian, damping=damping)
+        self.batch = Batch(wl.inputs, wl.targets)
+        # ef/sf/ngd directions are N^2 longer on the paper scale: the same small move per step for all.
+        power = DIRECTION_METHODS[method].direction_power if method in DIRECTION_METHODS else 0
+        self.lr = BENCH_LR / wl.n ** power if lr is None else lr
+        self.seed = seed
+        self.params = trainable_params(wl.model)
+        self.state = self.opt.init(self.params)
+        self.steps = 0
+        self.metrics: dict[str, Tensor] = {}
+
+    def __call__(self) -> None:
+        self.params, self.state, self.metrics = self.opt.update(
+            self.params, self.state, self.batch, key=self.seed + self.steps, lr=self.lr)
+        self.steps += 1
 
 
 def make_step(method: str, wl: Workload, *, jacobian: str = "auto", damping: float = 1e-4,
-              lr: float = 1e-6, seed: int = 0) -> Callable[[], None]:
-    """A closure running one full optimiser step of ``method`` on ``wl`` (updates the model in place)."""
-    if method == "sgd":
-        trainable = [p for p in wl.model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(trainable, lr=lr)
-
-        def sgd_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            z = wl.forward(wl.model, {}, wl.inputs)
-            wl.loss_fn.per_sample(z, wl.targets).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return sgd_step
-
-    named = [(k, p) for k, p in wl.model.named_parameters() if p.requires_grad]
-
-    def curvature_step() -> None:
-        d, bg = _direction(method, wl, jacobian=jacobian, damping=damping, seed=seed)
-        with torch.no_grad():
-            for (_, p), dv in zip(named, bg.layout.unflatten(d).values()):
-                p.sub_(dv, alpha=lr)
-
-    return curvature_step
+              lr: float | None = None, seed: int = 0) -> Step:
+    """A callable running one real optimiser update of ``method`` on ``wl`` per call (see :class:`Step`)."""
+    return Step(method, wl, jacobian=jacobian, damping=damping, lr=lr, seed=seed)
 
 
 def _sync(device: torch.device) -> None:
@@ -237,6 +253,19 @@ def time_methods(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: 
 
 
 # ---------------------------------------------------------------- correctness check
+
+
+def _direction(method: str, wl: Workload, *, jacobian: str, damping: float, seed: int,
+               params: dict | None = None) -> tuple[Tensor, Any]:
+    """(d, bg): the method table's direction (paper-scale damping) on ``wl`` through ``jacobian``."""
+    from iefcli.core import batch_grads, trainable_params
+    from iefcli.core.methods import compute_direction
+
+    params = trainable_params(wl.model) if params is None else params
+    bg = batch_grads(wl.model, params, wl.inputs, wl.targets, wl.loss_fn, jacobian=jacobian, forward=wl.forward)
+    gen = torch.Generator(device=bg.logits.device).manual_seed(seed)
+    d, _ = compute_direction(method, bg, damping, generator=gen)
+    return d, bg
 
 
 def check_fast_vs_plain(wl: Workload, methods, *, damping: float, seed: int,
@@ -345,7 +374,7 @@ def measure_cpu_memory(*, model: str, batch_sizes, methods, jacobian: str, dampi
     cfg = {"model": model, "batch_sizes": list(batch_sizes), "methods": list(methods), "jacobian": jacobian,
            "damping": damping, "seed": seed, "threads": threads}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-m", "iefcli.bench", "--memory-worker", json.dumps(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "iefcli.eval.bench", "--memory-worker", json.dumps(cfg)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -380,9 +409,9 @@ def run_bench(
     max_rel_diff_fast_vs_plain, check_n.
     """
     methods = tuple(methods)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in choices()]
     if bad or not methods:
-        raise UsageError(f"--methods: {', '.join(bad) or 'empty'} not among {', '.join(METHODS)}")
+        raise UsageError(f"--methods: {', '.join(bad) or 'empty'} not among {', '.join(choices())}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError("--batch-sizes: give positive integers, e.g. 32,64,128")
     if jacobian not in ("auto", "fast", "vmap"):
@@ -390,13 +419,15 @@ def run_bench(
     if repeats < 1 or warmup < 0:
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     if not damping > 0:
-        raise UsageError(f"--damping: must be > 0 (sf divides by it), got {damping}")
+        raise UsageError(f"--damping: must be > 0 (sf divides by it), got {damping:g}")
     if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
         raise UsageError(f"--device: {device!r} is not one of cpu, cuda, cuda:N, auto")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+    from iefcli.train.task import resolve_device
+
+    try:
+        dev = resolve_device(device)  # the same rule as a recipe's device
+    except UsageError:
+        raise UsageError(f"--device {device}: no CUDA device is available") from None
     if threads is not None:
         if threads < 1:
             raise UsageError("--threads must be >= 1")
@@ -450,7 +481,7 @@ def run_bench(
                 "optimizer": m,
                 "batch_size": n,
                 "n_params": wl.n_params,
-                "jacobian": "n/a" if m == "sgd" else jacobian,
+                "jacobian": jacobian if m in DIRECTION_METHODS and m != "sgd" else "n/a",
                 "device": str(dev),
                 "threads": n_threads,
                 "repeats": repeats,
@@ -468,8 +499,8 @@ def run_bench(
     return results
 
 
-if __name__ == "__main__":  # the memory worker: python -m iefcli.bench --memory-worker '<json>'
+if __name__ == "__main__":  # the memory worker: python -m iefcli.eval.bench --memory-worker '<json>'
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
         print(json.dumps(_memory_worker(json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m iefcli.bench --memory-worker '<json config>' (internal; use `ief bench`)")
+        sys.exit("usage: python -m iefcli.eval.bench --memory-worker '<json config>' (internal; use `ief bench`)")

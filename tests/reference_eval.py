@@ -10,9 +10,9 @@ unscaled per-sample gradients of a batch of N, J_a = J / N, s_a = s / N^2,
     SF:  (Jhat_a^T Jhat_a + lam I)^{-1} g          NG:  (G_sum / N^2 + lam I)^{-1} g
 
 (Jhat_a = Jhat / N, Jhat's rows already divided by sqrt(k)); gamma(d) =
-sqrt(d^T (G_sum/N) d) / (d^T g). The library's damping before the paper-scale
-switch was added to the UNSCALED Gram, i.e. it equals N^2 x the paper's:
-:func:`paper_damping` converts such a value for these formulas.
+sqrt(d^T (G_sum/N) d) / (d^T g). The library's damping IS the paper's
+(iefcli.core.methods.compute_direction); before that switch it was added to the
+unscaled Gram (N^2 x the paper's), and these formulas then fail.
 """
 
 from __future__ import annotations
@@ -84,22 +84,6 @@ def linear_lsq(theta: Tensor, X: Tensor, y: Tensor):
     r = X @ theta - y
     J = r[:, None] * X
     return J, r * r, J.mean(0), X.T @ X
-
-
-def paper_damping(lam_unscaled: float, n: int) -> float:
-    """A damping added to the unscaled J J^T, as the paper's (mean-loss) damping: lam / N^2."""
-    return lam_unscaled / (n * n)
-
-
-# The library's damping is the paper's (docs/DESIGN.md contract 2) once eval-gamma takes its
-# directions from iefcli.core.methods.compute_direction; before that it was added to the unscaled
-# J J^T (N^2 x the paper's). The references always use the paper's formulas.
-LIBRARY_DAMPING_IS_PAPER = False
-
-
-def library_damping_as_paper(lam: float, n: int) -> float:
-    """The paper-scale damping that the library's ``lam`` means for a batch of ``n``."""
-    return lam if LIBRARY_DAMPING_IS_PAPER else paper_damping(lam, n)
 
 
 def paper_directions(J: Tensor, s: Tensor, g: Tensor, G_sum: Tensor, lam: float, Jhat: Tensor | None = None) -> dict[str, Tensor]:

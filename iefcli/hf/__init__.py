@@ -7,7 +7,8 @@ HF model or text data.
 
 - :mod:`iefcli.hf.models`      build a base model (local dir, ``minilm``, or a config), wrap it with peft
 - :mod:`iefcli.hf.vmap_compat` the ONE place that makes transformers models safe under torch.func.vmap
-- :mod:`iefcli.hf.data`        text classification data (CSV / TSV / JSONL), MNIST-5k, Rotten Tomatoes
+- :mod:`iefcli.hf.text`        ``data.kind: text``: text classification data (CSV / TSV / JSONL, tokenised)
+- :mod:`iefcli.hf.rotten_tomatoes` the offline Rotten Tomatoes corpus and its fixed split (`ief data`)
 """
 
 from __future__ import annotations

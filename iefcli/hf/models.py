@@ -1,7 +1,8 @@
 """Hugging Face models for iefcli: build a base model, wrap it with peft, say what is trainable.
 
-A model spec is the recipe's ``model`` mapping (keys below; errors name them
-as dotted paths, e.g. ``model.peft.r``)::
+A model spec is the recipe's ``model`` mapping (keys below; the typed schema
+with every default is :data:`MODEL_FIELDS` and :data:`PEFT_FIELDS`, checked by
+the recipe's own validator; errors name the dotted key, e.g. ``model.peft.r``)::
 
     arch:    classifier | seq2seq | image-classifier
     source:  minilm | PATH          pretrained weights: the offline MiniLM by name,
@@ -52,6 +53,7 @@ from torch import nn
 from iefcli.errors import UsageError
 from iefcli.hf import require
 from iefcli.hf.vmap_compat import DEFAULT_DROPOUT, hf_forward, install_mask_patch, set_dropout
+from iefcli.train.recipe import Field, fill_section
 
 ARCHS = ("classifier", "seq2seq", "image-classifier")
 PEFT_METHODS = ("lora", "prompt", "none")
@@ -64,12 +66,52 @@ DEFAULT_LORA_TARGETS = {
     "t5": ["q", "v"],
     "vit": ["q_proj", "v_proj"],
 }
-MODEL_KEYS = {
-    "kind", "arch", "source", "config", "tokenizer", "num_labels", "dropout", "attn_implementation",
-    "seed", "peft", "base_checkpoint",
+
+
+def _at_least(lo: int):
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {v}"
+
+
+def _prob(v: float) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v:g}"
+
+
+# The schema of ``model`` (kind: hf) and of ``model.peft``: every key's type and default lives here.
+MODEL_FIELDS = {
+    "arch": Field("str", "classifier", "classifier | seq2seq | image-classifier", choices=ARCHS),
+    "source": Field("str", None, "pretrained weights: minilm | a local transformers directory", optional=True),
+    "config": Field("map", None, "random init from a transformers config ({model_type: bert, ...})", optional=True),
+    "tokenizer": Field("str", None, "tokenizer directory or minilm (null: source)", optional=True),
+    "num_labels": Field("int", None, "classifier heads (null: the data's number of classes)", optional=True,
+                        check=_at_least(1)),
+    "dropout": Field("float", DEFAULT_DROPOUT, "every dropout probability in the base model", check=_prob),
+    "attn_implementation": Field("str", "eager", "eager | sdpa", choices=("eager", "sdpa")),
+    "seed": Field("int", None, "seeds the random init (null: the recipe's seed)", optional=True, check=_at_least(0)),
+    "peft": Field("map", None, "lora | prompt | none (null: none)", optional=True),
+    "base_checkpoint": Field("str", None, "checkpoint or run dir loaded into the base model before peft",
+                             optional=True),
 }
-LORA_KEYS = {"method", "r", "alpha", "dropout", "target_modules", "bias", "modules_to_save"}
-PROMPT_KEYS = {"method", "num_virtual_tokens", "init", "init_text", "modules_to_save"}
+_METHOD_FIELD = Field("str", "none", "lora | prompt | none", choices=PEFT_METHODS)
+_SAVE_FIELD = Field("str_list", None, "extra fully trained modules (null: the classifier head)", optional=True)
+PEFT_FIELDS = {
+    "none": {"method": _METHOD_FIELD},
+    "lora": {
+        "method": _METHOD_FIELD,
+        "r": Field("int", 8, "LoRA rank", check=_at_least(1)),
+        "alpha": Field("float", None, "LoRA alpha (null: r)", optional=True),
+        "dropout": Field("float", 0.0, "LoRA dropout", check=_prob),
+        "target_modules": Field("str_list", None, "module names (null: by model_type)", optional=True),
+        "bias": Field("str", "none", "none | all | lora_only", choices=LORA_BIAS),
+        "modules_to_save": _SAVE_FIELD,
+    },
+    "prompt": {
+        "method": _METHOD_FIELD,
+        "num_virtual_tokens": Field("int", 20, "prompt length", check=_at_least(1)),
+        "init": Field("str", "random", "random | sample_vocab | text", choices=tuple(PROMPT_INITS)),
+        "init_text": Field("str", None, "init: text: the prompt's initial text", optional=True),
+        "modules_to_save": _SAVE_FIELD,
+    },
+}
 
 
 @dataclass
@@ -166,15 +208,10 @@ def build_base(spec: Mapping[str, Any], where: str = "model") -> tuple[nn.Module
     require()
     from transformers import AutoConfig
 
-    arch = spec.get("arch", "classifier")
-    if arch not in ARCHS:
-        raise UsageError(f"{where}.arch: {arch!r} is not one of {', '.join(ARCHS)}")
-    dropout = float(spec.get("dropout", DEFAULT_DROPOUT))
-    attn = spec.get("attn_implementation", "eager")
-    if attn not in ("eager", "sdpa"):
-        raise UsageError(f"{where}.attn_implementation: {attn!r} is not one of eager, sdpa")
-    head = _head_kwargs(arch, spec.get("num_labels"))
-    has_source, has_config = spec.get("source") is not None, spec.get("config") is not None
+    spec = fill_section(MODEL_FIELDS, spec, where)
+    arch, dropout, attn = spec["arch"], spec["dropout"], spec["attn_implementation"]
+    head = _head_kwargs(arch, spec["num_labels"])
+    has_source, has_config = spec["source"] is not None, spec["config"] is not None
     if has_source == has_config:
         raise UsageError(f"{where}: give exactly one of source (pretrained: 'minilm' or a directory) or config")
     auto = _auto_class(arch)
@@ -209,12 +246,6 @@ def build_base(spec: Mapping[str, Any], where: str = "model") -> tuple[nn.Module
     return model, None
 
 
-def _check_keys(spec: Mapping[str, Any], allowed: set, where: str) -> None:
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise UsageError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
 def _default_head(arch: str, model: nn.Module) -> list[str]:
     if arch == "seq2seq":
         return []
@@ -233,58 +264,42 @@ def apply_peft(model: nn.Module, arch: str, peft_spec: Mapping[str, Any] | None,
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     peft_spec = dict(peft_spec or {"method": "none"})
-    method = peft_spec.get("method", "none")
-    if method not in PEFT_METHODS:
-        raise UsageError(f"{where}.method: {method!r} is not one of {', '.join(PEFT_METHODS)}")
+    method = fill_section({"method": _METHOD_FIELD}, {"method": peft_spec.get("method", "none")}, where)["method"]
+    spec = fill_section(PEFT_FIELDS[method], peft_spec, where)
     if method == "none":
-        _check_keys(peft_spec, {"method"}, where)
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     task_type = {"classifier": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM, "image-classifier": None}[arch]
-    head = peft_spec.get("modules_to_save", _default_head(arch, model))
+    head = spec["modules_to_save"] if spec["modules_to_save"] is not None else _default_head(arch, model)
     model_type = getattr(model.config, "model_type", "")
     if method == "lora":
-        _check_keys(peft_spec, LORA_KEYS, where)
-        targets = peft_spec.get("target_modules", DEFAULT_LORA_TARGETS.get(model_type))
+        targets = spec["target_modules"] or DEFAULT_LORA_TARGETS.get(model_type)
         if not targets:
             raise UsageError(f"{where}.target_modules: needed for model_type {model_type!r} (module names, e.g. [query, value])")
-        bias = peft_spec.get("bias", "none")
-        if bias not in LORA_BIAS:
-            raise UsageError(f"{where}.bias: {bias!r} is not one of {', '.join(LORA_BIAS)}")
-        r = int(peft_spec.get("r", 8))
-        if r < 1:
-            raise UsageError(f"{where}.r: must be >= 1, got {r}")
         cfg = LoraConfig(
             task_type=task_type,
-            r=r,
-            lora_alpha=float(peft_spec.get("alpha", r)),
-            lora_dropout=float(peft_spec.get("dropout", 0.0)),
+            r=spec["r"],
+            lora_alpha=spec["alpha"] if spec["alpha"] is not None else float(spec["r"]),
+            lora_dropout=spec["dropout"],
             target_modules=list(targets),
-            bias=bias,
+            bias=spec["bias"],
             modules_to_save=list(head) or None,
         )
     else:
-        _check_keys(peft_spec, PROMPT_KEYS, where)
         if arch == "image-classifier":
             raise UsageError(f"{where}.method: prompt tuning needs a text model (arch classifier or seq2seq)")
-        n_virtual = int(peft_spec.get("num_virtual_tokens", 20))
-        if n_virtual < 1:
-            raise UsageError(f"{where}.num_virtual_tokens: must be >= 1, got {n_virtual}")
-        init = peft_spec.get("init", "random")
-        if init not in PROMPT_INITS:
-            raise UsageError(f"{where}.init: {init!r} is not one of {', '.join(PROMPT_INITS)}")
         extra: dict[str, Any] = {}
-        if init == "text":
-            if not peft_spec.get("init_text"):
+        if spec["init"] == "text":
+            if not spec["init_text"]:
                 raise UsageError(f"{where}.init_text: needed when init is text")
             if tokenizer_path is None:
                 raise UsageError(f"{where}.init: text init needs a tokenizer (model.tokenizer or model.source)")
-            extra = {"prompt_tuning_init_text": str(peft_spec["init_text"]), "tokenizer_name_or_path": tokenizer_path}
+            extra = {"prompt_tuning_init_text": spec["init_text"], "tokenizer_name_or_path": tokenizer_path}
         cfg = PromptTuningConfig(
             task_type=task_type,
-            num_virtual_tokens=n_virtual,
-            prompt_tuning_init=PromptTuningInit[PROMPT_INITS[init]],
+            num_virtual_tokens=spec["num_virtual_tokens"],
+            prompt_tuning_init=PromptTuningInit[PROMPT_INITS[spec["init"]]],
             modules_to_save=list(head) or None,
             **extra,
         )
@@ -307,17 +322,17 @@ def build_model(spec: Mapping[str, Any], *, dtype: torch.dtype = torch.float32, 
     """
     require()
     install_mask_patch()
-    _check_keys(spec, MODEL_KEYS, where)
-    arch = spec.get("arch", "classifier")
+    spec = fill_section(MODEL_FIELDS, spec, where)
+    arch = spec["arch"]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(spec.get("seed", 0 if seed is None else seed)))
+        torch.manual_seed(spec["seed"] if spec["seed"] is not None else (0 if seed is None else seed))
         base, src = build_base(spec, where)
-        if spec.get("base_checkpoint") is not None:
-            load_base_checkpoint(base, str(spec["base_checkpoint"]), f"{where}.base_checkpoint")
-        tok_name = spec.get("tokenizer", spec.get("source"))
-        tokenizer = load_tokenizer(str(tok_name), f"{where}.tokenizer") if tok_name is not None else None
-        tok_path = resolve_source(str(tok_name), f"{where}.tokenizer") if tok_name is not None else None
-        model = apply_peft(base, arch, spec.get("peft"), tok_path, f"{where}.peft")
+        if spec["base_checkpoint"] is not None:
+            load_base_checkpoint(base, spec["base_checkpoint"], f"{where}.base_checkpoint")
+        tok_name = spec["tokenizer"] if spec["tokenizer"] is not None else spec["source"]
+        tokenizer = load_tokenizer(tok_name, f"{where}.tokenizer") if tok_name is not None else None
+        tok_path = resolve_source(tok_name, f"{where}.tokenizer") if tok_name is not None else None
+        model = apply_peft(base, arch, spec["peft"], tok_path, f"{where}.peft")
     model = model.to(dtype)
     config = base.config
     return HFModel(
@@ -333,26 +348,17 @@ def build_model(spec: Mapping[str, Any], *, dtype: torch.dtype = torch.float32, 
 def load_base_checkpoint(base: nn.Module, path: str, where: str) -> None:
     """Copy a checkpoint's params into the (un-wrapped) base model by name.
 
-    ``path`` is a checkpoint directory or a run directory (its best/ checkpoint).
-    Every saved name must exist with the same shape; params the checkpoint
-    lacks keep their initialisation.
+    ``path`` is a checkpoint directory or a run directory (its best/ checkpoint);
+    a partial load (see :func:`iefcli.train.rundir.load_params`): params the
+    checkpoint lacks keep their initialisation.
     """
-    from iefcli.train.rundir import load_checkpoint_params, resolve_checkpoint
+    from iefcli.train.rundir import load_params
 
-    try:
-        saved = load_checkpoint_params(resolve_checkpoint(Path(path).expanduser()))
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
     own = dict(base.named_parameters())
-    for name, value in saved.items():
-        if name not in own:
-            raise UsageError(f"{where}: {path}: parameter {name!r} is not in this base model")
-        if own[name].shape != value.shape:
-            raise UsageError(
-                f"{where}: {path}: {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
-            )
-        with torch.no_grad():
-            own[name].copy_(value.to(own[name].dtype))
+    saved = load_params(own, path, where=where, allow_missing=True)
+    with torch.no_grad():
+        for name, value in saved.items():
+            own[name].copy_(value)
 
 
 def model_config_value(spec: Mapping[str, Any], key: str, where: str = "model") -> Any:
@@ -361,16 +367,31 @@ def model_config_value(spec: Mapping[str, Any], key: str, where: str = "model") 
     require()
     from transformers import AutoConfig
 
-    if spec.get("config") is not None:
+    spec = fill_section(MODEL_FIELDS, {k: v for k, v in spec.items() if k != "kind"}, where)
+    if spec["config"] is not None:
         cfg = dict(spec["config"])
         model_type = cfg.pop("model_type", None)
         if not model_type:
             raise UsageError(f"{where}.config.model_type: missing (e.g. bert, t5, vit)")
-        return getattr(AutoConfig.for_model(model_type, **cfg), key, None)
-    if spec.get("source") is not None:
-        src = resolve_source(str(spec["source"]), f"{where}.source")
-        return getattr(AutoConfig.from_pretrained(src, local_files_only=True), key, None)
+        try:
+            return getattr(AutoConfig.for_model(model_type, **cfg), key, None)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{where}.config: {str(e).splitlines()[0]}") from None
+    if spec["source"] is not None:
+        src = resolve_source(spec["source"], f"{where}.source")
+        try:
+            return getattr(AutoConfig.from_pretrained(src, local_files_only=True), key, None)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{where}.source: cannot read a model config in {src}: {str(e).splitlines()[0]}") from None
     return None
+
+
+def model_spec(recipe) -> dict:
+    """The recipe's ``model`` section (kind: hf) checked against :data:`MODEL_FIELDS`,
+    defaults filled; errors name the recipe file and the dotted key. (The text data
+    builder reads the tokenizer and arch from it before the model is built.)"""
+    section = {k: v for k, v in recipe["model"].items() if k != "kind"}
+    return fill_section(MODEL_FIELDS, section, "model", source=recipe.source)
 
 
 def build_hf(section: dict, ctx) -> tuple[nn.Module, Any]:
@@ -379,13 +400,12 @@ def build_hf(section: dict, ctx) -> tuple[nn.Module, Any]:
     ``num_labels`` defaults to the data's number of classes (``ctx.data.n_outputs``).
     Errors name the recipe file and the dotted key.
     """
-    spec = {k: v for k, v in section.items() if k != "kind"}
-    arch = spec.get("arch", "classifier")
-    if arch != "seq2seq" and spec.get("num_labels") is None and ctx.data is not None:
-        spec["num_labels"] = int(ctx.data.n_outputs)
-    if spec.get("base_checkpoint") is not None:
-        spec["base_checkpoint"] = str(ctx.recipe.resolve_path(str(spec["base_checkpoint"])))
     try:
+        spec = fill_section(MODEL_FIELDS, {k: v for k, v in section.items() if k != "kind"}, "model")
+        if spec["arch"] != "seq2seq" and spec["num_labels"] is None and ctx.data is not None:
+            spec["num_labels"] = int(ctx.data.n_outputs)
+        if spec["base_checkpoint"] is not None:
+            spec["base_checkpoint"] = str(ctx.recipe.resolve_path(spec["base_checkpoint"]))
         built = build_model(spec, dtype=ctx.dtype, seed=ctx.seed)
     except UsageError as e:
         raise UsageError(f"{ctx.recipe.source}: {e}") from None

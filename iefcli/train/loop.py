@@ -156,10 +156,7 @@ def train(
         if not ckpts:
             raise UsageError(f"{run_dir}: no checkpoint to resume from")
         _, ck = ckpts[-1]
-        saved = rundir.load_checkpoint_params(ck, device=task.device)
-        if set(saved) != set(params):
-            raise UsageError(f"{ck / rundir.PARAMS_FILE}: parameter names do not match the recipe's model")
-        params = {k: saved[k].to(dtype=params[k].dtype) for k in params}
+        params = rundir.load_params(params, ck)
         loaded = rundir.load_optimizer_state(ck, device=task.device)
         # Keys with no tensors (torch.optim state before its first step) are absent on disk.
         ostate = {k: loaded.get(k, v) for k, v in ostate.items()}
@@ -269,9 +266,7 @@ def _finish(task, recipe, run_dir, writer, st, status, total, cfg, metric, wall,
     test = None
     best = run_dir / rundir.BEST_DIR
     if status == "completed" and rundir.is_checkpoint(best):
-        saved = rundir.load_checkpoint_params(best, device=task.device)
-        own = task.params()
-        test = task.evaluate({k: saved[k].to(dtype=own[k].dtype) for k in own}, "test")
+        test = task.evaluate(rundir.load_params(task.params(), best), "test")
         rec = {"step": st.best_step, "epoch": None, "split": "test", **test, "lr": None, "time": wall,
                "checkpoint": "best"}
         writer.write(rec)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 import iefcli
+from iefcli.core.methods import MethodOptions
 from iefcli.errors import UsageError
 
 RECIPES_DIR = Path(iefcli.__file__).resolve().parents[1] / "recipes"
@@ -38,13 +39,15 @@ def recipe_dirs() -> list[Path]:
     return [d for d in (RECIPES_DIR, PACKAGED_RECIPES_DIR) if d.is_dir()]
 
 OPTIMIZERS = ("sgd", "adamw", "adafactor", "ef", "sf", "ief", "ngd")
+_METHOD = MethodOptions()  # the one home of the per-method option defaults
 
 
 @dataclass(frozen=True)
 class Field:
     """One recipe key: its type, default and range check.
 
-    kind: "int" | "float" | "str" | "bool" | "int_list" | "float_list"; ``optional`` allows null;
+    kind: "int" | "float" | "str" | "bool" | "int_list" | "float_list" | "str_list" | "map"
+    (a nested mapping, checked by its own fields where it is used) | "any" (``check`` decides); ``optional`` allows null;
     ``choices`` restricts strings; ``check(value) -> message | None`` adds a range check.
     """
 
@@ -105,14 +108,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "betas": Field("float_list", [0.9, 0.999], "adamw: (beta1, beta2)", check=_betas),
         "eps": Field("float", 1e-8, "adamw: epsilon", check=_gt(0)),
         "beta2_decay": Field("float", -0.8, "adafactor: beta2 decay exponent", check=lambda v: None if v <= 0 else f"must be <= 0, got {v:g}"),
-        "dup_threshold": Field("float", 0.99, "ef/sf/ief: drop the smaller of two rows with |cos| > this (null: off)",
+        "dup_threshold": Field("float", _METHOD.dup_threshold, "ef/sf/ief: drop the smaller of two rows with |cos| > this (null: off)",
                                optional=True, check=_in01(True, False)),
         "jacobian": Field("str", "auto", "per-sample rows: auto | vmap | fast", choices=("auto", "vmap", "fast")),
         "chunk_size": Field("int", None, "samples per vmap chunk (null: all at once)", optional=True, check=_gt(0)),
-        "mc_samples": Field("int", 1, "sf: Monte-Carlo label draws per datum", check=_gt(0)),
-        "cg_tol": Field("float", None, "ngd: CG relative-residual tolerance (null: 1e-5 f32 / 1e-10 f64)",
+        "mc_samples": Field("int", _METHOD.mc_samples, "sf: Monte-Carlo label draws per datum", check=_gt(0)),
+        "cg_tol": Field("float", _METHOD.cg_tol, "ngd: CG relative-residual tolerance (null: 1e-5 f32 / 1e-10 f64)",
                         optional=True, check=_gt(0)),
-        "cg_maxiter": Field("int", 20, "ngd: CG iteration cap", check=_gt(0)),
+        "cg_maxiter": Field("int", _METHOD.cg_maxiter, "ngd: CG iteration cap", check=_gt(0)),
         "clip_update_norm": Field("float", None, "clip the step lr*d to this L2 norm (null: off)",
                                   optional=True, check=_gt(0)),
     },
@@ -281,9 +284,9 @@ def _typename(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _coerce(source: str, key: str, f: Field, v: Any) -> Any:
+def _coerce(source: str | None, key: str, f: Field, v: Any) -> Any:
     def bad(msg: str) -> UsageError:
-        return UsageError(f"{source}: {key}: {msg}")
+        return UsageError(f"{source}: {key}: {msg}" if source else f"{key}: {msg}")
 
     if v is None:
         if f.optional:
@@ -322,6 +325,15 @@ def _coerce(source: str, key: str, f: Field, v: Any) -> Any:
         if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
             raise bad(f"must be a list of numbers, got {v!r}")
         v = [float(x) for x in v]
+    elif f.kind == "str_list":
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise bad(f"must be a list of names, got {v!r}")
+    elif f.kind == "map":
+        if not isinstance(v, dict):
+            raise bad(f"must be a mapping, got {_typename(v)} {v!r}")
+        v = copy.deepcopy(v)
+    elif f.kind != "any":  # pragma: no cover - a schema bug, not a user error
+        raise ValueError(f"unknown field kind {f.kind!r}")
     if f.check is not None:
         msg = f.check(v)
         if msg:
@@ -329,12 +341,11 @@ def _coerce(source: str, key: str, f: Field, v: Any) -> Any:
     return v
 
 
-def _fill(source: str, prefix: str, fields: Mapping[str, Field], given: Mapping[str, Any]) -> dict:
+def _fill(source: str | None, prefix: str, fields: Mapping[str, Field], given: Mapping[str, Any]) -> dict:
     unknown = [k for k in given if k not in fields]
     if unknown:
-        raise UsageError(
-            f"{source}: {prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})"
-        )
+        where = f"{source}: " if source else ""
+        raise UsageError(f"{where}{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
     return {k: _coerce(source, f"{prefix}{k}", f, given.get(k, copy.deepcopy(f.default))) for k, f in fields.items()}
 
 
@@ -380,6 +391,16 @@ def _cross_checks(source: str, r: dict) -> None:
         )
     if "{" in r["output"]["dir"].replace("{name}", ""):
         raise UsageError(f"{source}: output.dir: only {{name}} may be substituted, got {r['output']['dir']!r}")
+
+
+def fill_section(fields: Mapping[str, Field], given: Mapping[str, Any], where: str, source: str | None = None) -> dict:
+    """Validate one mapping against ``fields`` and fill its defaults: the schema
+    for nested sections a builder owns (``model.peft``). Errors name
+    ``where.key`` (and the recipe file when ``source`` is given)."""
+    if not isinstance(given, Mapping):
+        prefix = f"{source}: " if source else ""
+        raise UsageError(f"{prefix}{where}: must be a mapping, got {_typename(given)}")
+    return _fill(source, f"{where}.", fields, given)
 
 
 def check_keys(recipe: Recipe, section: str, given: Mapping[str, Any], fields: Mapping[str, Field]) -> dict:

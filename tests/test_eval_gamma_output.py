@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 import pytest
 from rich.console import Console
@@ -158,6 +159,10 @@ def test_write_out_dir_writes_the_chosen_figure_format(tmp_path):
     written = go.write_out_dir(tmp_path / "ev", results, "{}", overwrite=False, figure_format="svg")
     assert sorted(p.name for p in written) == sorted(
         [go.JSON_FILE, go.CSV_FILE, *(f"{stem}.svg" for stem in figures.GAMMA_FIGURES)])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert ((tmp_path / "ev").stat().st_mode & 0o777) == 0o777 & ~mask  # as mkdir, not mkdtemp's 0700
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in written)  # as open(), not 0600
     from iefcli.errors import UsageError
 
     with pytest.raises(UsageError, match="--figures jpg"):

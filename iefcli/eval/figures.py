@@ -137,27 +137,12 @@ def save_figure(fig: Figure, path: Path | str, *, dpi: int = 100) -> Path:
     path = Path(path)
     data = figure_bytes(fig, figure_format(path), dpi=dpi)
     atomic_write_bytes(path, data)
-    _usual_mode(path)
     return path
 
 
 def save_png(fig: Figure, path: Path, *, dpi: int = 100) -> None:
     """:func:`save_figure` for a .png path (kept for callers written before PDF/SVG)."""
     save_figure(fig, path, dpi=dpi)
-
-
-def _usual_mode(path: Path) -> None:
-    # The run-dir writer's temp file is created 0600; give the file the user's usual mode.
-    path.chmod(file_mode())
-
-
-def file_mode() -> int:
-    """0666 minus the process umask: the mode an ordinary open() would give a new file."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def styled(fn):

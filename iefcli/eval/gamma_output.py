@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -143,29 +141,13 @@ def write_out_dir(
     directory, then move it into place (an existing DIR is replaced only with
     ``overwrite``): never a half-written result. Returns the files, sorted."""
     from iefcli.eval.figures import save_figure
-    from iefcli.train.rundir import atomic_write_text, replace_dir
+    from iefcli.train.rundir import atomic_dir, atomic_write_text
 
     fmt = check_figure_format(figure_format)
     check_out_dir(out_dir, overwrite)
-    parent = out_dir.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out_dir.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()  # (not mkdtemp: that would leave DIR with mode 0700 after the rename)
-    try:
-        _write_text(tmp / JSON_FILE, json_text + "\n", atomic_write_text)
-        _write_text(tmp / CSV_FILE, rows_csv(results), atomic_write_text)
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_text(tmp / JSON_FILE, json_text + "\n")
+        atomic_write_text(tmp / CSV_FILE, rows_csv(results))
         for stem, fig in build_figures(results).items():
             save_figure(fig, tmp / figure_file(stem, fmt))
-        replace_dir(tmp, out_dir, parent / f".{out_dir.name}.old")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(out_dir.iterdir())
-
-
-def _write_text(path: Path, text: str, writer) -> None:
-    from iefcli.eval.figures import file_mode
-
-    writer(path, text)
-    path.chmod(file_mode())  # the run-dir writer's temp file is 0600

@@ -129,24 +129,6 @@ def select_checkpoints(path: Path | str, stage: str) -> tuple[Path, list[Path]]:
     raise UsageError(f"--stage {stage}: {path} has no checkpoint at step {step} (steps: {have})")
 
 
-def _load_params(task, ckpt: Path):
-    """The checkpoint's trainable params, checked against the task's model, on its device/dtype."""
-    from iefcli.train.rundir import PARAMS_FILE, load_checkpoint_params
-
-    saved = load_checkpoint_params(ckpt)
-    own = task.params()
-    missing = [k for k in own if k not in saved]
-    if missing:
-        raise UsageError(f"{ckpt / PARAMS_FILE}: trainable parameter {missing[0]!r} of the recipe's model is missing")
-    params = {}
-    for k, ref in own.items():
-        v = saved[k]
-        if v.shape != ref.shape:
-            raise UsageError(f"{ckpt / PARAMS_FILE}: {k} has shape {tuple(v.shape)}, the recipe's model expects {tuple(ref.shape)}")
-        params[k] = v.to(device=ref.device, dtype=ref.dtype)
-    return params
-
-
 def eval_batches(task, split: str, batch_size: int, n_batches: int, seed: int) -> Iterator[Any]:
     """M batches of N samples drawn without replacement within each pass over the
     split, reshuffled for every further pass (from a CPU generator seeded by ``seed``).
@@ -263,7 +245,8 @@ def run_eval_gamma(
     for c, m in zip(ckpts, metas):  # read every file before the (long) evaluation starts
         if not isinstance(m["step"], int) or isinstance(m["step"], bool):
             raise UsageError(f"{c / rundir.META_FILE}: corrupt checkpoint metadata (step {m['step']!r} is not an integer)")
-    all_params = [_load_params(task, c) for c in ckpts]  # trainable params only: small next to the model
+    own = task.params()  # trainable params only: small next to the model
+    all_params = [rundir.load_params(own, c) for c in ckpts]
     if on_start is not None:
         on_start(len(ckpts) * (1 if single else n_batches))
 

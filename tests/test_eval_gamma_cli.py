@@ -305,3 +305,36 @@ def test_interrupt_exits_130_and_leaves_no_output(digits_run, tmp_path, monkeypa
     r = invoke(digits_run, *CHEAP, "--out", out)
     assert r.exit_code == 130 and r.stderr == "ief: error: interrupted\n"
     assert list(tmp_path.iterdir()) == []  # neither DIR nor a temporary
+
+
+def test_a_bad_direction_is_reported_everywhere_and_left_out(toy_run, tmp_path, monkeypatch):
+    """End to end: SF made to point uphill at one damping is listed in the JSON's bad_rows,
+    marked in the CSV, flagged in the table and named in a note; its statistics are empty."""
+    import iefcli.eval.gamma_eval as ge
+
+    real = ge._direction
+
+    def uphill_sf(m, bg, lam, **kw):
+        d, info = real(m, bg, lam, **kw)
+        return (-bg.g if (m, lam) == ("sf", 1e-2) else d), info
+
+    monkeypatch.setattr(ge, "_direction", uphill_sf)
+    args = (toy_run, "--methods", "sgd,ief,sf", "--damping", "1e-4,1e-2")
+    out = tmp_path / "ev"
+    r = invoke(*args, "--json", "--out", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [(b["batch"], b["method"], b["damping"], b["sanity"]) for b in doc["bad_rows"]] == [(0, "sf", 1e-2, "not-descent")]
+    assert doc["bad_rows"][0]["cos_to_grad"] == pytest.approx(-1.0, abs=1e-12)
+    by = _by(doc)
+    assert by[("sf", 1e-2)]["n_bad"] == 1 and by[("sf", 1e-2)]["gamma_ratio_median"] is None  # NaN -> null
+    assert by[("sf", 1e-4)]["n_bad"] == 0 and by[("sf", 1e-4)]["gamma_ratio_median"] > 0
+    assert "1 direction(s) failed the sanity check (sf not-descent x1)" in r.stderr
+    with open(out / go.CSV_FILE, newline="") as f:
+        sanity = {(x["method"], x["damping"]): x["sanity"] for x in csv.DictReader(f)}
+    assert sanity[("sf", "0.01")] == "not-descent" and sanity[("sf", "0.0001")] == "ok" and sanity[("ief", "0.01")] == "ok"
+    r = invoke(*args, "--quiet")
+    assert r.exit_code == 0, r.output
+    header = next(ln for ln in r.stdout.splitlines() if "damping" in ln)
+    assert "SF !" in header and "iEF !" not in header
+    assert "left out of the median/IQR" in " ".join(r.stdout.split())

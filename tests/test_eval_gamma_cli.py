@@ -243,7 +243,7 @@ def test_out_dir_never_overwritten_without_flag(digits_run, tmp_path):
     "args, needle",
     [
         (["{run}/nope"], "not found"),
-        (["{run}", "--methods", "sgd,kfac"], "unknown method 'kfac'"),
+        (["{run}", "--methods", "sgd,nope"], "unknown method 'nope'"),
         (["{run}", "--damping", "1e-3,abc"], "'abc' is not a number"),
         (["{run}", "--methods", "sf", "--damping", "0"], "sf needs damping > 0"),
         (["{run}", "--stage", "7"], "no checkpoint at step 7"),

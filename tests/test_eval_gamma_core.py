@@ -271,7 +271,7 @@ def test_direction_sanity(finite, cos_g, gam, want):
 @pytest.mark.parametrize(
     "methods, dampings, match",
     [
-        (["sgd", "kfac"], [1e-3], "unknown method"),
+        (["sgd", "nope"], [1e-3], "unknown method"),
         (["ief"], [-1.0], "damping"),
         (["ief"], [float("nan")], "damping"),
         (["sf"], [0.0], "sf needs damping > 0"),
@@ -299,3 +299,20 @@ def test_empty_batches_raise():
     case = make_case("mlp_ce", torch.float64)
     with pytest.raises(ValueError, match="no evaluation batches"):
         ge.evaluate_gamma(model=case.model, params=case.params, loss_fn=case.loss_fn, batches=[], methods=("sgd",))
+
+
+def test_a_registered_method_is_scored_by_name(monkeypatch):
+    from iefcli.core import methods
+
+    def uphill_ief(bg, damping, generator, options):  # -iEF at the same (paper) damping
+        d, info = methods.compute_direction("ief", bg, damping, options=options)
+        return -3.0 * d, info
+
+    monkeypatch.setitem(methods.METHODS, "uphill", methods.Method("uphill", uphill_ief))
+    case = make_case("mlp_ce", torch.float64)
+    res = ge.evaluate_gamma(model=case.model, params=case.params, loss_fn=case.loss_fn,
+                            batches=[(case.inputs, case.targets)], methods=("ief", "uphill"), dampings=(1e-6,))
+    ief, up = res.rows
+    assert up["method"] == "uphill" and up["gamma"] == pytest.approx(-ief["gamma"], rel=1e-12)
+    assert up["sanity"] == "not-descent" and up["cos_to_grad"] == pytest.approx(-ief["cos_to_grad"], rel=1e-12)
+    assert [s["n_bad"] for s in res.summary] == [0, 1]

@@ -8,15 +8,22 @@ requested method's direction d is computed at every damping lambda and scored by
 
 where g is the batch's mean-loss gradient and G its GGN (= Fisher). No Fisher is
 inverted: d^T G d comes from one Jacobian-vector product. Optionally the exact
-natural gradient d_NG = (G_sum + lambda I)^{-1} g (by CG) is added, together with
-the cosine between each direction and d_NG at the same damping.
+natural gradient d_NG = (G_sum / N^2 + lambda I)^{-1} g is added, together with
+the cosine between each direction and d_NG at the same damping. Every direction
+comes from the one method table, :func:`iefcli.core.methods.compute_direction`,
+with lambda on the PAPER's scale.
+
+Every row carries its direction's sanity: finite, and a descent direction
+(d^T g > 0; else gamma is <= 0 or infinite and means nothing). A row that fails
+is reported (``sanity``, ``cos_to_grad``, :func:`bad_rows`) and counted in
+``n_bad``, never averaged into the statistics.
 
 Everything here reuses the core: :func:`iefcli.core.batch_grads` is called ONCE
-per batch and its rows / Gram matrix are shared by all methods and dampings; SF's
-sampled-label rows are drawn once per batch (from the caller's generator) and
-shared by all dampings; the SGD direction and gamma(g) are damping-independent
-and computed once per batch (the SGD row is repeated at every damping so that
-tables and plots have their reference line at ratio 1).
+per batch and its rows / Gram matrix are shared by all methods and dampings; SF
+sees the same label draw at every damping (the caller's generator is rewound to
+the batch's state for each damping); the SGD direction and gamma(g) are
+damping-independent and computed once per batch (the SGD row is repeated at every
+damping so that tables and plots have their reference line at ratio 1).
 
 This module is pure: no printing, no files, no clock, no hidden randomness.
 Results come back as plain Python floats (the host reads happen here because
@@ -271,7 +278,7 @@ def _one_batch(
             if method_table.get_method(m).random:
                 end = generator.get_state()
             dirs[(m, lam)] = d
-            if m == "ngd":
+            if m == "ngd" and "cg_iterations" in info:  # by CG (an exact solve reports no CG)
                 ngd_info.append({"damping": lam, "cg_iterations": int(info["cg_iterations"]),
                                  "cg_residual": float(info["cg_residual"]), "cg_converged": bool(info["cg_converged"])})
     if end is not None:

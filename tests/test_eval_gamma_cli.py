@@ -251,6 +251,7 @@ def test_out_dir_never_overwritten_without_flag(digits_run, tmp_path):
         (["{run}/best", "--stage", "all"], "single checkpoint"),
         (["{run}", "--split", "dev"], "--split dev"),
         (["{run}", "--batches", "0"], "--batches must be >= 1"),
+        (["{run}", "--out", "{run}/../ev", "--figures", "jpg"], "--figures jpg: choose png, pdf, svg"),
     ],
 )
 def test_bad_input_one_line_exit_2(digits_run, args, needle):
@@ -338,3 +339,12 @@ def test_a_bad_direction_is_reported_everywhere_and_left_out(toy_run, tmp_path, 
     header = next(ln for ln in r.stdout.splitlines() if "damping" in ln)
     assert "SF !" in header and "iEF !" not in header
     assert "left out of the median/IQR" in " ".join(r.stdout.split())
+
+
+def test_figures_option_picks_the_file_type(toy_run, tmp_path):
+    out = tmp_path / "ev"
+    r = invoke(toy_run, "--stage", "all", "--methods", "sgd,ief", "--damping", "1e-4", "--out", out, "--figures", "svg", "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [go.JSON_FILE, go.CSV_FILE, *(f"{stem}.svg" for stem in figures.GAMMA_FIGURES)])
+    assert all(p.read_bytes().startswith(b"<?xml") for p in out.glob("*.svg"))

@@ -40,6 +40,7 @@ STYLE = {
 # Okabe-Ito, distinguishable for colour-blind readers: the only colours the figures use.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 BLUE, VERMILLION, GREEN, PURPLE, ORANGE, SKY, YELLOW, BLACK = PALETTE
+INK, CONTOUR = "#333333", "#3b5b7a"  # the two neutrals (arrows, contour lines), never a data series
 LINESTYLES = ("-", "--", "-.", ":")
 
 # A fixed colour and line style per method / optimiser, the same in every figure.
@@ -190,9 +191,9 @@ def toy_figure(result) -> Figure:
     axes = fig.subplots(1, len(PANELS), sharex=True, sharey=True)
     for ax, (method, title) in zip(axes, PANELS):
         ax.contourf(fine_x, fine_y, np.clip(loss_grid, lo, None), levels=levels, norm=LogNorm(), cmap="Blues_r", alpha=0.55)
-        ax.contour(fine_x, fine_y, np.clip(loss_grid, lo, None), levels=levels, norm=LogNorm(), colors="#3b5b7a", linewidths=0.5)
+        ax.contour(fine_x, fine_y, np.clip(loss_grid, lo, None), levels=levels, norm=LogNorm(), colors=CONTOUR, linewidths=0.5)
         u = result.field[method].numpy()
-        ax.quiver(gx, gy, u[..., 0], u[..., 1], color="#333333", angles="xy", scale_units="xy",
+        ax.quiver(gx, gy, u[..., 0], u[..., 1], color=INK, angles="xy", scale_units="xy",
                   scale=1.6 * len(xs) / (x1 - x0), width=0.004, pivot="mid")
         for n, (x_n, y_n) in enumerate(result.problem.optimal_lines()):
             a, b = float(x_n[0]), float(x_n[1])

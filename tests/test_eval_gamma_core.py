@@ -1,9 +1,10 @@
-"""iefcli.eval.gamma_eval against a dense float64 reference built here.
+"""iefcli.eval.gamma_eval against a dense float64 reference (tests/reference_eval.py).
 
 The reference forms everything explicitly on tiny models: per-sample
 gradients by a loop of torch.autograd.grad on a torch.nn.functional loss,
 the GGN as sum_n Jz_n^T H_n Jz_n from autograd Jacobians/Hessians, and each
-direction by a dense solve of the paper's formula; gamma = sqrt(d^T G d)/(d^T g).
+direction by a dense solve of the AUTHORS' formula at the paper's damping;
+gamma = sqrt(d^T G d)/(d^T g).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
 import iefcli.eval.gamma_eval as ge
+import reference_eval as ref
 from cases import make_case
 from iefcli.core.losses import MSE
 from iefcli.core.params import trainable_params
@@ -25,79 +26,9 @@ from iefcli.core.params import trainable_params
 DAMPINGS = (1e-12, 1e-8, 1e-4, 1e-2, 1.0)
 
 
-# ------------------------------------------------------------------ reference
 
-
-def _flat_fn(model, params):
-    names = list(params)
-    shapes = [params[k].shape for k in names]
-    numels = [params[k].numel() for k in names]
-
-    def unflat(theta):
-        return {k: c.view(s) for k, s, c in zip(names, shapes, torch.split(theta, numels))}
-
-    theta0 = torch.cat([params[k].reshape(-1) for k in names]).detach().to(torch.float64)
-    return theta0, unflat
-
-
-def dense_reference(case, inputs, targets):
-    """J (N,P), s (N,), g (P,), G_sum (P,P) by loops of autograd in float64."""
-    theta0, unflat = _flat_fn(case.model, case.params)
-    rows, s, G = [], [], torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float64)
-    for n in range(targets.shape[0]):
-        x_n, y_n = inputs[n : n + 1], targets[n]
-
-        def z_of(theta):
-            return functional_call(case.model, unflat(theta), (x_n,))[0]
-
-        theta = theta0.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(case.ref_loss(z_of(theta), y_n), theta)
-        rows.append(grad)
-        z = z_of(theta0).detach().requires_grad_(True)
-        (gz,) = torch.autograd.grad(case.ref_loss(z, y_n), z)
-        s.append(gz.pow(2).sum())
-        jz = jacobian(z_of, theta0).reshape(-1, theta0.numel())  # (C, P)
-        h = hessian(lambda zz: case.ref_loss(zz, y_n), z.detach()).reshape(jz.shape[0], jz.shape[0])
-        G += jz.T @ h @ jz
-    J = torch.stack(rows)
-    return J, torch.stack(s), J.mean(0), G
-
-
-def ref_sampled_rows(case, inputs, yhat, k):
-    """Per-sample gradients at the sampled labels yhat (k, N, ...), / sqrt(k), k-major."""
-    theta0, unflat = _flat_fn(case.model, case.params)
-    out = []
-    for i in range(k):
-        for n in range(inputs.shape[0]):
-            theta = theta0.clone().requires_grad_(True)
-            z = functional_call(case.model, unflat(theta), (inputs[n : n + 1],))[0]
-            (grad,) = torch.autograd.grad(case.ref_loss(z, yhat[i, n]), theta)
-            out.append(grad / math.sqrt(k))
-    return torch.stack(out)
-
-
-def ref_gamma(G_mean, g, d):
-    return float(torch.sqrt(d @ G_mean @ d) / (d @ g))
-
-
-def ref_directions(J, s, g, G, lam, Jhat=None):
-    n, p = J.shape
-    eye_n, eye_p = torch.eye(n, dtype=torch.float64), torch.eye(p, dtype=torch.float64)
-    out = {
-        "sgd": g,
-        "ef": J.T @ torch.linalg.solve(J @ J.T + lam * eye_n, torch.ones(n, dtype=torch.float64)) / n,
-        "ief": J.T @ torch.linalg.solve(J @ J.T + lam * eye_n, s) / n,
-        "ngd": torch.linalg.solve(G + lam * eye_p, g),
-    }
-    if Jhat is not None:
-        out["sf"] = torch.linalg.solve(Jhat.T @ Jhat + lam * eye_p, g)
-    return out
-
-
-def _imb_ref(norms):
-    x = np.sort(np.asarray(norms, dtype=np.float64))
-    k = max(1, math.ceil(0.1 * len(x)))
-    return x[-1] / x[0], x[-k:].mean() / x[:k].mean()
+def dense(case, x, y):
+    return ref.dense_batch(case.model, case.params, case.ref_loss, x, y)
 
 
 # ------------------------------------------------------------------ tests
@@ -120,35 +51,36 @@ def test_ratios_match_dense_reference(case_name):
     assert len(res.rows) == 2 * 5 * len(DAMPINGS)
     gen = torch.Generator().manual_seed(seed)  # replays the SF label draws batch by batch
     for b, (xb, yb) in enumerate(batches):
-        J, s, g, G = dense_reference(case, xb, yb)
+        J, s, g, G = dense(case, xb, yb)
         n = yb.shape[0]
         z = functional_call(case.model, case.params, (xb,)).detach()
+        # The only library piece the reference replays: the SF label draw (the same generator
+        # state gives the same labels; the sampler itself is checked by the core's loss tests).
         yhat = case.loss_fn.sample(z, yb, k, gen)
-        Jhat = ref_sampled_rows(case, xb, yhat, k)
-        g_sgd = ref_gamma(G / n, g, g)
+        Jhat = ref.sampled_grads(case.model, case.params, case.ref_loss, xb, yhat, k)
+        g_sgd = ref.gamma(G, g, g, n)
         # imbalance of per-sample gradient norms and logit-gradient norms
-        mm, tb = _imb_ref(J.norm(dim=1))
-        lmm, ltb = _imb_ref(s.sqrt())
+        mm, tb = ref.imbalance(J.norm(dim=1))
+        lmm, ltb = ref.imbalance(s.sqrt())
         imb = res.imbalance[b]
         assert imb["grad_norm_max_min"] == pytest.approx(mm, rel=1e-9)
         assert imb["grad_norm_top10_bottom10"] == pytest.approx(tb, rel=1e-9)
         assert imb["logit_grad_norm_max_min"] == pytest.approx(lmm, rel=1e-9)
         assert imb["logit_grad_norm_top10_bottom10"] == pytest.approx(ltb, rel=1e-9)
         for lam in DAMPINGS:
-            ref = ref_directions(J, s, g, G, lam, Jhat)
+            want_d = ref.paper_directions(J, s, g, G, lam, Jhat)
             got = {r["method"]: r for r in res.rows if r["batch"] == b and r["damping"] == lam}
             assert set(got) == {"sgd", "ef", "ief", "sf", "ngd"}
-            for m, d in ref.items():
+            for m, d in want_d.items():
+                assert got[m]["sanity"] == "ok" and got[m]["cos_to_grad"] == pytest.approx(ref.cos(d, g), abs=1e-6)
+                assert got[m]["grad_norm_max_min"] == pytest.approx(mm, rel=1e-9)  # every row carries its batch's
                 # Dense P x P solves lose digits at tiny damping (cond ~ 1/lam); the N x N ones do not.
                 if m in ("sf", "ngd") and lam < 1e-4:
                     continue
-                want = ref_gamma(G / n, g, d)
+                want = ref.gamma(G, g, d, n)
                 assert got[m]["gamma"] == pytest.approx(want, rel=1e-6), (m, lam)
                 assert got[m]["gamma_ratio"] == pytest.approx(want / g_sgd, rel=1e-6), (m, lam)
-                cos = float(torch.nn.functional.cosine_similarity(d, ref["ngd"], dim=0))
-                assert got[m]["cos_to_ngd"] == pytest.approx(cos, abs=1e-6), (m, lam)
-                assert got[m]["grad_norm_max_min"] == imb["grad_norm_max_min"]
-            assert got["sgd"]["gamma_ratio"] == 1.0
+                assert got[m]["cos_to_ngd"] == pytest.approx(ref.cos(d, want_d["ngd"]), abs=1e-6), (m, lam)
             # NG minimises gamma over all directions (undamped G): at small damping nothing beats it.
             if lam <= 1e-8:
                 assert all(got["ngd"]["gamma"] <= r["gamma"] * (1 + 1e-9) for r in got.values())
@@ -160,10 +92,10 @@ def test_ngd_at_tiny_damping_matches_pseudo_inverse():
         model=case.model, params=case.params, loss_fn=case.loss_fn, batches=[(case.inputs, case.targets)],
         methods=("sgd", "ngd"), dampings=(1e-12,), generator=None,
     )
-    J, s, g, G = dense_reference(case, case.inputs, case.targets)
+    J, s, g, G = dense(case, case.inputs, case.targets)
     d = torch.linalg.pinv(G, hermitian=True, rtol=1e-10) @ g  # g lies in range(G): the minimum-norm NG
     n = case.n
-    want = ref_gamma(G / n, g, d) / ref_gamma(G / n, g, g)
+    want = ref.gamma(G, g, d, n) / ref.gamma(G, g, g, n)
     (row,) = [r for r in res.rows if r["method"] == "ngd"]
     assert row["gamma_ratio"] == pytest.approx(want, rel=1e-6)
     assert row["gamma_ratio"] < 1
@@ -181,8 +113,12 @@ def test_two_parameter_least_squares_ief_equals_ngd_and_ef_is_worse():
         model=model, params=trainable_params(model), loss_fn=MSE(), batches=[(x, y)],
         methods=("sgd", "ef", "ief", "ngd"), dampings=(1e-12, 1e-10, 1e-8), generator=None,
     )
+    J, s, g, G = ref.linear_lsq(model.weight.detach(), x, y)
     for lam in (1e-12, 1e-10, 1e-8):
         got = {r["method"]: r for r in res.rows if r["damping"] == lam}
+        want = ref.paper_directions(J, s, g, G, lam)
+        for m in ("sgd", "ef", "ief", "ngd"):
+            assert got[m]["gamma"] == pytest.approx(ref.gamma(G, g, want[m], 2), rel=1e-7), m
         assert got["ief"]["gamma_ratio"] == pytest.approx(got["ngd"]["gamma_ratio"], rel=1e-7)
         assert got["ief"]["cos_to_ngd"] == pytest.approx(1.0, abs=1e-9)
         assert got["ef"]["gamma_ratio"] > got["ief"]["gamma_ratio"] * 1.05
@@ -206,9 +142,12 @@ def test_batch_grads_once_per_batch_and_sgd_is_damping_independent(monkeypatch):
         methods=("sgd", "ef", "ief", "sf"), dampings=DAMPINGS, generator=torch.Generator().manual_seed(0),
     )
     assert len(calls) == 2 == res.n_batches  # max_batches stops the iterator
-    for b in range(2):
-        sgd = [r["gamma"] for r in res.rows if r["batch"] == b and r["method"] == "sgd"]
-        assert len(sgd) == len(DAMPINGS) and len(set(sgd)) == 1
+    for b, (xb, yb) in enumerate([(x, y), (x[:4], y[:4])]):
+        J, s, g, G = dense(case, xb, yb)
+        sgd = {r["damping"]: r for r in res.rows if r["batch"] == b and r["method"] == "sgd"}
+        assert sorted(sgd) == sorted(DAMPINGS)  # SGD's row is repeated at every damping, with its own gamma
+        for r in sgd.values():
+            assert r["gamma"] == pytest.approx(ref.gamma(G, g, g, yb.shape[0]), rel=1e-9)
 
 
 def test_same_seed_same_results_other_seed_changes_only_sf():
@@ -252,6 +191,7 @@ def test_aggregate_matches_numpy():
         assert s["gamma_ratio_iqr"] == pytest.approx(list(np.nanpercentile(v, [25, 75])), rel=1e-12)
         assert s["gamma_median"] == pytest.approx(np.nanmedian(2 * v), rel=1e-12)
         assert s["n_batches"] == 9
+        assert s["n_bad"] == int(np.isnan(v).sum())  # the NaN row is counted, not averaged
         assert s["cos_to_ngd_median"] is None
     per_batch = [{k: float(rng.lognormal()) for k in ge.IMBALANCE_KEYS} for _ in range(6)]
     agg = ge.aggregate_imbalance(per_batch)
@@ -259,10 +199,79 @@ def test_aggregate_matches_numpy():
         assert agg[k] == pytest.approx(np.median([p[k] for p in per_batch]), rel=1e-12)
 
 
+def _sabotaged(monkeypatch, bad):
+    """Make _direction return a broken direction for the (method, batch-size) pairs in ``bad``:
+    "ascent" -> -g (a valid number, the wrong way), "nan" -> a NaN entry."""
+    real = ge._direction
+
+    def direction(m, bg, lam, **kw):
+        d, info = real(m, bg, lam, **kw)
+        kind = bad.get((m, bg.n))
+        if kind == "ascent":
+            d = -bg.g
+        elif kind == "nan":
+            d = d.clone()
+            d[0] = float("nan")
+        return d, info
+
+    monkeypatch.setattr(ge, "_direction", direction)
+
+
+def test_bad_directions_are_reported_per_row_and_never_averaged(monkeypatch):
+    case = make_case("mlp_ce", torch.float64)
+    x, y = case.inputs, case.targets
+    batches = [(x, y), (x[:4], y[:4]), (x[1:], y[1:])]
+    kw = dict(model=case.model, params=case.params, loss_fn=case.loss_fn, methods=("sgd", "ef", "ief", "sf"),
+              dampings=(1e-6, 1e-2))
+    clean = ge.evaluate_gamma(batches=batches, generator=torch.Generator().manual_seed(0), **kw)
+    assert not clean.bad_rows and all(r["sanity"] == "ok" for r in clean.rows)
+    assert all(s["n_bad"] == 0 for s in clean.summary)
+    n0 = x.shape[0]
+    # ef goes uphill on every batch; iEF is NaN on the first batch only; SF is untouched.
+    _sabotaged(monkeypatch, {("ef", n0): "ascent", ("ef", 4): "ascent", ("ef", n0 - 1): "ascent", ("ief", n0): "nan"})
+    res = ge.evaluate_gamma(batches=batches, generator=torch.Generator().manual_seed(0), **kw)
+    rows = {(r["batch"], r["method"], r["damping"]): r for r in res.rows}
+    for b in range(3):
+        for lam in (1e-6, 1e-2):
+            ef = rows[(b, "ef", lam)]
+            assert ef["sanity"] == "not-descent" and ef["cos_to_grad"] == pytest.approx(-1.0, abs=1e-12)
+            assert rows[(b, "ief", lam)]["sanity"] == ("non-finite" if b == 0 else "ok")
+            assert rows[(b, "sf", lam)]["sanity"] == "ok" and rows[(b, "sgd", lam)]["sanity"] == "ok"
+    # every bad row is listed, with why
+    assert sorted((r["batch"], r["method"], r["sanity"]) for r in res.bad_rows) == sorted(
+        [(b, "ef", "not-descent") for b in range(3) for _ in range(2)] + [(0, "ief", "non-finite")] * 2
+    )
+    summ = {(s["method"], s["damping"]): s for s in res.summary}
+    want = {(s["method"], s["damping"]): s for s in clean.summary}
+    for lam in (1e-6, 1e-2):
+        # no good row left: no statistic (NaN), 3 bad rows counted
+        ef = summ[("ef", lam)]
+        assert ef["n_bad"] == 3 and ef["n_batches"] == 3
+        assert all(math.isnan(v) for v in (ef["gamma_ratio_median"], ef["gamma_ratio_mean"], *ef["gamma_ratio_iqr"]))
+        # iEF: the statistics of batches 1 and 2 alone, as computed from the clean rows
+        ief = summ[("ief", lam)]
+        good = [r["gamma_ratio"] for r in clean.rows if r["method"] == "ief" and r["damping"] == lam and r["batch"] > 0]
+        assert ief["n_bad"] == 1
+        assert ief["gamma_ratio_median"] == pytest.approx(float(np.median(good)), rel=1e-12)
+        assert ief["gamma_ratio_mean"] == pytest.approx(float(np.mean(good)), rel=1e-12)
+        assert ief["gamma_ratio_iqr"] == pytest.approx(list(np.percentile(good, [25, 75])), rel=1e-12)
+        for m in ("sgd", "sf"):  # the others are untouched
+            assert summ[(m, lam)] == want[(m, lam)]
+
+
+@pytest.mark.parametrize(
+    "finite, cos_g, gam, want",
+    [(True, 0.3, 1.2, "ok"), (True, -0.3, -1.2, "not-descent"), (True, 0.0, math.inf, "not-descent"),
+     (False, math.nan, math.nan, "non-finite"), (True, 0.3, math.inf, "non-finite")],
+)
+def test_direction_sanity(finite, cos_g, gam, want):
+    assert ge.direction_sanity(finite, cos_g, gam) == want
+
+
 @pytest.mark.parametrize(
     "methods, dampings, match",
     [
-        (["sgd", "kfac"], [1e-3], "unknown method"),
+        (["sgd", "nope"], [1e-3], "unknown method"),
         (["ief"], [-1.0], "damping"),
         (["ief"], [float("nan")], "damping"),
         (["sf"], [0.0], "sf needs damping > 0"),
@@ -290,3 +299,20 @@ def test_empty_batches_raise():
     case = make_case("mlp_ce", torch.float64)
     with pytest.raises(ValueError, match="no evaluation batches"):
         ge.evaluate_gamma(model=case.model, params=case.params, loss_fn=case.loss_fn, batches=[], methods=("sgd",))
+
+
+def test_a_registered_method_is_scored_by_name(monkeypatch):
+    from iefcli.core import methods
+
+    def uphill_ief(bg, damping, generator, options):  # -iEF at the same (paper) damping
+        d, info = methods.compute_direction("ief", bg, damping, options=options)
+        return -3.0 * d, info
+
+    monkeypatch.setitem(methods.METHODS, "uphill", methods.Method("uphill", uphill_ief))
+    case = make_case("mlp_ce", torch.float64)
+    res = ge.evaluate_gamma(model=case.model, params=case.params, loss_fn=case.loss_fn,
+                            batches=[(case.inputs, case.targets)], methods=("ief", "uphill"), dampings=(1e-6,))
+    ief, up = res.rows
+    assert up["method"] == "uphill" and up["gamma"] == pytest.approx(-ief["gamma"], rel=1e-12)
+    assert up["sanity"] == "not-descent" and up["cos_to_grad"] == pytest.approx(-ief["cos_to_grad"], rel=1e-12)
+    assert [s["n_bad"] for s in res.summary] == [0, 1]

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from iefcli.cli import app
@@ -95,7 +96,9 @@ def test_compare_json_rows_grouped_and_checked_against_files(runs):
         assert r["final_train_loss"] == pytest.approx(s["final_train_loss"])
         assert r["wall_time_s"] > 0 and r["steps_per_s"] == pytest.approx(6 / r["wall_time_s"])
         assert r["status"] == "completed"
-    assert rows[0]["damping"] == pytest.approx(1e-7 / 64**2) and rows[1]["damping"] is None  # sgd has none
+    # the run's own damping (its resolved recipe), and none for sgd
+    assert rows[0]["damping"] == yaml.safe_load((Path(rows[0]["run_dir"]) / "recipe.yaml").read_text())["optimizer"]["damping"]
+    assert isinstance(rows[0]["damping"], float) and rows[1]["damping"] is None
     # Best per column, recomputed here, within the digits group only (the toy run is alone in its group).
     d = rows[:2]
     lo = min(range(2), key=lambda i: d[i]["final_train_loss"])

@@ -8,15 +8,22 @@ requested method's direction d is computed at every damping lambda and scored by
 
 where g is the batch's mean-loss gradient and G its GGN (= Fisher). No Fisher is
 inverted: d^T G d comes from one Jacobian-vector product. Optionally the exact
-natural gradient d_NG = (G_sum + lambda I)^{-1} g (by CG) is added, together with
-the cosine between each direction and d_NG at the same damping.
+natural gradient d_NG = (G_sum / N^2 + lambda I)^{-1} g is added, together with
+the cosine between each direction and d_NG at the same damping. Every direction
+comes from the one method table, :func:`iefcli.core.methods.compute_direction`,
+with lambda on the PAPER's scale.
+
+Every row carries its direction's sanity: finite, and a descent direction
+(d^T g > 0; else gamma is <= 0 or infinite and means nothing). A row that fails
+is reported (``sanity``, ``cos_to_grad``, :func:`bad_rows`) and counted in
+``n_bad``, never averaged into the statistics.
 
 Everything here reuses the core: :func:`iefcli.core.batch_grads` is called ONCE
-per batch and its rows / Gram matrix are shared by all methods and dampings; SF's
-sampled-label rows are drawn once per batch (from the caller's generator) and
-shared by all dampings; the SGD direction and gamma(g) are damping-independent
-and computed once per batch (the SGD row is repeated at every damping so that
-tables and plots have their reference line at ratio 1).
+per batch and its rows / Gram matrix are shared by all methods and dampings; SF
+sees the same label draw at every damping (the caller's generator is rewound to
+the batch's state for each damping); the SGD direction and gamma(g) are
+damping-independent and computed once per batch (the SGD row is repeated at every
+damping so that tables and plots have their reference line at ratio 1).
 
 This module is pure: no printing, no files, no clock, no hidden randomness.
 Results come back as plain Python floats (the host reads happen here because
@@ -34,8 +41,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from iefcli import directions
-from iefcli.core.jacobian import BatchGrads, Forward, batch_grads, default_forward, sampled_rows
+from iefcli.core import methods as method_table
+from iefcli.core.jacobian import BatchGrads, Forward, batch_grads, default_forward
 from iefcli.core.losses import Loss
 from iefcli.core.stats import batch_imbalance
 from iefcli.gamma import gamma
@@ -52,9 +59,12 @@ __all__ = [
     "evaluate_gamma",
     "aggregate",
     "aggregate_imbalance",
+    "bad_rows",
+    "direction_sanity",
+    "row_is_ok",
 ]
 
-METHODS = ("sgd", "ef", "ief", "sf", "ngd")
+METHODS = method_table.EVAL_METHODS  # the built-ins; any name registered in core.methods.METHODS is accepted
 DEFAULT_METHODS = ("sgd", "ef", "ief", "sf")
 DEFAULT_DAMPINGS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)
 IMBALANCE_KEYS = (
@@ -64,7 +74,12 @@ IMBALANCE_KEYS = (
     "logit_grad_norm_top10_bottom10",
 )
 # One tidy row per (batch, method, damping); cos_to_ngd is None unless ngd was requested.
-ROW_COLUMNS = ("batch", "method", "damping", "gamma", "gamma_ratio", "cos_to_ngd", *IMBALANCE_KEYS)
+# sanity: "ok", "non-finite" (d or its gamma has a NaN/Inf) or "not-descent" (d^T g <= 0);
+# cos_to_grad = d^T g / (|d| |g|), whose sign is the descent test (scale-free, unlike d^T g).
+ROW_COLUMNS = (
+    "batch", "method", "damping", "gamma", "gamma_ratio", "cos_to_ngd", "cos_to_grad", "sanity", *IMBALANCE_KEYS
+)
+SANITY_OK, SANITY_NONFINITE, SANITY_ASCENT = "ok", "non-finite", "not-descent"
 SUMMARY_KEYS = (
     "method",
     "damping",
@@ -74,6 +89,7 @@ SUMMARY_KEYS = (
     "gamma_median",
     "cos_to_ngd_median",
     "n_batches",
+    "n_bad",
 )
 
 
@@ -82,6 +98,7 @@ class GammaEval:
     """The result of :func:`evaluate_gamma`.
 
     rows:       tidy rows, dicts with keys ROW_COLUMNS, batch-major, then method, then damping
+                (every row carries its direction's sanity; see :func:`direction_sanity`)
     imbalance:  one dict per batch (IMBALANCE_KEYS -> float)
     summary:    :func:`aggregate` of the rows (one dict per method x damping)
     imbalance_summary: :func:`aggregate_imbalance` (median over batches)
@@ -101,14 +118,19 @@ class GammaEval:
     def n_batches(self) -> int:
         return len(self.imbalance)
 
+    @property
+    def bad_rows(self) -> list[dict[str, Any]]:
+        """The rows whose direction failed the sanity check (left out of ``summary``)."""
+        return bad_rows(self.rows)
+
 
 def check_methods(methods: Iterable[str], dampings: Iterable[float]) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """Validate and deduplicate (keeping order); raise ValueError with a one-line reason."""
     ms: list[str] = []
     for m in methods:
         m = m.strip().lower()
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in method_table.METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(method_table.METHODS)}")
         if m not in ms:
             ms.append(m)
     if not ms:
@@ -122,8 +144,9 @@ def check_methods(methods: Iterable[str], dampings: Iterable[float]) -> tuple[tu
             ds.append(d)
     if not ds:
         raise ValueError("no damping values given")
-    if "sf" in ms and 0.0 in ds:
-        raise ValueError("sf needs damping > 0 (its Woodbury form divides by the damping)")
+    for m in ms:
+        if method_table.get_method(m).needs_damping and 0.0 in ds:
+            raise ValueError(f"{m} needs damping > 0 (its Woodbury form divides by the damping)")
     return tuple(ms), tuple(ds)
 
 
@@ -136,6 +159,23 @@ def _split_batch(batch: Any) -> tuple[Any, Tensor]:
 
 def _cos(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.to(torch.float64), b.to(torch.float64), dim=0))
+
+
+def direction_sanity(finite: bool, cos_to_grad: float, gamma_value: float) -> str:
+    """The per-row diagnostic: "non-finite" when the direction or its gamma has a NaN/Inf,
+    "not-descent" when d^T g <= 0 (then gamma is <= 0 or infinite: meaningless), else "ok"."""
+    if not finite or math.isnan(cos_to_grad):
+        return SANITY_NONFINITE
+    if not cos_to_grad > 0:
+        return SANITY_ASCENT
+    return SANITY_OK if math.isfinite(gamma_value) else SANITY_NONFINITE
+
+
+def row_is_ok(row: dict[str, Any]) -> bool:
+    """Whether a row enters the statistics: its sanity is ok AND its ratio a finite
+    positive number (a hand-built row without a sanity field is judged by its ratio)."""
+    r = row.get("gamma_ratio")
+    return row.get("sanity", SANITY_OK) == SANITY_OK and r is not None and math.isfinite(r) and r > 0
 
 
 def evaluate_gamma(
@@ -152,7 +192,7 @@ def evaluate_gamma(
     max_batches: int | None = None,
     jacobian: str = "auto",
     chunk_size: int | None = None,
-    dup_threshold: float | None = directions.DEFAULT_DUP_THRESHOLD,
+    dup_threshold: float | None = method_table.DUP_THRESHOLD,
     ngd_maxiter: int = 500,
     ngd_tol: float | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -163,9 +203,10 @@ def evaluate_gamma(
         :func:`iefcli.core.batch_grads`; ``forward(model, params, inputs) -> logits``.
     batches: an iterable of ``Batch(inputs, targets)`` or ``(inputs, targets)``;
         at most ``max_batches`` are used.
-    methods: from METHODS (sgd, ef, ief, sf, ngd); dampings: lambda >= 0 values
-        (added to the Gram of the UNSCALED per-sample gradients; for ngd to the
-        GGN of the summed loss; see docs/DESIGN.md "Scale convention").
+    methods: names in :data:`iefcli.core.methods.METHODS` (sgd, ef, ief, sf, ngd, and
+        any registered one); every direction comes from
+        :func:`iefcli.core.methods.compute_direction`. dampings: lambda >= 0 on the
+        PAPER's scale (the authors' mean-loss convention, docs/DESIGN.md contract 2).
     sf_samples: k label draws per datum for SF, drawn from ``generator``
         (the only randomness; same generator state -> same result).
     ngd_maxiter / ngd_tol: the CG budget for ngd (see :func:`iefcli.directions.ngd`).
@@ -177,8 +218,12 @@ def evaluate_gamma(
     methods, dampings = check_methods(methods, dampings)
     if sf_samples < 1:
         raise ValueError(f"sf_samples must be >= 1, got {sf_samples}")
-    if "sf" in methods and generator is None:
-        raise ValueError("sf draws labels at random: pass an explicit torch.Generator")
+    random = [m for m in methods if method_table.get_method(m).random]
+    if random and generator is None:
+        raise ValueError(f"{random[0]} draws labels at random: pass an explicit torch.Generator")
+    options = method_table.MethodOptions(
+        dup_threshold=dup_threshold, mc_samples=sf_samples, cg_tol=ngd_tol, cg_maxiter=ngd_maxiter
+    )
     rows: list[dict[str, Any]] = []
     imbs: list[dict[str, float]] = []
     ngd_info: list[dict[str, Any]] = []
@@ -190,7 +235,7 @@ def evaluate_gamma(
         )
         imb = {k: float(v) for k, v in batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s).items()}
         imbs.append(imb)
-        batch_rows, info = _one_batch(bg, methods, dampings, sf_samples, generator, dup_threshold, ngd_maxiter, ngd_tol)
+        batch_rows, info = _one_batch(bg, methods, dampings, generator, options)
         for r in batch_rows:
             rows.append({"batch": b, **r, **imb})
         ngd_info.extend({"batch": b, **i} for i in info)
@@ -214,39 +259,37 @@ def _one_batch(
     bg: BatchGrads,
     methods: tuple[str, ...],
     dampings: tuple[float, ...],
-    sf_samples: int,
     generator: torch.Generator | None,
-    dup_threshold: float | None,
-    ngd_maxiter: int,
-    ngd_tol: float | None,
+    options: method_table.MethodOptions,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(method, damping, direction) for one batch, then gamma, ratio and cosine."""
+    """(method, damping, direction) for one batch, then gamma, ratio, cosines and sanity."""
     gamma_sgd = float(gamma(bg, bg.g))  # damping-independent: computed once
     dirs: dict[tuple[str, float], Tensor] = {}
-    sf_rows = sampled_rows(bg, sf_samples, generator) if "sf" in methods else None  # one draw, all dampings
     ngd_info: list[dict[str, Any]] = []
+    # A random method (SF) sees the SAME label draw at every damping: the generator is
+    # rewound to this batch's state before each call, and left after one draw.
+    start = generator.get_state() if generator is not None else None
+    end = None
     for lam in dampings:
         for m in methods:
-            if m == "sgd":
-                dirs[(m, lam)] = bg.g
-            elif m == "ef":
-                dirs[(m, lam)] = directions.ef(bg.rows, lam, dup_threshold=dup_threshold)
-            elif m == "ief":
-                dirs[(m, lam)] = directions.ief(bg.rows, bg.s, lam, dup_threshold=dup_threshold)
-            elif m == "sf":
-                # No duplicate filter for SF: repeated label draws are Monte-Carlo weight, and lam > 0.
-                dirs[(m, lam)] = directions.sf(sf_rows, bg.g, lam)
-            elif m == "ngd":
-                d, cg = directions.ngd(bg, lam, tol=ngd_tol, maxiter=ngd_maxiter, return_info=True)
-                dirs[(m, lam)] = d
-                ngd_info.append(
-                    {"damping": lam, "cg_iterations": cg.iterations, "cg_residual": cg.residual, "cg_converged": cg.converged}
-                )
+            if method_table.get_method(m).random:
+                generator.set_state(start)
+            d, info = _direction(m, bg, lam, generator=generator, options=options)
+            if method_table.get_method(m).random:
+                end = generator.get_state()
+            dirs[(m, lam)] = d
+            if m == "ngd" and "cg_iterations" in info:  # by CG (an exact solve reports no CG)
+                ngd_info.append({"damping": lam, "cg_iterations": int(info["cg_iterations"]),
+                                 "cg_residual": float(info["cg_residual"]), "cg_converged": bool(info["cg_converged"])})
+    if end is not None:
+        generator.set_state(end)
     out: list[dict[str, Any]] = []
     for m in methods:
         for lam in dampings:
             d = dirs[(m, lam)]
             gam = gamma_sgd if m == "sgd" else float(gamma(bg, d))
+            finite = bool(torch.isfinite(d).all())
+            cos_g = _cos(d, bg.g)
             out.append(
                 {
                     "method": m,
@@ -254,9 +297,16 @@ def _one_batch(
                     "gamma": gam,
                     "gamma_ratio": gam / gamma_sgd,
                     "cos_to_ngd": _cos(d, dirs[("ngd", lam)]) if "ngd" in methods else None,
+                    "cos_to_grad": cos_g,
+                    "sanity": direction_sanity(finite, cos_g, gam),
                 }
             )
     return out, ngd_info
+
+
+def _direction(m: str, bg: BatchGrads, lam: float, *, generator, options) -> tuple[Tensor, dict[str, Tensor]]:
+    """Method m's direction at the paper-scale damping lam, and its diagnostics: the one table."""
+    return method_table.compute_direction(m, bg, lam, generator=generator, options=options)
 
 
 def _quantile(sorted_x: list[float], q: float) -> float:
@@ -271,11 +321,12 @@ def _quantile(sorted_x: list[float], q: float) -> float:
 
 
 def _stats(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, median, q25, q75) over the non-NaN values; NaN when none."""
-    x = sorted(v for v in values if v is not None and not math.isnan(v))
+    """(mean, median, q25, q75) of the values (the caller has already left out the bad
+    rows: nothing is dropped silently here); NaN when there are none."""
+    x = sorted(values)
     if not x:
         return (math.nan,) * 4
-    mean = sum(x) / len(x)  # plain sum: +-inf (a non-descent direction) propagates instead of raising
+    mean = sum(x) / len(x)
     return mean, statistics.median(x), _quantile(x, 0.25), _quantile(x, 0.75)
 
 
@@ -286,7 +337,10 @@ def aggregate(
     [25th, 75th percentile] (linear interpolation) of the gamma ratio; the median
     gamma and the median cosine to NG (None when ngd was not evaluated).
 
-    NaN values are left out of the statistics; n_batches counts every batch.
+    Only the rows whose direction passed the sanity check (:func:`row_is_ok`:
+    finite, d^T g > 0, a finite positive ratio) enter the statistics; the others are
+    COUNTED in ``n_bad`` (and listed per row by the caller), never averaged in.
+    n_batches counts every batch. Statistics over no good row are NaN.
     Order: methods, then dampings, in the given (or first-seen) order.
     """
     if methods is None:
@@ -299,8 +353,10 @@ def aggregate(
             sel = [r for r in rows if r["method"] == m and r["damping"] == lam]
             if not sel:
                 continue
-            mean, med, q25, q75 = _stats([r["gamma_ratio"] for r in sel])
-            cos = [r["cos_to_ngd"] for r in sel if r.get("cos_to_ngd") is not None]
+            good = [r for r in sel if row_is_ok(r)]
+            mean, med, q25, q75 = _stats([r["gamma_ratio"] for r in good])
+            # (a NaN cosine comes from a bad NGD direction, which its own row already reports)
+            cos = [r["cos_to_ngd"] for r in good if r.get("cos_to_ngd") is not None and not math.isnan(r["cos_to_ngd"])]
             out.append(
                 {
                     "method": m,
@@ -308,14 +364,34 @@ def aggregate(
                     "gamma_ratio_median": med,
                     "gamma_ratio_mean": mean,
                     "gamma_ratio_iqr": [q25, q75],
-                    "gamma_median": _stats([r["gamma"] for r in sel])[1],
+                    "gamma_median": _stats([r["gamma"] for r in good])[1],
                     "cos_to_ngd_median": _stats(cos)[1] if cos else None,
                     "n_batches": len({r["batch"] for r in sel}),
+                    "n_bad": len(sel) - len(good),
                 }
             )
     return out
 
 
+def bad_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows left out of the statistics, with what identifies them and why."""
+    keys = ("stage", "batch", "method", "damping", "sanity", "cos_to_grad", "gamma", "gamma_ratio")
+    out = []
+    for r in rows:
+        if not row_is_ok(r):
+            bad = {k: r[k] for k in keys if k in r}
+            if bad.get("sanity", SANITY_OK) == SANITY_OK:  # judged by its ratio alone
+                ratio = r.get("gamma_ratio")
+                bad["sanity"] = SANITY_ASCENT if ratio is not None and ratio <= 0 else SANITY_NONFINITE
+            out.append(bad)
+    return out
+
+
 def aggregate_imbalance(per_batch: list[dict[str, float]]) -> dict[str, float]:
-    """The median over batches of each imbalance figure (robust to one extreme batch)."""
-    return {k: _stats([b[k] for b in per_batch])[1] for k in IMBALANCE_KEYS if per_batch and k in per_batch[0]}
+    """The median over batches of each imbalance figure (robust to one extreme batch);
+    NaN values (a degenerate batch) are left out."""
+    return {
+        k: _stats([b[k] for b in per_batch if not math.isnan(b[k])])[1]
+        for k in IMBALANCE_KEYS
+        if per_batch and k in per_batch[0]
+    }

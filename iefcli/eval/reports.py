@@ -50,12 +50,10 @@ def prepare_output(path: Path | str, *, overwrite: bool, make_parent: bool = Fal
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through the run-dir module's atomic writer (temp file + os.replace)."""
-    from iefcli.eval.figures import file_mode
+    """Write text through the run-dir module's atomic writer (temp file + os.replace, usual mode)."""
     from iefcli.train.rundir import atomic_write_text
 
     atomic_write_text(path, text)
-    path.chmod(file_mode())  # the temp file's 0600 would otherwise stick
 
 
 # ---------------------------------------------------------------- run data ---

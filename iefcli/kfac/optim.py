@@ -365,8 +365,8 @@ class KFACOptimizer:
                              + "; ".join(f"{k} ({v})" for k, v in bc.bad.items()))
         first = step == 0
         beta = 0.0 if first else o.stat_decay
-        layers = {k: dict(v) for k, v in state["layers"].items()}
-        fbd = dict(state["fallback"])
+        layers = {k: dict(v) for k, v in state.get("layers", {}).items()}  # empty dicts do not survive safetensors
+        fbd = dict(state.get("fallback", {}))
 
         def ema(old: Tensor, new: Tensor) -> Tensor:
             return (beta * old + (1 - beta) * new.to(old.dtype)) if beta > 0 else new.to(old.dtype).clone()

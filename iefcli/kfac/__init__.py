@@ -24,9 +24,10 @@ DEFAULTS: dict[str, dict[str, float]] = {
 
 
 def _method_fn(name: str):
-    """A method-table entry: (bg, damping, *, generator, options) -> (d (P,), info), factors from bg's batch."""
+    """A method-table entry: (bg, damping, generator, options) -> (d (P,), info), factors and
+    diagonal from bg's batch only (stateless), paper-scale damping and direction (powers 0)."""
 
-    def fn(bg, damping, *, generator=None, options=None):
+    def fn(bg, damping, generator=None, options=None):
         jac = bg.jac
         for attr in ("model", "params", "inputs", "forward"):
             if not hasattr(jac, attr):
@@ -51,5 +52,6 @@ def register() -> None:
     except ImportError:
         return
     for name in METHODS:
-        if name not in getattr(methods, "METHODS", {}):
-            methods.register_method(name, _method_fn(name))
+        if name not in methods.METHODS:
+            # random: the default fisher_type "sampled" draws labels from the generator
+            methods.register_method(name, _method_fn(name), random=True)

@@ -11,19 +11,19 @@
 
 from __future__ import annotations
 
-from iefcli.kfac.optim import METHODS, KFACOptimizer, KFACOptions, kfac_direction, options_from
+from iefcli.kfac.optim import METHODS, KFACOptimizer, KFACOptions, fisher_for, kfac_direction, options_from
 
-__all__ = ["METHODS", "KFACOptimizer", "KFACOptions", "kfac_direction", "options_from", "register", "DEFAULTS"]
+__all__ = ["fisher_for", "METHODS", "KFACOptimizer", "KFACOptions", "kfac_direction", "options_from", "register", "DEFAULTS"]
 
 # lr on mean-loss gradients, paper-scale damping (see docs/kfac.md: measured on the digits MLP, batch 64).
 DEFAULTS: dict[str, dict[str, float]] = {
     "kfac": {"lr": 2e-3, "damping": 1e-3, "weight_decay": 0.0},
     "ekfac": {"lr": 2e-3, "damping": 1e-3, "weight_decay": 0.0},
-    "iekfac": {"lr": 1.0, "damping": 1e-5, "weight_decay": 0.0},
+    "iekfac": {"lr": 0.3, "damping": 1e-3, "weight_decay": 0.0},
 }
 
 
-def _method_fn(name: str):
+def _method_fn(name: str, **overrides):
     """A method-table entry: (bg, damping, generator, options) -> (d (P,), info), factors and
     diagonal from bg's batch only (stateless), paper-scale damping and direction (powers 0)."""
 
@@ -33,15 +33,18 @@ def _method_fn(name: str):
             if not hasattr(jac, attr):
                 raise TypeError(f"{name}: needs a Jacobian that keeps {attr} (vmap or fast path)")
         return kfac_direction(name, jac.model, jac.params, jac.inputs, bg.targets, bg.loss_fn, jac.forward,
-                              damping, generator=generator, options=options_from(options))
+                              damping, generator=generator, options=options_from(options, **overrides))
 
     fn.__name__ = f"{name}_direction"
     return fn
 
 
-def register() -> None:
+def register(**overrides) -> None:
     """Add kfac/ekfac/iekfac to iefcli.optim's REGISTRY and DEFAULTS, and to the method table
-    (``iefcli.core.methods.register_method``) when it exists. Idempotent."""
+    (``iefcli.core.methods.register_method``) when it exists. Idempotent.
+
+    ``overrides``: KFACOptions fields for the method-table entries (e.g. fisher_type="empirical");
+    given, they replace entries already registered."""
     import iefcli.optim as optim
 
     for name in METHODS:
@@ -52,6 +55,6 @@ def register() -> None:
     except ImportError:
         return
     for name in METHODS:
-        if name not in methods.METHODS:
-            # random: the default fisher_type "sampled" draws labels from the generator
-            methods.register_method(name, _method_fn(name), random=True)
+        if name not in methods.METHODS or overrides:
+            random = fisher_for(name, options_from(None, **overrides)) == "sampled"  # draws labels
+            methods.register_method(name, _method_fn(name, **overrides), random=random, replace=True)

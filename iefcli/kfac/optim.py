@@ -45,14 +45,17 @@ from iefcli.kfac.capture import Capture, LayerRule, find_layers
 
 METHODS = ("kfac", "ekfac", "iekfac")
 
-__all__ = ["KFACOptions", "KFACOptimizer", "BatchCurvature", "METHODS", "kfac_direction", "layer_grad", "options_from"]
+__all__ = ["fisher_for", "KFACOptions", "KFACOptimizer", "BatchCurvature", "METHODS", "kfac_direction", "layer_grad", "options_from"]
 
 
 @dataclass(frozen=True)
 class KFACOptions:
     """The K-FAC family's own options (recipe keys ``optimizer.<name>`` once the schema has them).
 
-    fisher_type:   "sampled" (true Fisher: e from labels drawn from the model) | "empirical" (true labels)
+    fisher_type:   labels of the factors A, G (and of eK-FAC's diagonal): "sampled" (true Fisher:
+                   labels drawn from the model) | "empirical" (true labels) | None: the method's
+                   default, sampled for kfac/ekfac and empirical for iekfac (iEF is built from
+                   true-label gradients; its basis from sampled labels measured much worse, docs/kfac.md)
     seq_mode:      "expand" | "reduce" (layers with sequence/spatial inputs; docs/kfac.md)
     damping_split: "eigen" (exact Tikhonov through the eigenbases) | "pi" (pi-damping of the factors); kfac only
     stat_interval: update the running factor statistics every this many steps
@@ -60,7 +63,7 @@ class KFACOptions:
     stat_decay:    running-average decay of A, G, S and the fallback diagonal (0: this batch only)
     """
 
-    fisher_type: str = "sampled"
+    fisher_type: str | None = None
     seq_mode: str = "expand"
     damping_split: str = "eigen"
     stat_interval: int = 1
@@ -68,7 +71,7 @@ class KFACOptions:
     stat_decay: float = 0.95
 
     def __post_init__(self):
-        if self.fisher_type not in ("sampled", "empirical"):
+        if self.fisher_type not in (None, "sampled", "empirical"):
             raise ValueError(f"fisher_type must be sampled or empirical, got {self.fisher_type!r}")
         if self.seq_mode not in kf.SEQ_MODES:
             raise ValueError(f"seq_mode must be expand or reduce, got {self.seq_mode!r}")
@@ -78,6 +81,13 @@ class KFACOptions:
             raise ValueError("stat_interval and inv_interval must be >= 1")
         if not 0 <= self.stat_decay < 1:
             raise ValueError(f"stat_decay must be in [0, 1), got {self.stat_decay}")
+
+
+def fisher_for(method: str, opts: KFACOptions) -> str:
+    """The labels method ``method`` builds its factors from under ``opts``."""
+    if opts.fisher_type is not None:
+        return opts.fisher_type
+    return "empirical" if method == "iekfac" else "sampled"
 
 
 def options_from(config: Any, **overrides) -> KFACOptions:
@@ -268,10 +278,11 @@ def kfac_direction(method: str, model, params: Params, inputs: Any, targets: Ten
     opts = options or KFACOptions()
     rules, fb = find_layers(model, list(params))
     fn = ModelFn(model, loss_fn, forward)
-    bc = BatchCurvature(fn, params, inputs, targets, rules, list(fb), fisher_type=opts.fisher_type, generator=generator)
+    ft = fisher_for(method, opts)
+    bc = BatchCurvature(fn, params, inputs, targets, rules, list(fb), fisher_type=ft, generator=generator)
     if bc.bad:
         rules, fbl = _demote(rules, fb, bc.bad)
-        bc = BatchCurvature(fn, params, inputs, targets, rules, fbl, fisher_type=opts.fisher_type, generator=generator)
+        bc = BatchCurvature(fn, params, inputs, targets, rules, fbl, fisher_type=ft, generator=generator)
     layers, fbd = batch_state(bc, method, opts.seq_mode)
     d = precondition(method, bc.rules, bc.fallback, layers, fbd, bc.grads, bc.n, damping, opts.damping_split)
     layout = ParamLayout.of(params)
@@ -359,7 +370,7 @@ class KFACOptimizer:
         gen = torch.Generator(device=dev).manual_seed(int(key))
         fb_names = list(self.fallback)
         bc = BatchCurvature(self.fn, params, batch.inputs, batch.targets, self.rules, fb_names,
-                            fisher_type=o.fisher_type, generator=gen, capture=do_stats or do_inv)
+                            fisher_type=fisher_for(self.name, o), generator=gen, capture=do_stats or do_inv)
         if bc.bad:
             raise ValueError(f"{self.name}: layer(s) cannot be captured per sample: "
                              + "; ".join(f"{k} ({v})" for k, v in bc.bad.items()))

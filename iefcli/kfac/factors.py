@@ -46,8 +46,7 @@ import math
 import torch
 from torch import Tensor
 
-EIG_DTYPE = torch.float64  # eigendecompositions and the rotations of the direction
-FACTOR_DTYPE = torch.float32  # running factors (float64 when the model is float64)
+EIG_DTYPE = torch.float64  # eigendecompositions (the bases); rotations run in work_dtype
 
 __all__ = [
     "with_bias_column", "kronecker_factors", "per_sample_layer_grads", "projected_second_moment",
@@ -67,7 +66,7 @@ def kronecker_factors(a: Tensor, e: Tensor, mode: str = "expand", *, diag_a: boo
     """(A, G) in mean form from a (N, T, d_in) and e (N, T, d_out); see the module doc.
 
     ``diag_a``: return only A's diagonal (V,) (Embedding: one-hot rows, expand only).
-    Accumulated in the inputs' dtype (the caller passes float64 for float32 models).
+    Accumulated in the inputs' dtype (float32 for float32 models, float64 for float64 ones).
     """
     if mode not in SEQ_MODES:
         raise ValueError(f"unknown sequence mode {mode!r}; choose expand or reduce")
@@ -131,10 +130,19 @@ def eigh_factor(F: Tensor) -> tuple[Tensor | None, Tensor]:
     return U, lam.clamp_min(0)
 
 
+def work_dtype(grad: Tensor) -> torch.dtype:
+    """Dtype of the rotations: the gradient's, at least float32 (float64 for float64 models).
+
+    The O(d^3) products U_G^T Gr U_A are the per-step cost of every method here; float32
+    halves it for float32 models while the bases themselves come from float64 eigh."""
+    return torch.promote_types(grad.dtype, torch.float32)
+
+
 def _rotate(grad: Tensor, UG: Tensor, UA: Tensor | None) -> Tensor:
-    """U_G^T Gr U_A in float64."""
-    x = UG.T @ grad.to(EIG_DTYPE)
-    return x if UA is None else x @ UA
+    """U_G^T Gr U_A in :func:`work_dtype`."""
+    w = work_dtype(grad)
+    x = UG.T.to(w) @ grad.to(w)
+    return x if UA is None else x @ UA.to(w)
 
 
 def _divide(x: Tensor, den: Tensor) -> Tensor:
@@ -144,16 +152,16 @@ def _divide(x: Tensor, den: Tensor) -> Tensor:
 
 def _unrotate(x: Tensor, UG: Tensor, UA: Tensor | None) -> Tensor:
     """U_G X U_A^T."""
-    y = UG @ x
-    return y if UA is None else y @ UA.T
+    y = UG.to(x.dtype) @ x
+    return y if UA is None else y @ UA.T.to(x.dtype)
 
 
 def kfac_precondition(grad: Tensor, UA: Tensor | None, lamA: Tensor, UG: Tensor, lamG: Tensor,
                       scale: float, damping: float) -> Tensor:
     """(scale * G (x) A + damping I)^{-1} vec(grad), exact Tikhonov damping through the
-    eigenbases (no split between factors). grad (d_out, d_in); returns float64."""
+    eigenbases (no split between factors). grad (d_out, d_in); returns :func:`work_dtype`."""
     x = _rotate(grad, UG, UA)
-    x = _divide(x, scale * lamG[:, None] * lamA[None, :] + damping)
+    x = _divide(x, (scale * lamG[:, None] * lamA[None, :] + damping).to(x.dtype))
     return _unrotate(x, UG, UA)
 
 
@@ -174,14 +182,14 @@ def pi_split(A: Tensor, G: Tensor, scale: float, damping: float) -> tuple[float,
 def kfac_pi_precondition(grad: Tensor, UA: Tensor | None, lamA: Tensor, UG: Tensor, lamG: Tensor,
                          scale: float, damping: float, dA: float, dG: float) -> Tensor:
     """((scale G + dG I) (x) (A + dA I))^{-1} vec(grad) = (scale G + dG)^{-1} Gr (A + dA)^{-1},
-    through the eigenbases (float64). dA, dG from :func:`pi_split`."""
+    through the eigenbases. dA, dG from :func:`pi_split`."""
     x = _rotate(grad, UG, UA)
-    x = _divide(x, (scale * lamG[:, None] + dG) * (lamA[None, :] + dA))
+    x = _divide(x, ((scale * lamG[:, None] + dG) * (lamA[None, :] + dA)).to(x.dtype))
     return _unrotate(x, UG, UA)
 
 
 def ekfac_precondition(grad: Tensor, UA: Tensor | None, UG: Tensor, S: Tensor, scale: float, damping: float) -> Tensor:
-    """U (scale * diag(S) + damping I)^{-1} U^T vec(grad), U = U_G (x) U_A. float64."""
+    """U (scale * diag(S) + damping I)^{-1} U^T vec(grad), U = U_G (x) U_A."""
     x = _rotate(grad, UG, UA)
-    x = _divide(x, scale * S.to(EIG_DTYPE) + damping)
+    x = _divide(x, (scale * S.to(EIG_DTYPE) + damping).to(x.dtype))
     return _unrotate(x, UG, UA)

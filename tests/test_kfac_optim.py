@@ -216,3 +216,15 @@ def test_kfac_recipes_train(tmp_path, path, kfac_schema):
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert s["status"] == "completed" and s["total_steps"] == 2 and s["optimizer"] == r["optimizer"]["name"]
+
+
+def test_a_diverged_batch_gives_a_non_finite_step_not_an_exception():
+    """NaN inputs: eigh is not called on NaN factors; the step's loss and params show NaN (the loop rejects it)."""
+    X, y = _digits()
+    m = _model()
+    opt = make_optimizer(OptimConfig(name="ekfac", lr=1e-3, damping=1e-3), model=m, loss_fn=CrossEntropy())
+    p = _params(m)
+    x = X[:8].clone()
+    x[0, 0] = float("nan")
+    new, _, met = opt.update(p, opt.init(p), Batch(x, y[:8]), key=0, lr=1e-3)
+    assert not torch.isfinite(met["loss"]) and not all(torch.isfinite(v).all() for v in new.values())

@@ -121,11 +121,16 @@ def projected_second_moment(
 def eigh_factor(F: Tensor) -> tuple[Tensor | None, Tensor]:
     """(U, eigenvalues) of a symmetric PSD factor in float64, eigenvalues clamped at 0.
 
-    A 1-D factor is a diagonal: (None, its entries) (the identity basis).
+    A 1-D factor is a diagonal: (None, its entries) (the identity basis). A factor with
+    NaN/Inf (a diverged step) gives the identity and NaN eigenvalues, so the direction is NaN
+    and the training loop's bad-step check rejects the step.
     """
     if F.dim() == 1:
         return None, F.to(EIG_DTYPE).clamp_min(0)
     F64 = F.to(EIG_DTYPE)
+    if not bool(torch.isfinite(F64).all()):  # a diverged step: let the caller reject it, not eigh raise
+        nan = torch.full((F.shape[0],), float("nan"), dtype=EIG_DTYPE, device=F.device)
+        return torch.eye(F.shape[0], dtype=EIG_DTYPE, device=F.device), nan
     lam, U = torch.linalg.eigh(0.5 * (F64 + F64.T))
     return U, lam.clamp_min(0)
 
@@ -146,8 +151,10 @@ def _rotate(grad: Tensor, UG: Tensor, UA: Tensor | None) -> Tensor:
 
 
 def _divide(x: Tensor, den: Tensor) -> Tensor:
-    """x / den, with 0 where den is 0 (an undamped direction with no curvature: pseudo-inverse)."""
-    return torch.where(den > 0, x / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(x))
+    """x / den, with 0 where den is 0 (an undamped direction with no curvature: pseudo-inverse).
+    NaN stays NaN (a diverged step must show)."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(x), x / torch.where(zero, torch.ones_like(den), den))
 
 
 def _unrotate(x: Tensor, UG: Tensor, UA: Tensor | None) -> Tensor:

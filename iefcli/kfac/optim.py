@@ -44,6 +44,7 @@ from iefcli.kfac import factors as kf
 from iefcli.kfac.capture import Capture, LayerRule, find_layers
 
 METHODS = ("kfac", "ekfac", "iekfac")
+State = dict[str, Any]
 
 __all__ = ["fisher_for", "KFACOptions", "KFACOptimizer", "BatchCurvature", "METHODS", "kfac_direction", "layer_grad", "options_from"]
 
@@ -245,8 +246,7 @@ def precondition(method: str, rules: list[LayerRule], fallback: list[str], layer
     for name in fallback:
         den = scale * fb_diag[name].to(torch.float64) + damping
         g64 = grads[name].to(torch.float64)
-        out[name] = torch.where(den > 0, g64 / torch.where(den > 0, den, torch.ones_like(den)),
-                                torch.zeros_like(g64)).to(grads[name].dtype)
+        out[name] = kf._divide(g64, den).to(grads[name].dtype)
     return out
 
 
@@ -286,7 +286,9 @@ def kfac_direction(method: str, model, params: Params, inputs: Any, targets: Ten
     layers, fbd = batch_state(bc, method, opts.seq_mode)
     d = precondition(method, bc.rules, bc.fallback, layers, fbd, bc.grads, bc.n, damping, opts.damping_split)
     layout = ParamLayout.of(params)
-    return layout.flatten(d), {"kfac_layers": torch.tensor(len(bc.rules)), "kfac_fallback_params": torch.tensor(len(bc.fallback))}
+    dev = bc.logits.device
+    return layout.flatten(d), {"kfac_layers": torch.tensor(len(bc.rules), device=dev),
+                               "kfac_fallback_params": torch.tensor(len(bc.fallback), device=dev)}
 
 
 def _demote(rules: list[LayerRule], fb: dict[str, str], bad: dict[str, str]) -> tuple[list[LayerRule], list[str]]:
@@ -419,5 +421,3 @@ class KFACOptimizer:
         new_params, metrics = finish_step(layout, theta, theta - lr * d, layout.flatten(bc.grads), c, metrics)
         return new_params, new_state, metrics
 
-
-State = dict[str, Any]

@@ -241,3 +241,28 @@ def test_docs_kfac_example_runs_and_lowers_the_loss():
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out):  # the example seeds the global RNG
         exec(compile(code, str(doc), "exec"), {})
     assert float(out.getvalue().split()[1]) < 1.0  # from ln(10) = 2.3
+
+
+def test_a_layer_called_twice_moves_to_the_fallback_in_the_optimiser():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.b = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    X, y = _digits()
+    torch.manual_seed(0)
+    m = Twice()
+    opt = make_optimizer(OptimConfig(name="iekfac", lr=0.1, damping=1e-3), model=m, loss_fn=CrossEntropy())
+    p = _params(m)
+    st = opt.init(p)
+    with pytest.warns(UserWarning, match="a .called 2 times"):
+        p, st, met = opt.update(p, st, _batches(X, y, 1)[0], key=0, lr=0.1)
+    assert set(st["layers"]) == {"b"} and set(st["fallback"]) == {"a.weight", "a.bias"}
+    assert "a.weight: diagonal fallback (called 2 times in one forward)" in opt.describe()
+    for i, b in enumerate(_batches(X, y, 5)[1:]):
+        p, st, met = opt.update(p, st, b, key=i + 1, lr=0.1)
+    assert torch.isfinite(met["loss"])

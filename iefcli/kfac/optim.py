@@ -291,6 +291,11 @@ def kfac_direction(method: str, model, params: Params, inputs: Any, targets: Ten
                                "kfac_fallback_params": torch.tensor(len(bc.fallback), device=dev)}
 
 
+def _fac_dtype(params: Params) -> torch.dtype:
+    """Factor dtype: float64 for float64 models, else float32."""
+    return torch.float64 if next(iter(params.values())).dtype == torch.float64 else torch.float32
+
+
 def _demote(rules: list[LayerRule], fb: dict[str, str], bad: dict[str, str]) -> tuple[list[LayerRule], list[str]]:
     keep = [r for r in rules if r.name not in bad]
     names = list(fb)
@@ -335,8 +340,7 @@ class KFACOptimizer:
         return lines + [f"{k}: diagonal fallback ({why})" for k, why in self.fallback.items()]
 
     def init(self, params: Params) -> State:
-        dt = next(iter(params.values())).dtype
-        fdt = torch.float64 if dt == torch.float64 else torch.float32
+        fdt = _fac_dtype(params)
         dev = next(iter(params.values())).device
         e64 = dict(dtype=torch.float64, device=dev)
         layers = {}
@@ -374,8 +378,17 @@ class KFACOptimizer:
         bc = BatchCurvature(self.fn, params, batch.inputs, batch.targets, self.rules, fb_names,
                             fisher_type=fisher_for(self.name, o), generator=gen, capture=do_stats or do_inv)
         if bc.bad:
-            raise ValueError(f"{self.name}: layer(s) cannot be captured per sample: "
-                             + "; ".join(f"{k} ({v})" for k, v in bc.bad.items()))
+            # Found only by running the model (called twice, not batch-first): such layers move to the
+            # diagonal fallback for good (a resumed run finds them again at its first step).
+            warnings.warn(f"{self.name}: diagonal fallback for layer(s) not capturable per sample: "
+                          + "; ".join(f"{k} ({v})" for k, v in bc.bad.items()), stacklevel=2)
+            self.rules, fb_names = _demote(self.rules, self.fallback, bc.bad)
+            state = {**state, "layers": {k: v for k, v in state.get("layers", {}).items() if k not in bc.bad},
+                     "fallback": {**{k: torch.zeros_like(params[k], dtype=_fac_dtype(params)) for k in fb_names},
+                                  **state.get("fallback", {})}}
+            bc = BatchCurvature(self.fn, params, batch.inputs, batch.targets, self.rules, fb_names,
+                                fisher_type=fisher_for(self.name, o), generator=gen.manual_seed(int(key)),
+                                capture=do_stats or do_inv)
         first = step == 0
         beta = 0.0 if first else o.stat_decay
         layers = {k: dict(v) for k, v in state.get("layers", {}).items()}  # empty dicts do not survive safetensors

@@ -266,3 +266,41 @@ def test_a_layer_called_twice_moves_to_the_fallback_in_the_optimiser():
     for i, b in enumerate(_batches(X, y, 5)[1:]):
         p, st, met = opt.update(p, st, b, key=i + 1, lr=0.1)
     assert torch.isfinite(met["loss"])
+
+
+def test_a_layer_without_curvature_at_step_0_gets_its_basis_when_it_has_some():
+    """LoRA-like: B = 0 at init, so A's output gradients (and G_A) are 0 at step 0. At step 1 its
+    basis is computed from the first non-zero factor (not left as the identity until inv_interval),
+    and the running average takes that factor instead of averaging it with zeros."""
+
+    class LoRA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = nn.Linear(64, 4, bias=False)
+            self.B = nn.Linear(4, 10, bias=False)
+            nn.init.zeros_(self.B.weight)
+
+        def forward(self, x):
+            return self.B(self.A(x))
+
+    X, y = _digits(torch.float64)
+    torch.manual_seed(0)
+    m = LoRA().to(torch.float64)
+    opt = K.KFACOptimizer(OptimConfig(name="ekfac", lr=1e-3, damping=1e-3), optim.ModelFn(m, CrossEntropy()),
+                          options=K.KFACOptions(fisher_type="empirical", inv_interval=10, stat_decay=0.95))
+    p = _params(m)
+    st = opt.init(p)
+    b0, b1 = _batches(X, y, 2)
+    p, st, _ = opt.update(p, st, b0, key=0, lr=1e-3)
+    assert not st["layers"]["A"]["G"].any() and not st["layers"]["A"]["lamG"].any()
+    p1 = p
+    p, st, _ = opt.update(p, st, b1, key=1, lr=1e-3)
+    from iefcli.kfac.optim import BatchCurvature, find_layers
+
+    rules, _ = find_layers(m, list(p1))
+    bc = BatchCurvature(optim.ModelFn(m, CrossEntropy()), p1, b1.inputs, b1.targets, rules, [],
+                        fisher_type="empirical", generator=None)
+    _, G = bc.factors(rules[0], "expand")
+    torch.testing.assert_close(st["layers"]["A"]["G"], G)  # not 0.05 * G
+    lam, _ = torch.linalg.eigh(G)
+    torch.testing.assert_close(st["layers"]["A"]["lamG"], lam.clamp_min(0))

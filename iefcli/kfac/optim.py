@@ -10,7 +10,8 @@ One step (see docs/kfac.md for the maths and the meaning of damping):
 2. on a statistics step (every ``stat_interval``): running averages
    (decay ``stat_decay``; the first step takes the batch's value) of
    A, G (from a, e_fac) and of the fallback diagonal;
-3. on an inverse step (every ``inv_interval``): float64 eigendecompositions
+3. on an inverse step (every ``inv_interval``, and on statistics steps for a layer whose
+   basis came from an all-zero factor): float64 eigendecompositions
    of A and G; for ekfac/iekfac the diagonal S in the new basis is reset to
    this batch's estimate (on other statistics steps it is a running average in the kept basis):
    ekfac: S = 1/N sum_n (U_G^T J_n U_A)^2 from e_fac; iekfac: the same from
@@ -395,7 +396,13 @@ class KFACOptimizer:
         fbd = dict(state.get("fallback", {}))
 
         def ema(old: Tensor, new: Tensor) -> Tensor:
-            return (beta * old + (1 - beta) * new.to(old.dtype)) if beta > 0 else new.to(old.dtype).clone()
+            # An all-zero running value (a layer that had no gradient yet, e.g. LoRA's A while B = 0)
+            # takes the new value instead of averaging it with zeros (no host read: a device where).
+            new = new.to(old.dtype)
+            if beta == 0:
+                return new.clone()
+            b = torch.where(old.any(), beta, 0.0).to(old.dtype)
+            return b * old + (1 - b) * new
 
         if do_stats:
             for r in self.rules:
@@ -404,8 +411,18 @@ class KFACOptimizer:
                 layers[r.name]["G"] = ema(layers[r.name]["G"], G)
             for k in fb_names:
                 fbd[k] = ema(fbd[k], bc.fallback_diag(k, self.name))
+        # Layers to (re)decompose: all on an inverse step; on other statistics steps those whose
+        # basis came from an all-zero factor (no curvature seen yet: LoRA's A at B = 0), found with
+        # ONE host read, so that they do not keep a meaningless basis for inv_interval steps.
         if do_inv:
-            for r in self.rules:
+            fresh = {r.name for r in self.rules}
+        elif do_stats and self.rules:
+            dead = torch.stack([~(layers[r.name]["lamA"].any() & layers[r.name]["lamG"].any()) for r in self.rules])
+            fresh = {r.name for r, flag in zip(self.rules, dead.tolist()) if flag}
+        else:
+            fresh = set()
+        for r in self.rules:
+            if r.name in fresh:
                 st = layers[r.name]
                 UA, st["lamA"] = kf.eigh_factor(st["A"])
                 if UA is not None:
@@ -415,7 +432,7 @@ class KFACOptimizer:
             for r in self.rules:
                 st = layers[r.name]
                 S = bc.diag_S(r, st.get("UA"), st["UG"], self.name)
-                st["S"] = S.to(st["S"].dtype).clone() if do_inv else ema(st["S"], S)
+                st["S"] = S.to(st["S"].dtype).clone() if r.name in fresh else ema(st["S"], S)
         d_dict = precondition(self.name, self.rules, fb_names, layers, fbd, bc.grads, bc.n, c.damping,
                               o.damping_split)
         layout = ParamLayout.of(params)

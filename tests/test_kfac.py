@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
-import iefcli.kfac as K
 from iefcli.core.losses import CrossEntropy, TokenCrossEntropy
 from iefcli.core.params import ParamLayout
 from iefcli.kfac import factors as kf

@@ -31,7 +31,7 @@ A, G, UA, lamA, UG, lamG (and S); per fallback parameter D; momentum.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch

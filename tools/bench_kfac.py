@@ -2,6 +2,7 @@
 
     python tools/bench_kfac.py gamma RUN_DIR [--batches 4] [--batch-size 40] [--dampings 1e-1,1e-3,...]
     python tools/bench_kfac.py time [--batch-sizes 32,128,512] [--model mlp] [--repeats 3] [--inv-interval 10]
+    python tools/bench_kfac.py memory [--batch-sizes 32,512,2048]
 
 gamma: for every checkpoint of RUN_DIR (a `ief train` run), in float64 on the first
 ``--batches`` training batches (in order), gamma(d)/gamma(SGD) for ef, ief, kfac, ekfac,
@@ -10,6 +11,7 @@ stateless: factors and diagonal from that batch), averaged over the batches.
 time: seconds per optimiser step on ``iefcli.bench``'s MLP (random batch), for SGD
 (torch.optim), exact iEF (the core's fast path) and kfac/ekfac/iekfac (this package's pure
 update), the K-FAC ones as (one inverse step + (I-1) plain steps) / I for inverse interval I.
+memory: peak RSS above the workload's own, of a fresh process per (N, method) running two steps.
 """
 
 from __future__ import annotations
@@ -107,6 +109,52 @@ def cmd_time(a) -> dict:
     return rows
 
 
+def _one_step_peak(a) -> None:
+    """(internal) one process: build the workload, run two steps of one method, print peak RSS in MiB."""
+    import resource
+
+    try:
+        from iefcli.eval.bench import build_workload, make_step
+    except ImportError:
+        from iefcli.bench import build_workload, make_step
+    import iefcli.kfac as K
+    from iefcli.optim import ModelFn, OptimConfig
+
+    torch.set_num_threads(1)
+    wl = build_workload(a.model, a.n, seed=0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if a.method in ("sgd", "ief"):
+        f = make_step(a.method, wl, damping=1e-7, lr=1e-6)
+        f()
+        f()
+    else:
+        opt = K.KFACOptimizer(OptimConfig(name=a.method, lr=1e-6, damping=1e-3),
+                              ModelFn(wl.model, wl.loss_fn, wl.forward))
+        p = {k: v.detach() for k, v in wl.model.named_parameters()}
+        st = opt.init(p)
+        batch = type("B", (), {"inputs": wl.inputs, "targets": wl.targets})()
+        for i in range(2):  # an inverse step, then a plain one, with the state held
+            p, st, _ = opt.update(p, st, batch, key=i, lr=1e-6)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": peak / 1024, "above_workload_mib": (peak - base) / 1024}))
+
+
+def cmd_memory(a) -> dict:
+    """Peak RSS of a fresh process per (N, method): two steps each (Linux ru_maxrss)."""
+    import subprocess
+    import sys
+
+    rows = {}
+    for n in a.batch_sizes:
+        rows[n] = {}
+        for m in ("sgd", "ief", "kfac", "ekfac", "iekfac"):
+            out = subprocess.run([sys.executable, __file__, "_one", "--method", m, "--n", str(n), "--model", a.model],
+                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows[n][m] = json.loads(out)
+        print(f"N={n:4d}  " + "  ".join(f"{m}={v['above_workload_mib']:.0f}MiB" for m, v in rows[n].items()))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -126,8 +174,18 @@ def main() -> None:
     t.add_argument("--inv-interval", type=int, default=10)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--json")
+    mem = sub.add_parser("memory")
+    mem.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[32, 512, 2048])
+    mem.add_argument("--model", default="mlp")
+    mem.add_argument("--json")
+    one = sub.add_parser("_one")
+    one.add_argument("--method", required=True)
+    one.add_argument("--n", type=int, required=True)
+    one.add_argument("--model", default="mlp")
     a = ap.parse_args()
-    out = cmd_gamma(a) if a.cmd == "gamma" else cmd_time(a)
+    if a.cmd == "_one":
+        return _one_step_peak(a)
+    out = {"gamma": cmd_gamma, "time": cmd_time, "memory": cmd_memory}[a.cmd](a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -93,13 +93,14 @@ def cmd_time(a) -> dict:
             opt = K.KFACOptimizer(OptimConfig(name=m, lr=1e-6, damping=1e-3), ModelFn(wl.model, wl.loss_fn, wl.forward),
                                   options=K.KFACOptions(inv_interval=a.inv_interval))
             p = {k: v.detach() for k, v in wl.model.named_parameters()}
-            st = opt.init(p)
+            _, st, _ = opt.update(p, opt.init(p), batch, key=0, lr=1e-6)  # warm-up; a state with bases
             t_inv, t_plain = [], []
-            for i in range(a.repeats + 1):
-                st["step"] = torch.tensor(0 if i % 2 == 0 else 1)  # alternate inverse / plain steps
+            for i in range(2 * a.repeats):
+                st = {**st, "step": torch.tensor(a.inv_interval if i % 2 == 0 else 1)}  # inverse / plain step
                 t0 = time.perf_counter()
-                opt.update(p, st, batch, key=i, lr=1e-6)
+                _, new_st, _ = opt.update(p, st, batch, key=i, lr=1e-6)
                 (t_inv if i % 2 == 0 else t_plain).append(time.perf_counter() - t0)
+                st = new_st
             ti, tp = min(t_inv), min(t_plain)
             times[m] = (ti + (a.inv_interval - 1) * tp) / a.inv_interval
             times[m + "_inverse_step"] = ti

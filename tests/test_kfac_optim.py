@@ -149,29 +149,17 @@ def test_method_table_entries_when_the_table_exists():
 # ----------------------------------------------------------------------------- recipes
 
 def _kfac_recipes() -> list[Path]:
-    """The K-FAC recipes: in iefcli/kfac/recipes/ until the lead moves them to recipes/ (same stems)."""
+    """The built-in K-FAC recipes."""
     from iefcli.train.recipe import RECIPES_DIR
 
-    found = {p.stem: p for p in (Path(K.__file__).parent / "recipes").glob("*.yaml")}
-    found.update({p.stem: p for p in RECIPES_DIR.glob("*kfac*.yaml")})
-    return [found[k] for k in sorted(found)]
+    return sorted(RECIPES_DIR.glob("*kfac*.yaml"))
 
 
 RECIPES = _kfac_recipes()
 
 
-@pytest.fixture
-def kfac_schema(monkeypatch):
-    """The recipe schema with kfac/ekfac/iekfac among optimizer.name's choices (the lead's wiring)."""
-    from iefcli.train import recipe
-
-    f = recipe.SCHEMA["optimizer"]["name"]
-    if "kfac" not in (f.choices or ()):
-        monkeypatch.setitem(recipe.SCHEMA["optimizer"], "name", dataclasses.replace(f, choices=(*f.choices, *K.METHODS)))
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_kfac_recipes_validate_and_copies_match(path, kfac_schema):
+def test_kfac_recipes_validate_and_copies_match(path):
     from iefcli.train.recipe import load_recipe_file
 
     r = load_recipe_file(path)
@@ -188,7 +176,7 @@ SMALL = ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "tra
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_kfac_recipes_train(tmp_path, path, kfac_schema):
+def test_kfac_recipes_train(tmp_path, path):
     """Each K-FAC recipe trains two steps (sizes cut down as in tests/test_hf_recipes.py)."""
     import importlib.util
 

@@ -38,7 +38,7 @@ def _cfg(name: str, **kw) -> OptimConfig:
 # Learning rates for the 12-sample problem (paper scale: ef/sf/ngd directions are N^2 = 144 times
 # the mean-loss-scale ones, so their lr is that much smaller).
 SMALL_LR = {"sgd": 0.5, "adamw": 0.02, "adafactor": 0.05, "ef": 0.5 / 144, "sf": 0.5 / 144, "ief": 2.0,
-            "ngd": 1.0 / 144}
+            "ngd": 1.0 / 144, "kfac": 0.01, "ekfac": 0.01, "iekfac": 1.0}
 
 
 def _mean_loss(model, params, batch):

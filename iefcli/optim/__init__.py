@@ -41,7 +41,12 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "ngd": {"lr": 5.0 / 64**2, "damping": 1.0 / 64**2, "weight_decay": 0.0},
 }
 
-CURVATURE = CURVATURE_METHODS  # the optimisers that solve with curvature (kept name; from the method table)
+from iefcli.kfac import METHODS as _KFAC_METHODS, register as _register_kfac  # noqa: E402
+
+_register_kfac()  # kfac / ekfac / iekfac: REGISTRY, DEFAULTS and the method table
+
+# The optimisers that precondition with curvature (damping in summary.json, unused-parameter check).
+CURVATURE = CURVATURE_METHODS + tuple(_KFAC_METHODS)
 
 
 def config_from_recipe(section: Mapping[str, Any]) -> OptimConfig:

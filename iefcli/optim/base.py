@@ -59,6 +59,13 @@ class OptimConfig:
     cg_tol: float | None = MethodOptions.cg_tol
     cg_maxiter: int = MethodOptions.cg_maxiter
     clip_update_norm: float | None = None
+    # The K-FAC family (iefcli.kfac.KFACOptions reads these by name; docs/kfac.md).
+    fisher_type: str | None = None
+    seq_mode: str = "expand"
+    damping_split: str = "eigen"
+    stat_interval: int = 1
+    inv_interval: int = 10
+    stat_decay: float = 0.95
 
     def method_options(self) -> MethodOptions:
         """The direction options of :mod:`iefcli.core.methods` this config sets."""

@@ -39,7 +39,7 @@ def recipe_dirs() -> list[Path]:
     """Where built-in recipes are looked up, in order (only those that exist)."""
     return [d for d in (RECIPES_DIR, PACKAGED_RECIPES_DIR) if d.is_dir()]
 
-OPTIMIZERS = ("sgd", "adamw", "adafactor", "ef", "sf", "ief", "ngd")
+OPTIMIZERS = ("sgd", "adamw", "adafactor", "ef", "sf", "ief", "ngd", "kfac", "ekfac", "iekfac")
 # The one home of each optimiser default: the direction options in core.methods.MethodOptions,
 # the update options in optim.base.OptimConfig; the schema reads them, it never restates them.
 _METHOD = MethodOptions()
@@ -101,7 +101,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "ignore_index": Field("int", -100, "token_cross_entropy: label of padding positions"),
     },
     "optimizer": {
-        "name": Field("str", "ief", "sgd | adamw | adafactor | ef | sf | ief | ngd", choices=OPTIMIZERS),
+        "name": Field("str", "ief", " | ".join(OPTIMIZERS), choices=OPTIMIZERS),
         "lr": Field("float", None, "learning rate (null: the optimiser's default)", optional=True, check=_gt(0)),
         "damping": Field("float", None, "ef/sf/ief/ngd: damping lambda added to J J^T or G (null: default)",
                          optional=True, check=_ge(0)),
@@ -122,6 +122,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "cg_maxiter": Field("int", _METHOD.cg_maxiter, "ngd: CG iteration cap", check=_gt(0)),
         "clip_update_norm": Field("float", _OPT["clip_update_norm"], "clip the step lr*d to this L2 norm (null: off)",
                                   optional=True, check=_gt(0)),
+        # The K-FAC family (docs/kfac.md); defaults from iefcli.optim.base.OptimConfig.
+        "fisher_type": Field("str", _OPT["fisher_type"], "kfac/ekfac/iekfac: factor labels sampled | empirical "
+                             "(null: sampled for kfac/ekfac, empirical for iekfac)", optional=True,
+                             choices=("sampled", "empirical")),
+        "seq_mode": Field("str", _OPT["seq_mode"], "kfac family: sequence inputs expand | reduce", choices=("expand", "reduce")),
+        "damping_split": Field("str", _OPT["damping_split"], "kfac: eigen (exact Tikhonov) | pi (pi-damping)",
+                               choices=("eigen", "pi")),
+        "stat_interval": Field("int", _OPT["stat_interval"], "kfac family: update factor statistics every N steps", check=_gt(0)),
+        "inv_interval": Field("int", _OPT["inv_interval"], "kfac family: recompute eigenbases every N steps", check=_gt(0)),
+        "stat_decay": Field("float", _OPT["stat_decay"], "kfac family: running-average decay of the statistics",
+                            check=_in01(False, True)),
     },
     "schedule": {
         "kind": Field("str", "constant", "constant | linear | cosine (decay to min_lr_ratio * lr)",

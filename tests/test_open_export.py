@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from iefcli.commands import export as export_cmd
 from iefcli.train import rundir
-from iefcli.train.loop import prepare_run_dir, train
+from iefcli.train.launch import prepare_run_dir
+from iefcli.train.loop import train
 from iefcli.train.recipe import recipe_from_dict
 
 runner = CliRunner()

@@ -114,7 +114,8 @@ def test_set_optimizer_name_takes_the_new_optimizers_defaults():
 
 def test_set_optimizer_name_trains_sanely(tmp_path):
     """The issue's symptom: --set optimizer.name=adamw on quickstart kept lr 50 (train loss 1.9e5)."""
-    from iefcli.train.loop import prepare_run_dir, train
+    from iefcli.train.launch import prepare_run_dir
+    from iefcli.train.loop import train
 
     r = load_recipe("quickstart", ["optimizer.name=adamw", "train.steps=30", "device=cpu", "train.eval_every=30",
                                    "train.checkpoint_every=30"])

@@ -21,6 +21,7 @@ def _scalars(run_dir):
 
 
 def _train(tmp_path, monkeypatch, mode="auto"):
+    import iefcli.train.launch as launch
     import iefcli.train.loop as loop
 
     def writer(d, truncate_after_step=None, **_):
@@ -31,7 +32,7 @@ def _train(tmp_path, monkeypatch, mode="auto"):
     else:  # not yet wired: what the loop will do, in place of its MetricsWriter
         monkeypatch.setattr(loop.rundir, "MetricsWriter", writer)
     run = tmp_path / "run"
-    loop.prepare_run_dir(run, False)
+    launch.prepare_run_dir(run, False)
     loop.train(recipe=recipe_from_dict(RECIPE), run_dir=run)
     monkeypatch.undo()
     return run

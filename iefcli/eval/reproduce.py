@@ -254,7 +254,9 @@ def _recipe_for(plan: Plan, task: OptTask, opt: str, seed: int, extra: Sequence[
     if name is None or not A.recipe_exists(name):
         name = task.base_quick if (plan.quick and task.base_quick) else task.base
         donor = task.donor.format(opt=opt) if task.donor else None
-        if donor is None or not A.recipe_exists(donor):
+        if A.load_recipe(name)["optimizer"]["name"] == opt:  # the task's own recipe is tuned for it
+            donor = None
+        elif donor is None or not A.recipe_exists(donor):
             raise UsageError(f"{task.key}: no recipe for optimiser {opt} (and no sibling task to borrow one from)")
     sets = [f"seed={seed}", *(task.quick if plan.quick else ()), *extra]
     if plan.device:

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 def load_recipe(name: str, overrides: Sequence[str] = (), *, optimizer_from: str | None = None):
     """A validated recipe: built-in ``name`` with ``overrides`` (``key.path=value``) applied.
 
-    ``optimizer_from``: another recipe whose whole ``optimizer`` (and ``schedule``, when it
-    has one) section replaces ``name``'s (an optimiser the task has no recipe for borrows
-    the tuned settings of a sibling task).
+    ``optimizer_from``: another recipe whose whole ``optimizer`` section replaces ``name``'s
+    (an optimiser the task has no recipe for borrows the tuned settings of a sibling task;
+    the task's schedule is kept, so all optimisers of a task share it).
     """
     import yaml
 
@@ -40,10 +40,6 @@ def load_recipe(name: str, overrides: Sequence[str] = (), *, optimizer_from: str
     if optimizer_from is not None:
         donor = raw_of(optimizer_from)
         raw["optimizer"] = copy.deepcopy(donor.get("optimizer", {}))
-        if "schedule" in donor:
-            raw["schedule"] = copy.deepcopy(donor["schedule"])
-        else:
-            raw.pop("schedule", None)
     return recipe_from_dict(apply_overrides(raw, overrides), source=f"{name} (reproduce)")
 
 

@@ -61,3 +61,24 @@ def test_any_other_difference_splits_a_group(tmp_path):
     other = load_recipe_file("digits-ief", ["train.batch_size=32", "seed=4"])
     assert recipe_key(base) != recipe_key(other)
     assert recipe_key(base) == recipe_key(load_recipe_file("digits-ief", ["seed=4", "name=x", "output.dir=elsewhere"]))
+
+
+def test_grouped_outputs(tmp_path):
+    import csv
+    import io
+
+    from rich.console import Console
+
+    from iefcli.eval.seeds import GROUPED_COLUMNS, grouped_table, grouped_to_csv, grouped_to_json
+
+    runs = load_runs([_write_run(tmp_path / f"s{k}", "digits-ief", k, 50.0, 0.1 * (k + 1), 0.9) for k in range(2)])
+    rows = grouped_compare_rows(runs)
+    doc = json.loads(grouped_to_json(rows))
+    assert doc["columns"] == list(GROUPED_COLUMNS) and doc["rows"][0]["seeds"] == [0, 1]
+    assert doc["rows"][0]["final_train_loss_std"] == pytest.approx(statistics.stdev([0.1, 0.2]))
+    got = list(csv.DictReader(io.StringIO(grouped_to_csv(rows))))
+    assert got[0]["seeds"] == "0 1" and float(got[0]["final_train_loss"]) == pytest.approx(0.15)
+    con = Console(width=200, no_color=True, file=io.StringIO())
+    con.print(grouped_table(rows))
+    text = con.file.getvalue()
+    assert "0.15 ± 0.07071" in text and "0,1" in text

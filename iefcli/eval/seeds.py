@@ -127,3 +127,58 @@ def format_mean_std(mean: float | None, std: float | None, spec: str = ".4g") ->
     if std is None:
         return format(mean, spec)
     return f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+# ----------------------------------------------------------------------------- output of grouped rows
+
+GROUPED_COLUMNS = (
+    "task", "recipe", "optimizer", "lr", "damping", "seeds", "n_seeds", "steps", "metric",
+    "final_train_loss", "final_train_loss_std", "best_val_metric", "best_val_metric_std",
+    "test_metric", "test_metric_std", "wall_time_s", "wall_time_s_std", "status", "run_dir",
+)
+"""Columns of ``ief compare --group-seeds`` (JSON keys and CSV header)."""
+
+
+def grouped_to_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    """{"columns": [...], "rows": [...]}; NaN/Inf -> null."""
+
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    out = [{k: clean(r.get(k)) for k in GROUPED_COLUMNS} for r in rows]
+    return json.dumps({"columns": list(GROUPED_COLUMNS), "rows": out}, indent=2) + "\n"
+
+
+def grouped_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(GROUPED_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else " ".join(map(str, r[k])) if isinstance(r.get(k), list) else r[k])
+                    for k in GROUPED_COLUMNS})
+    return buf.getvalue()
+
+
+def grouped_table(rows: Sequence[Mapping[str, Any]]):
+    """A Rich table: one row per seed group, numbers as 'mean ± std'."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False,
+                  caption="mean ± sample std over the seeds; test metric at the best-validation checkpoint")
+    for head in ("task", "recipe", "opt", "lr", "damping", "seeds", "train loss", "best val", "test @best", "wall s"):
+        table.add_column(head, justify="left" if head in ("task", "recipe", "opt") else "right")
+    for r in rows:
+        table.add_row(
+            str(r.get("task")), str(r.get("recipe")), str(r.get("optimizer")),
+            "-" if r.get("lr") is None else f"{r['lr']:g}", "-" if r.get("damping") is None else f"{r['damping']:g}",
+            ",".join(str(s) for s in r.get("seeds") or []),
+            format_mean_std(r.get("final_train_loss"), r.get("final_train_loss_std")),
+            format_mean_std(r.get("best_val_metric"), r.get("best_val_metric_std"), ".4f"),
+            format_mean_std(r.get("test_metric"), r.get("test_metric_std"), ".4f"),
+            format_mean_std(r.get("wall_time_s"), r.get("wall_time_s_std"), ".1f"),
+        )
+    return table

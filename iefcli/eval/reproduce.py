@@ -327,9 +327,7 @@ def _gamma_section(plan: Plan, runs: list[RunRecord], say: Log) -> dict:
     for key, recipe_name, sets in sources:
         sets = ["seed=0", *sets] + ([f"device={plan.device}"] if plan.device else [])
         r0 = A.load_recipe(recipe_name, sets)
-        total = plan.steps or g.steps or r0["train"]["steps"] or None
-        if total is None:  # epochs-based recipe: keep it, checkpoint about 4 times
-            total = r0["train"]["epochs"] * max(1, 1500 // r0["train"]["batch_size"])
+        total = plan.steps or g.steps or A.total_steps(r0)  # g.steps 0: the recipe's own length
         every = max(1, total // g.stages)
         sets += [f"train.steps={total}", f"train.checkpoint_every={every}", f"train.eval_every={every}",
                  f"train.log_every={max(1, min(10, every))}"]

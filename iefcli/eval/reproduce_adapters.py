@@ -231,3 +231,14 @@ def toy_figure(result):
 def damping_scale() -> str:
     """'paper' when damping/lr are on the paper's scale (the method table exists), else 'internal'."""
     return "paper" if importlib.util.find_spec("iefcli.core.methods") is not None else "internal"
+
+
+def total_steps(recipe) -> int:
+    """The number of optimiser steps ``recipe`` trains for (train.steps, else epochs x batches per epoch)."""
+    tr = recipe["train"]
+    if tr["steps"] is not None:
+        return int(tr["steps"])
+    from iefcli.train.task import build_task
+
+    task = build_task(recipe, "cpu")
+    return int(tr["epochs"]) * task.n_batches("train", tr["batch_size"], tr["drop_last"])

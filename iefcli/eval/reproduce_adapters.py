@@ -242,3 +242,24 @@ def total_steps(recipe) -> int:
 
     task = build_task(recipe, "cpu")
     return int(tr["epochs"]) * task.n_batches("train", tr["batch_size"], tr["drop_last"])
+
+
+def toy_problem_as_float32(problem):
+    """The toy with inputs and targets rounded through float32, as the toy-lsq recipe's data are."""
+    import torch
+
+    from iefcli.eval.toy import ToyProblem
+
+    x32 = problem.inputs.to(torch.float32).to(torch.float64)
+    y32 = problem.targets.to(torch.float32).to(torch.float64)
+    return ToyProblem(inputs=x32, theta_star=torch.linalg.solve(x32, y32))
+
+
+def toy_endpoint(problem, start, method: str, lr: float, damping: float, steps: int):
+    """The demo's trajectory from ``start``: its final theta (2,)."""
+    import torch
+
+    from iefcli.eval.toy import trajectory
+
+    path, _ = trajectory(problem, torch.as_tensor(start, dtype=torch.float64), method, lr, damping, steps)
+    return path[-1]

@@ -91,15 +91,15 @@ def train_run(recipe, run_dir: Path, *, resume: bool, device: str | None = None)
 
     A fresh run clears ``run_dir`` first (it belongs to the reproduce directory).
     """
-    from iefcli.train.loop import prepare_run_dir, train
+    import shutil
+
+    from iefcli.train.loop import train
 
     run_dir = Path(run_dir)
     if not resume:
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)
-        prepare_run_dir(run_dir, overwrite=False)
+        run_dir.mkdir(parents=True)
     return train(recipe=recipe, run_dir=run_dir, resume=resume, device=device)
 
 

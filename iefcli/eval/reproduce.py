@@ -507,15 +507,18 @@ def _toy_section(plan: Plan, runs: list[RunRecord], say: Log) -> dict:
             theta = next(iter(A.last_checkpoint_params(rec.run_dir).values())).reshape(-1).to(torch.float64)
             worst = max(worst, _rel(theta, A.toy_endpoint(p32, start, m, s.lr[m], s.damping[m], k)))
         gaps[m] = worst
-    lr_note = (f"EF, iEF and NGD at one shared lr ({s.lr['ief']:g}; the demo's, not tuned per method), "
-               f"SGD at its own largest stable lr ({s.lr['sgd']:g}); dampings: "
+    same_lr = s.lr["ef"] == s.lr["ief"] == s.lr["ngd"]
+    lr_note = ((f"EF, iEF and NGD at one shared lr ({s.lr['ief']:g}; the demo's, not tuned per method)" if same_lr else
+                "each method at the demo's own lr for it (" + ", ".join(f"{OPT_LABEL[m]} {s.lr[m]:g}" for m in ("ef", "ief", "ngd"))
+                + "), not one shared lr")
+               + f", SGD at its own lr ({s.lr['sgd']:g}); dampings: "
                + ", ".join(f"{OPT_LABEL[m]} {s.damping[m]:g}" for m in ("ef", "ief", "ngd")))
-    same_lr = s.lr["ef"] == s.lr["ief"]
     claims = [
         Claim("toy (Figure 1)", "iEF and NGD give the same update on the 2-parameter least-squares toy",
               f"largest relative difference along iEF's paths {res.ief_ngd_gap:.1e} (iEF at damping "
               f"{s.damping['ief']:g}, NGD at {s.damping['ngd']:g}; threshold 1e-4)", _v(res.ief_ngd_gap <= 1e-4)),
-        Claim("toy (Figure 1)", "EF's distorted field makes it converge worse than iEF" + (" at the same lr" if same_lr else ""),
+        Claim("toy (Figure 1)", "EF's distorted field makes it converge worse than iEF"
+              + (" at the same lr" if same_lr else f" (lr: EF {s.lr['ef']:g}, iEF {s.lr['ief']:g})"),
               f"mean loss after {k} steps over {len(s.starts)} starts: EF {final['ef']:.3e}, iEF {final['ief']:.3e}, "
               f"NGD {final['ngd']:.3e}, SGD {final['sgd']:.3e}", _v(final["ef"] > final["ief"])),
         Claim("toy (Figure 1)", "the toy-lsq recipe, trained by `ief train` on the demo's data, follows the demo's trajectories",

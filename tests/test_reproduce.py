@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from iefcli.commands import reproduce as cmd
 from iefcli.eval.reproduce import FAILS, HOLDS, OPTIMIZERS, GammaSettings, reproduce
 
-TINY_GAMMA = GammaSettings(dampings=(1e-8, 1.0), n_batches=1, batch_size=32, ngd_maxiter=30, stages=2)
+TINY_GAMMA = GammaSettings(dampings=(1e-12, 1e-8, 1.0), n_batches=1, batch_size=32, ngd_maxiter=30, stages=2)
 TASKS = "toy,digits,gamma"
 
 
@@ -145,13 +145,16 @@ def _verdicts(claims):
 def test_gamma_verdicts_follow_the_numbers():
     from iefcli.eval.reproduce import gamma_claims
 
-    paperlike = {"sgd": {1e-8: 1.0, 1.0: 1.0}, "ef": {1e-8: 3.0, 1.0: 1.5}, "sf": {1e-8: 2.0, 1.0: 0.9},
-                 "ief": {1e-8: 0.5, 1.0: 0.51}, "ngd": {1e-8: 0.4, 1.0: 0.45}}
-    v = _verdicts(gamma_claims({"runs": {"t": {"docs": [_doc(10, paperlike, 2.0), _doc(20, paperlike, 5.0)]}}}))
-    assert set(v.values()) == {HOLDS} and len(v) == 6
-    contrary = {"sgd": {1e-8: 1.0, 1.0: 1.0}, "ef": {1e-8: 0.3, 1.0: 0.5}, "sf": {1e-8: 2.0, 1.0: 0.9},
-                "ief": {1e-8: 0.9, 1.0: 0.2}, "ngd": {1e-8: 0.4, 1.0: 0.45}}
-    v = _verdicts(gamma_claims({"runs": {"t": {"docs": [_doc(10, contrary, 5.0), _doc(20, contrary, 2.0)]}}}))
+    small = {"small_damping_max": 1e-7}
+    paperlike = {"sgd": {1e-12: 1.0, 1e-8: 1.0, 1.0: 1.0}, "ef": {1e-12: 3.0, 1e-8: 3.0, 1.0: 1.5},
+                 "sf": {1e-12: 2.0, 1e-8: 2.0, 1.0: 0.9}, "ief": {1e-12: 0.5, 1e-8: 0.52, 1.0: 0.51},
+                 "ngd": {1e-12: 0.4, 1e-8: 0.4, 1.0: 0.45}}
+    v = _verdicts(gamma_claims({**small, "runs": {"t": {"docs": [_doc(10, paperlike, 2.0), _doc(20, paperlike, 5.0)]}}}))
+    assert set(v.values()) == {HOLDS} and len(v) == 6, v
+    contrary = {"sgd": {1e-12: 1.0, 1e-8: 1.0, 1.0: 1.0}, "ef": {1e-12: 0.3, 1e-8: 0.3, 1.0: 0.5},
+                "sf": {1e-12: 2.0, 1e-8: 2.0, 1.0: 0.9}, "ief": {1e-12: 0.9, 1e-8: 0.5, 1.0: 0.2},
+                "ngd": {1e-12: 0.4, 1e-8: 0.4, 1.0: 0.45}}
+    v = _verdicts(gamma_claims({**small, "runs": {"t": {"docs": [_doc(10, contrary, 5.0), _doc(20, contrary, 2.0)]}}}))
     assert set(v.values()) == {FAILS}, v
 
 

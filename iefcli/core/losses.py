@@ -250,3 +250,83 @@ def get_loss(name: str, **kwargs) -> Loss:
         return LOSSES[name](**kwargs)
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}") from None
+
+
+# --- Token-level CE in the authors' convention (helper "repro", issue 15 point 3) ---------------------------------
+
+
+class TokenMeanCrossEntropy(_Base):
+    """Token cross-entropy averaged over ALL non-padding tokens of the batch (the authors' T5 convention).
+
+    Logits (N, T, C), labels (N, T); positions with ``ignore_index`` are padding. With K the
+    number of valid tokens in the BATCH, the authors' loss is L = (1/K) sum_{n,t} ce(z_nt, y_nt).
+    In iefcli's convention (batch loss = mean of per-sample losses) that is
+
+        l_n = (N / K) sum_t [y_nt != ignore] ce(z_nt, y_nt),   so   (1/N) sum_n l_n = L.
+
+    l_n therefore depends on the whole batch through K: ``per_sample``/``logit_grad``/``hvp``
+    must be called on the full batch (as ``batch_grads`` does), never one sample at a time.
+    Versus :class:`TokenCrossEntropy` (per-sample SUM) every per-sample gradient is scaled by
+    N/K = 1/(tokens per sample): the iEF direction at damping lam*(N/K)^2 is N/K times the
+    summed one (the same direction; the step is tokens-per-sample times smaller).
+
+    ``tokens="first"`` keeps only the FIRST valid token of each sample (then K = N and l_n is the
+    plain CE of that token): the authors' gamma evaluation scores the first label token only.
+    ``sample`` (SF's label draws) resamples only the first valid token and marks every other
+    position as padding, as the authors' SF does; the sampled rows are then gradients of the
+    first-token CE (K = N for the drawn labels), i.e. SF's Fisher is that of the first label
+    token's predictive.
+    """
+
+    name = "token_mean_cross_entropy"
+
+    def __init__(self, ignore_index: int = -100, tokens: str = "all"):
+        if tokens not in ("all", "first"):
+            raise ValueError(f"tokens must be 'all' or 'first', got {tokens!r}")
+        self.ignore_index = ignore_index
+        self.tokens = tokens
+
+    def _first_mask(self, y: Tensor) -> Tensor:
+        valid = y != self.ignore_index
+        return valid & (torch.cumsum(valid.to(torch.int64), dim=-1) == 1)
+
+    def _mask_scale(self, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(mask (N, T) as dtype, labels with padding set to 0, N / K as a 0-d tensor)."""
+        mask = self._first_mask(y) if self.tokens == "first" else y != self.ignore_index
+        yy = torch.where(mask, y, torch.zeros_like(y))
+        k = mask.sum().clamp(min=1).to(dtype)
+        return mask.to(dtype), yy, y.shape[0] / k
+
+    def per_sample(self, z: Tensor, y: Tensor) -> Tensor:
+        mask, yy, scale = self._mask_scale(y, z.dtype)
+        tok = torch.logsumexp(z, dim=-1) - z.gather(-1, yy.unsqueeze(-1)).squeeze(-1)
+        return scale * (tok * mask).sum(dim=-1)
+
+    def logit_grad(self, z: Tensor, y: Tensor) -> Tensor:
+        mask, yy, scale = self._mask_scale(y, z.dtype)
+        grad = torch.softmax(z, dim=-1) - torch.nn.functional.one_hot(yy, z.shape[-1]).to(z.dtype)
+        return grad * (scale * mask).unsqueeze(-1)
+
+    def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        mask, _, scale = self._mask_scale(y, z.dtype)
+        p = torch.softmax(z, dim=-1)
+        hv = p * v - p * (p * v).sum(dim=-1, keepdim=True)
+        return hv * (scale * mask).unsqueeze(-1)
+
+    def sample(self, z: Tensor, y: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        first = self._first_mask(y)  # (N, T)
+        has = first.any(dim=-1)
+        pos = first.to(torch.int64).argmax(dim=-1)  # first valid position (0 when none)
+        n = z.shape[0]
+        zf = z.detach()[torch.arange(n, device=z.device), pos].to(torch.float64)  # (N, C)
+        draws = torch.multinomial(torch.softmax(zf, dim=-1), k, replacement=True, generator=generator)  # (N, k)
+        out = torch.full((k, *y.shape), self.ignore_index, dtype=y.dtype, device=y.device)
+        put = draws.transpose(0, 1).to(y.dtype)  # (k, N)
+        out[:, torch.arange(n, device=y.device), pos] = torch.where(has.unsqueeze(0), put, out[:, torch.arange(n, device=y.device), pos])
+        return out
+
+    def __repr__(self) -> str:
+        return f"TokenMeanCrossEntropy(ignore_index={self.ignore_index}, tokens={self.tokens!r})"
+
+
+LOSSES["token_mean_cross_entropy"] = TokenMeanCrossEntropy

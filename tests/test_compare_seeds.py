@@ -82,3 +82,29 @@ def test_grouped_outputs(tmp_path):
     con.print(grouped_table(rows))
     text = con.file.getvalue()
     assert "0.15 ± 0.07071" in text and "0,1" in text
+
+
+def test_compare_group_seeds_through_the_cli(tmp_path):
+    """`ief compare --group-seeds --json`: one row for two seeds of one recipe, its mean and std
+    recomputed here from the runs' own summary.json."""
+    import json
+    import statistics
+
+    from typer.testing import CliRunner
+
+    from iefcli.cli import app
+    from iefcli.train.launch import train_recipe
+
+    runs = []
+    for seed in (0, 1):
+        d = tmp_path / f"s{seed}"
+        train_recipe("quickstart", sets=[f"seed={seed}", "train.steps=3", "train.eval_every=3"], out=d)
+        runs.append(d)
+    res = CliRunner().invoke(app, ["compare", "--group-seeds", "--json", *map(str, runs)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert len(rows) == 1 and sorted(rows[0]["seeds"]) == [0, 1]
+    losses = [json.loads((d / "summary.json").read_text())["final_train_loss"] for d in runs]
+    assert rows[0]["final_train_loss"] == pytest.approx(statistics.mean(losses), rel=1e-12)
+    assert rows[0]["final_train_loss_std"] == pytest.approx(statistics.stdev(losses), rel=1e-12)

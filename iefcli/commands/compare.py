@@ -20,6 +20,8 @@ def compare(
         out_option("Write the rows to this .json or .csv file (format from --json/--csv, else the suffix)."),
     ] = None,
     overwrite: Annotated[bool, overwrite_option("an existing --out file")] = False,
+    group_seeds: Annotated[bool, typer.Option(
+        "--group-seeds", help="One row per group of runs whose recipes differ only by seed: mean ± std.")] = False,
 ) -> None:
     """Compare runs in one table (or JSON / CSV).
 
@@ -31,14 +33,17 @@ def compare(
     shown from its latest metrics with status 'running'.
     """
     with cli_errors():
-        run_compare(run_dirs=run_dirs, json_out=json_out, csv_out=csv_out, out_file=out_file, overwrite=overwrite)
+        run_compare(run_dirs=run_dirs, json_out=json_out, csv_out=csv_out, out_file=out_file, overwrite=overwrite,
+                    group_seeds=group_seeds)
 
 
 def run_compare(
-    *, run_dirs: list[Path], json_out: bool = False, csv_out: bool = False, out_file: Path | None = None, overwrite: bool = False
+    *, run_dirs: list[Path], json_out: bool = False, csv_out: bool = False, out_file: Path | None = None,
+    overwrite: bool = False, group_seeds: bool = False,
 ) -> list[dict]:
-    """Load runs, print the table (or JSON / CSV) on stdout, optionally write --out; return the rows."""
-    from iefcli.eval import reports
+    """Load runs, print the table (or JSON / CSV) on stdout, optionally write --out; return the rows
+    (with ``group_seeds``: one row per seed group, :mod:`iefcli.eval.seeds`)."""
+    from iefcli.eval import reports, seeds
 
     if json_out and csv_out:
         raise UsageError("--json and --csv: choose one")
@@ -50,21 +55,23 @@ def run_compare(
                 raise UsageError(f"--out {out_file}: cannot tell the format; use a .json or .csv name, or --json/--csv")
         reports.prepare_output(out_file, overwrite=overwrite)  # fail before reading anything
     runs = reports.load_runs(run_dirs)
-    rows = reports.compare_rows(runs)
-    marks = reports.best_per_column(rows, reports.metric_modes(runs))
-    text = None
-    if fmt == "json":
-        text = reports.rows_to_json(rows, marks)
-    elif fmt == "csv":
-        text = reports.rows_to_csv(rows)
+    if group_seeds:
+        rows = seeds.grouped_compare_rows(runs)
+        text = {"json": seeds.grouped_to_json, "csv": seeds.grouped_to_csv}[fmt](rows) if fmt else None
+        show = lambda: print_table(seeds.grouped_table(rows))  # noqa: E731
+    else:
+        rows = reports.compare_rows(runs)
+        marks = reports.best_per_column(rows, reports.metric_modes(runs))
+        text = {"json": lambda r: reports.rows_to_json(r, marks), "csv": reports.rows_to_csv}[fmt](rows) if fmt else None
+        show = lambda: _print_table(rows, marks)  # noqa: E731
     if out_file is not None:
         reports.write_text_atomic(out_file, text)
-        _print_table(rows, marks)
+        show()
         typer.echo(f"wrote {out_file}", err=True)
     elif text is not None:
         typer.echo(text, nl=False)
     else:
-        _print_table(rows, marks)
+        show()
     return rows
 
 

@@ -99,6 +99,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "kind": Field("str", "auto", "auto (the data's own loss) | cross_entropy | token_cross_entropy | mse",
                       choices=("auto", "cross_entropy", "token_cross_entropy", "mse")),
         "ignore_index": Field("int", -100, "token_cross_entropy: label of padding positions"),
+        "reduction": Field("str", "sample_sum", "token_cross_entropy: sample_sum (sum over the sample's tokens) | "
+                           "batch_token_mean (the authors': mean over the batch's valid tokens)",
+                           choices=("sample_sum", "batch_token_mean")),
+        "tokens": Field("str", "all", "token_cross_entropy: all | first (only each sample's first label token, "
+                        "as the authors' gamma; implies batch_token_mean)", choices=("all", "first")),
     },
     "optimizer": {
         "name": Field("str", "ief", " | ".join(OPTIMIZERS), choices=OPTIMIZERS),

@@ -177,7 +177,13 @@ def build_task(recipe: Recipe, device: torch.device | str | None = None) -> Task
     loss_kind = recipe["loss"]["kind"]
     if loss_kind == "auto":
         loss_kind = data.info.loss
-    loss_fn = get_loss(loss_kind, ignore_index=recipe["loss"]["ignore_index"]) if loss_kind == "token_cross_entropy" else get_loss(loss_kind)
+    ls = recipe["loss"]
+    if loss_kind == "token_cross_entropy" and (ls["reduction"] == "batch_token_mean" or ls["tokens"] == "first"):
+        loss_fn = get_loss("token_mean_cross_entropy", ignore_index=ls["ignore_index"], tokens=ls["tokens"])
+    elif loss_kind == "token_cross_entropy":
+        loss_fn = get_loss(loss_kind, ignore_index=ls["ignore_index"])
+    else:
+        loss_fn = get_loss(loss_kind)
 
     splits = {name: Split(_to(s.inputs, dev, dtype), _to(s.targets, dev, dtype)) for name, s in
               (("train", data.train), ("val", data.val), ("test", data.test))}

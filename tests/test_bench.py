@@ -134,7 +134,10 @@ def test_cli_bad_recipe_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     res = runner.invoke(app, ["bench", "--recipe", str(bad), "-q"])
-    assert res.exit_code == 2 and "ief: error:" in res.stderr and "Traceback" not in res.stderr
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"ief: error: --recipe: {bad}") and res.stderr.count("\n") == 1
+    res = runner.invoke(app, ["bench", "--recipe", "no-such-recipe", "-q"])
+    assert res.exit_code == 2 and res.stderr.startswith("ief: error: --recipe: no-such-recipe")
 
 
 def test_any_training_optimiser_can_be_timed():

@@ -32,8 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from iefcli import directions
-from iefcli.core.jacobian import sampled_rows
+# iefcli.directions and the samplers are imported inside the table's functions, so that the
+# core's lower modules may import this module's defaults (DUP_THRESHOLD, ...) without a cycle.
 
 DUP_THRESHOLD = 0.99
 """ef/ief: of two rows with |cos| > this, the smaller is dropped (the authors' filter)."""
@@ -87,7 +87,7 @@ class Method:
     random: bool = False
 
 
-def _solve_diag(info: directions.SolveInfo) -> dict[str, Tensor]:
+def _solve_diag(info) -> dict[str, Tensor]:
     return {"solve_residual": info.residual, "rows_kept": info.rows_kept,
             "cond_estimate": info.cond, "solve_fallback": info.fallback}
 
@@ -97,16 +97,23 @@ def _sgd(bg, damping, generator, options):
 
 
 def _ef(bg, damping, generator, options):
+    from iefcli import directions
+
     d, info = directions.ef(bg.rows, damping, dup_threshold=options.dup_threshold, return_info=True)
     return d, _solve_diag(info)
 
 
 def _ief(bg, damping, generator, options):
+    from iefcli import directions
+
     d, info = directions.ief(bg.rows, bg.s, damping, dup_threshold=options.dup_threshold, return_info=True)
     return d, _solve_diag(info)
 
 
 def _sf(bg, damping, generator, options):
+    from iefcli import directions
+    from iefcli.core.jacobian import sampled_rows
+
     # A diverged step leaves NaN/Inf logits, on which sampling would raise; sample from
     # finite stand-ins instead (the caller rejects the step: its loss is not finite).
     safe = SimpleNamespace(logits=torch.nan_to_num(bg.logits, nan=0.0, posinf=0.0, neginf=0.0),
@@ -117,6 +124,8 @@ def _sf(bg, damping, generator, options):
 
 
 def _ngd(bg, damping, generator, options):
+    from iefcli import directions
+
     d, info = directions.ngd(bg, damping, method=options.ngd_method, tol=options.cg_tol,
                              maxiter=options.cg_maxiter, return_info=True)
     dev = d.device

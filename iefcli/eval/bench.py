@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -93,6 +94,15 @@ class Workload:
 
 
 # ---------------------------------------------------------------- workloads
+
+
+@contextmanager
+def _option(name: str):
+    """Usage errors raised inside name the command-line option they come from."""
+    try:
+        yield
+    except UsageError as e:
+        raise UsageError(f"{name}: {e}") from None
 
 
 def _mlp_widths(spec: str) -> tuple[int, ...]:
@@ -151,8 +161,9 @@ def _recipe_workload(spec: str, n: int, *, seed: int, device) -> Workload:
     from iefcli.train.recipe import load_recipe_file
     from iefcli.train.task import build_task
 
-    recipe = load_recipe_file(spec.split(":", 1)[1])
-    task = build_task(recipe, device)
+    with _option("--recipe"):
+        recipe = load_recipe_file(spec.split(":", 1)[1])
+        task = build_task(recipe, device)
     if task.size("train") < n:
         name = recipe.get("name", spec)
         raise UsageError(f"--batch-sizes: {n} is more than the {task.size('train')} training samples of {name}")
@@ -441,7 +452,8 @@ def run_bench(
     elif model.startswith("recipe:"):
         from iefcli.train.recipe import load_recipe_file
 
-        load_recipe_file(model.split(":", 1)[1])  # a bad recipe fails here, with its own message
+        with _option("--recipe"):
+            load_recipe_file(model.split(":", 1)[1])  # a bad recipe fails here, with its own message
     else:
         raise UsageError(f"--model: unknown model spec {model!r}; choose mlp, mlp:W0-W1-...-C, bert-lora or --recipe")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Annotated, Optional
 
 import typer
@@ -39,9 +38,10 @@ def main(
     """Train and evaluate models with the improved empirical Fisher (iEF) natural-gradient optimiser."""
 
 
+# A module that fails to import is a bug and raises here; an optional extra a
+# command needs is imported (and its absence reported) inside that command.
 for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(f"iefcli.commands.{_name}") is not None:
-        importlib.import_module(f"iefcli.commands.{_name}").register(app)
+    importlib.import_module(f"iefcli.commands.{_name}").register(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

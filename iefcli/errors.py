@@ -6,7 +6,6 @@ stderr; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -24,6 +23,14 @@ class UsageError(IEFError):
     exit_code = EXIT_USAGE
 
 
+class RunExists(UsageError):
+    """The run directory already holds something (the CLI words the --overwrite / --resume hint)."""
+
+    def __init__(self, run_dir):
+        super().__init__(f"{run_dir}: run directory exists and is not empty")
+        self.run_dir = run_dir
+
+
 class RunFailed(IEFError):
     """A run that started but could not finish (diverged, too many bad steps) (exit 1)."""
 
@@ -35,3 +42,17 @@ class ModelError(IEFError):
     parameter that never receives a gradient)."""
 
     exit_code = EXIT_USAGE
+
+
+class Interrupted(IEFError):
+    """Ctrl-C during training, after a checkpoint of the state was saved (exit 130).
+
+    ``run_dir`` and ``step`` say where to continue from (the CLI words the hint).
+    """
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, *, run_dir=None, step: int | None = None):
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.step = step

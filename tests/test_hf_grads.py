@@ -193,17 +193,26 @@ def test_only_peft_params_and_head_are_trainable(arch, config, peft, allowed):
 
 
 def test_mask_patch_keeps_ordinary_answers():
-    """Outside a torch.func transform the patched helpers answer as transformers does."""
+    """Outside a torch.func transform the patched helpers answer exactly as transformers'
+    originals do (a full mask may be skipped, a padded one may not); under vmap the
+    patched helper says "build the mask" (False) without branching on the data."""
     install_mask_patch()
     from transformers import masking_utils as mu
 
     full = torch.ones(2, 5, dtype=torch.bool)
     part = full.clone()
     part[1, 3:] = False
-    assert mu._ignore_bidirectional_mask_sdpa(full, 5) is True or bool(mu._ignore_bidirectional_mask_sdpa(full, 5))
-    assert not bool(mu._ignore_bidirectional_mask_sdpa(part, 5))
+    patched = mu._ignore_bidirectional_mask_sdpa
+    original = patched.__wrapped__
+    assert bool(original(full, 5)) is True and bool(original(part, 5)) is False  # what transformers says
+    for mask in (full, part, None):
+        assert patched(mask, 5) == original(mask, 5)
+    seen = []
+    torch.func.vmap(lambda m: seen.append(patched(m, 5)) or m.sum())(full.unsqueeze(1))
+    assert seen == [False]
     install_mask_patch()  # idempotent: not wrapped twice
-    assert not hasattr(mu._ignore_bidirectional_mask_sdpa.__wrapped__, "__wrapped__")
+    assert mu._ignore_bidirectional_mask_sdpa is patched
+    assert not hasattr(patched.__wrapped__, "__wrapped__")
 
 
 def test_dropout_is_off_by_default_and_reported_when_on():

@@ -19,7 +19,8 @@ pytest.importorskip("peft", reason="optional extra [hf] (peft) not installed")
 
 from hf_tiny import BERT, T5, make_tokenizer, write_split_files  # noqa: E402
 from iefcli.train import rundir  # noqa: E402
-from iefcli.train.loop import prepare_run_dir, train  # noqa: E402
+from iefcli.train.launch import prepare_run_dir  # noqa: E402
+from iefcli.train.loop import train  # noqa: E402
 from iefcli.train.recipe import recipe_from_dict  # noqa: E402
 from iefcli.train.task import build_task  # noqa: E402
 
@@ -165,6 +166,7 @@ def test_image_transfer_full_then_lora_from_base_checkpoint(tmp_path):
     ("model.config=3", "model.config: must be a mapping"),
     ("model.seed=-1", "model.seed: must be >= 0"),
     ("model.tokenizer=[a]", "model.tokenizer: must be a string"),
+    ("model.num_labels=1", "loss.kind: cross_entropy: the train data has label 1, outside 0..0"),
 ])
 def test_hf_model_keys_go_through_the_typed_schema(files, tmp_path, override, key):
     """Every hf model / peft key is typed and range-checked by the recipe schema:

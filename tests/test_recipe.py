@@ -172,12 +172,19 @@ def test_error_without_quiet_is_still_exactly_one_line(tmp_path):
 
 
 def test_method_option_defaults_come_from_the_one_method_table():
-    """The recipe schema does not restate a method default: it reads MethodOptions."""
+    """The recipe schema does not restate an optimiser default: it reads MethodOptions and OptimConfig."""
     from dataclasses import fields
 
     from iefcli.core.methods import MethodOptions
+
+    from iefcli.optim.base import OptimConfig
 
     opt = recipe_from_dict({})["optimizer"]
     shared = [f.name for f in fields(MethodOptions) if f.name in opt]
     assert {"dup_threshold", "mc_samples", "cg_tol", "cg_maxiter"} <= set(shared)
     assert all(opt[k] == getattr(MethodOptions(), k) for k in shared)
+    # ... and the update options from OptimConfig (lr, damping, weight_decay: null = per-optimiser default)
+    cfg = {f.name: f.default for f in fields(OptimConfig)}
+    same = set(cfg) & set(opt) - {"name", "lr", "damping", "weight_decay"} - set(shared)
+    assert {"momentum", "nesterov", "betas", "eps", "beta2_decay", "jacobian", "chunk_size", "clip_update_norm"} <= same
+    assert all(opt[k] == (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in same), same

@@ -320,11 +320,28 @@ def test_quiet_prints_only_the_summary_line(tmp_path):
 
 
 def test_progress_mode_and_json(tmp_path):
-    """Without --quiet the progress bar runs (stderr); --json puts only the summary on stdout."""
-    res = _train([str(_recipe(tmp_path, train__steps=3)), "--out", str(tmp_path / "p"), "--json"])
+    """Without --quiet the progress bar runs on stderr and ends showing the last step's
+    numbers (steps done, epoch, training loss, val metric, lr) within 80 columns;
+    --json puts only the summary on stdout."""
+    import re
+
+    out = tmp_path / "p"
+    res = _train([str(_recipe(tmp_path, train__steps=3)), "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["total_steps"] == 3
-    assert "completed: tiny" in res.stderr
+    bar, summary = res.stderr.strip().splitlines()
+    assert summary.startswith("completed: tiny")
+    recs = rundir.read_metrics(out)
+    last_train = [r for r in recs if r["split"] == "train"][-1]
+    last_val = [r for r in recs if r["split"] == "val"][-1]
+    assert last_train["step"] == last_val["step"] == 3
+    m = re.fullmatch(r"train \S+ 3/3 ep (\S+) loss (\S+) val acc (\S+) lr (\S+) (\d+)ms/step \S+", bar)
+    assert m, bar
+    spe = 1797 * (1 - 0.15 - 0.2) // 32  # digits' training split in batches of 32
+    assert m.group(1) == f"{3 / spe:.1f}"
+    assert m.group(2) == f"{last_train['loss']:.4g}" and m.group(3) == f"{last_val['accuracy']:.4g}"
+    assert float(m.group(4)) == 50.0
+    assert len(bar) <= 80
 
 
 def test_init_from_loads_saved_params(tmp_path):

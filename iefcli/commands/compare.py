@@ -7,19 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from iefcli.commands._common import cli_errors, out
+from iefcli.commands._common import cli_errors, json_option, out_option, overwrite_option, print_table
 from iefcli.errors import UsageError
 
 
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `ief train`.", show_default=False)],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as one JSON document instead of the table.")] = False,
+    json_out: Annotated[bool, json_option("the rows (one document) instead of the table")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV instead of the table.")] = False,
     out_file: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Write the rows to this .json or .csv file (format from --json/--csv, else the suffix)."),
+        out_option("Write the rows to this .json or .csv file (format from --json/--csv, else the suffix)."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    overwrite: Annotated[bool, overwrite_option("an existing --out file")] = False,
 ) -> None:
     """Compare runs in one table (or JSON / CSV).
 
@@ -69,17 +69,9 @@ def run_compare(
 
 
 def _print_table(rows, marks) -> None:
-    """On a colour terminal: fit its width, best cells in bold green. Piped,
-    captured or NO_COLOR: plain text 200 columns wide (not squashed to 80),
-    best cells starred."""
     from iefcli.eval.reports import render_table
 
-    if out.is_terminal and out.color_system is not None:
-        out.print(render_table(rows, marks, colour=True))
-    else:
-        from rich.console import Console
-
-        Console(width=200, no_color=True, force_terminal=False).print(render_table(rows, marks, colour=False))
+    print_table(render_table(rows, marks, colour=True), plain=render_table(rows, marks, colour=False))
 
 
 def register(app: typer.Typer) -> None:

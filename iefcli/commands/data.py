@@ -7,18 +7,11 @@ from typing import Annotated
 
 import typer
 
-from iefcli.commands._common import cli_errors
-
-data_app = typer.Typer(
-    name="data",
-    help="Prepare offline data sets (files a `data.kind: text` recipe can point at).",
-    no_args_is_help=True,
-)
+from iefcli.commands._common import cli_errors, out_option
 
 
-@data_app.command("rotten-tomatoes")
 def rotten_tomatoes(
-    out: Annotated[Path, typer.Option("--out", help="Directory to create (must not exist or be empty).")],
+    out: Annotated[Path, out_option("Directory to create (must not exist or be empty).")],
     fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
 ) -> None:
     """Write the Rotten Tomatoes snippets (12,808; fresh/rotten, the source of SST-2)
@@ -39,4 +32,10 @@ def rotten_tomatoes(
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")
+    group = typer.Typer(
+        name="data",
+        help="Prepare offline data sets (files a `data.kind: text` recipe can point at).",
+        no_args_is_help=True,
+    )
+    group.command("rotten-tomatoes")(rotten_tomatoes)
+    app.add_typer(group, name="data")

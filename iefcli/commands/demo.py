@@ -7,22 +7,15 @@ from typing import Annotated
 
 import typer
 
-from iefcli.commands._common import cli_errors
-
-demo_app = typer.Typer(
-    name="demo",
-    help="Small self-contained demonstrations (no data, no training run needed).",
-    no_args_is_help=True,
-)
+from iefcli.commands._common import cli_errors, out_option, overwrite_option
 
 
-@demo_app.command("toy")
 def toy(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for toy.png (created if missing).")],
+    out: Annotated[Path, out_option("Directory for toy.png (created if missing).")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps K of every trajectory.")] = 40,
     grid: Annotated[int, typer.Option("--grid", min=2, help="Vector-field arrows per axis.")] = 15,
     ef_damping: Annotated[float, typer.Option("--ef-damping", min=0.0, help="EF's damping lambda.")] = 1e-2,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing toy.png.")] = False,
+    overwrite: Annotated[bool, overwrite_option("an existing toy.png")] = False,
 ) -> None:
     """Draw the paper's Figure 1: SGD, NGD/iEF and EF on 2-datum linear least squares.
 
@@ -62,4 +55,10 @@ def run_demo_toy(*, out: Path, steps: int, grid: int, ef_damping: float, overwri
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(demo_app, name="demo")
+    group = typer.Typer(
+        name="demo",
+        help="Small self-contained demonstrations (no data, no training run needed).",
+        no_args_is_help=True,
+    )
+    group.command("toy")(toy)
+    app.add_typer(group, name="demo")

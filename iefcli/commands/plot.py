@@ -7,15 +7,15 @@ from typing import Annotated
 
 import typer
 
-from iefcli.commands._common import cli_errors
+from iefcli.commands._common import cli_errors, out_option, overwrite_option
 from iefcli.errors import UsageError
 
 
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `ief train`.", show_default=False)],
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="The PNG file to write.")],
+    out_file: Annotated[Path, out_option("The PNG file to write.")],
     x: Annotated[str, typer.Option("--x", help="Horizontal axis: step, or time (wall-clock seconds).")] = "step",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    overwrite: Annotated[bool, overwrite_option("an existing --out file")] = False,
 ) -> None:
     """Plot training-loss and validation-metric curves of runs into one PNG.
 

@@ -2,14 +2,60 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from iefcli.commands._common import cli_errors, err
-from iefcli.errors import EXIT_INTERRUPTED
+from iefcli.commands._common import cli_errors, err, json_option, out_option, overwrite_option, print_json, quiet_option
+from iefcli.errors import Interrupted, RunExists, UsageError
+
+
+def train(
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe YAML file, or a built-in name (see `ief recipes`); omit with --resume.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe key: --set optimizer.lr=10 (repeatable; value parsed as YAML).")] = None,
+    out: Annotated[Optional[str], out_option("Run directory (default: the recipe's output.dir, runs/<name>).")] = None,
+    overwrite: Annotated[bool, overwrite_option("an existing run directory")] = False,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue the run in RUN_DIR from its last checkpoint.", metavar="RUN_DIR")] = None,
+    quiet: Annotated[bool, quiet_option("Print only errors and the final one-line summary.")] = False,
+    json_out: Annotated[bool, json_option("the summary")] = False,
+) -> None:
+    """Train a model from a YAML recipe with iEF or a baseline optimiser.
+
+    Writes RUN/recipe.yaml, metrics.jsonl, checkpoints/step-N/, best/ and
+    summary.json. Exit codes: 0 ok, 1 run failed (diverged), 2 bad recipe or
+    usage, 130 interrupted (a checkpoint is saved; continue with --resume).
+    """
+    from iefcli.train.launch import resume_run, train_recipe
+
+    progress = None if quiet else _Progress()
+    with cli_errors():
+        try:
+            if resume is not None:
+                if recipe is not None:
+                    raise UsageError("give either a RECIPE or --resume RUN_DIR, not both")
+                for given, what in ((set_, "--set"), (out, "--out"), (overwrite, "--overwrite")):
+                    if given:
+                        raise UsageError(f"{what} cannot be combined with --resume (the run continues in RUN_DIR "
+                                         "with its saved recipe.yaml)")
+                summary = resume_run(resume, on_event=progress)
+            elif recipe is None:
+                raise UsageError("missing RECIPE (a YAML file or a built-in name; see `ief recipes`)")
+            else:
+                summary = train_recipe(recipe, sets=list(set_ or ()), out=out, overwrite=overwrite, on_event=progress)
+        except Interrupted as e:
+            raise Interrupted(f"{e}; continue with: ief train --resume {e.run_dir}") from None
+        except RunExists as e:
+            raise UsageError(f"{e} (use --overwrite, or --resume {e.run_dir})") from None
+        finally:
+            if progress is not None:
+                progress.stop()
+    print(_summary_line(summary), file=sys.stderr)
+    if json_out:
+        print_json(summary)
 
 
 def _summary_line(s: dict) -> str:
@@ -23,12 +69,8 @@ def _summary_line(s: dict) -> str:
     )
 
 
-# Short names keep the bar within 80 columns.
-SHORT_METRIC = {"accuracy": "acc", "matthews_corrcoef": "mcc", "matthews": "mcc"}
-
-
 class _Progress:
-    """Rich progress bar on stderr: step, epoch, loss, val metric, lr, step time."""
+    """Rich progress bar on stderr: step, epoch, loss, val metric, lr, step time (fits 80 columns)."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -41,22 +83,21 @@ class _Progress:
             console=err, transient=False,
         )
         self.task = None
-        self.metric = "val -"
+        self.metric_name = ""
 
     def __call__(self, kind: str, e: dict) -> None:
         if kind == "start":
             self.metric_name = e["metric"]
             self.p.start()
             self.task = self.p.add_task("train", total=e["total_steps"], completed=e["start_step"],
-                                        epoch="0.0", loss="-", metric=self.metric, lr="-", dt="-")
+                                        epoch="0.0", loss="-", metric="val -", lr="-", dt="-")
         elif kind == "step" and self.task is not None:
             self.p.update(self.task, completed=e["step"], epoch=f"{e['epoch']:.1f}", loss=f"{e['loss']:.4g}",
                           lr=f"{e['lr']:.3g}", dt=f"{e['step_time_s'] * 1000:.0f}ms")
         elif kind == "eval" and e.get("split") == "val" and self.task is not None:
             v = e.get(self.metric_name)
-            label = SHORT_METRIC.get(self.metric_name, self.metric_name)
-            self.metric = f"val {label} {v:.4g}" if v is not None else "val -"
-            self.p.update(self.task, metric=self.metric)
+            label = "acc" if self.metric_name == "accuracy" else self.metric_name  # short: the bar fits 80 columns
+            self.p.update(self.task, metric=f"val {label} {v:.4g}" if v is not None else "val -")
         elif kind == "bad_step":
             err.print(f"[yellow]step {e['step']}: NaN/Inf loss or update; step skipped "
                       f"({e['consecutive_bad_steps']} in a row)[/yellow]")
@@ -67,39 +108,4 @@ class _Progress:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train")
-    def train_cmd(
-        recipe: Annotated[Optional[str], typer.Argument(
-            help="Recipe YAML file, or a built-in name (see `ief recipes`); omit with --resume.")] = None,
-        set_: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Override a recipe key: --set optimizer.lr=10 (repeatable; value parsed as YAML).")] = None,
-        out: Annotated[Optional[str], typer.Option(
-            "--out", "-o", help="Run directory (default: the recipe's output.dir, runs/<name>).")] = None,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-        resume: Annotated[Optional[str], typer.Option(
-            "--resume", help="Continue the run in RUN_DIR from its last checkpoint.", metavar="RUN_DIR")] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final one-line summary.")] = False,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    ) -> None:
-        """Train a model from a YAML recipe with iEF or a baseline optimiser.
-
-        Writes RUN/recipe.yaml, metrics.jsonl, checkpoints/step-N/, best/ and
-        summary.json. Exit codes: 0 ok, 1 run failed (diverged), 2 bad recipe or
-        usage, 130 interrupted (a checkpoint is saved; continue with --resume).
-        """
-        from iefcli.train.loop import train_from_cli
-
-        progress = None if quiet else _Progress()
-        try:
-            with cli_errors():
-                try:
-                    summary = train_from_cli(recipe=recipe, sets=list(set_ or ()), out=out, overwrite=overwrite,
-                                             resume=resume, on_event=progress)
-                finally:
-                    if progress is not None:
-                        progress.stop()
-        except KeyboardInterrupt:  # pragma: no cover - cli_errors handles it; kept for safety
-            raise typer.Exit(EXIT_INTERRUPTED)
-        print(_summary_line(summary), file=sys.stderr)
-        if json_out:
-            sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    app.command("train")(train)

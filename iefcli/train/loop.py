@@ -1,45 +1,50 @@
 """The training loop: the shell around the pure optimiser step.
 
-Read top to bottom: build the task and optimiser -> (resume) -> for each step:
-lr from the schedule, one pure ``opt.update``, a NaN/Inf check, log, validate
+:func:`train` reads top to bottom: plan the run (optimiser, steps, every check
+that needs the data and the model) -> the starting state (fresh, or the last
+checkpoint) -> for each step: lr from the schedule, one pure ``opt.update``,
+one host read (loss and update norm: is the step finite?), log, validate
 (best/ on improvement), checkpoint -> test at the best checkpoint -> summary.
 
 Determinism (what makes --resume exact): epoch e's batch order is
 ``randperm`` from a generator seeded with ``seed * 1_000_003 + e``; step t's
-random key (SF's label draws) is ``seed * 1_000_003 + t`` (offset); the lr is a
+random key (SF's label draws) is ``seed * 1_000_003 + 7_919 + t``; the lr is a
 function of t. A checkpoint therefore only needs (step, params, optimiser
 state, best-so-far): the batches and keys after it are recomputed exactly.
+
+Ctrl-C: the state moves from one step to the next by ONE assignment
+(``st = st.after_step(...)``), so a KeyboardInterrupt leaves either the old or
+the new state, never a mix; the loop saves a checkpoint of it and raises
+:class:`iefcli.errors.Interrupted`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import Tensor
 
 from iefcli.core.jacobian import check_all_params_used
-from iefcli.errors import EXIT_INTERRUPTED, IEFError, RunFailed, UsageError
+from iefcli.core.params import Params
+from iefcli.errors import Interrupted, RunFailed, UsageError
 from iefcli.optim import CURVATURE, config_from_recipe, make_optimizer
+from iefcli.optim.base import OptimConfig, Optimizer
 from iefcli.train import rundir
 from iefcli.train.recipe import Recipe
 from iefcli.train.schedule import lr_at
-from iefcli.train.task import Task, build_task
+from iefcli.train.task import Batch, Task, build_task
 
 SEED_STRIDE = 1_000_003
 KEY_OFFSET = 7_919
 
-class Interrupted(IEFError):
-    """Ctrl-C during training, after the checkpoint was saved (exit 130)."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
-# Event callback: on_event(kind, payload) with kind in start | step | eval | checkpoint | bad_step | end.
+# Event callback: on_event(kind, payload) with kind in
+# start | step | eval | checkpoint | checkpoint_skipped | bad_step | end.
 OnEvent = Callable[[str, dict], None]
 
 
@@ -51,66 +56,245 @@ def step_key(seed: int, step: int) -> int:
     return (seed * SEED_STRIDE + KEY_OFFSET + step) % (2**63 - 1)
 
 
-def _better(a: float, b: float | None, mode: str) -> bool:
-    if b is None:
-        return True
-    return a > b if mode == "max" else a < b
+# ----------------------------------------------------------------------------- the run's plan and state
 
 
-def run_dir_for(recipe: Recipe, out: str | Path | None) -> Path:
-    if out is not None:
-        return Path(out)
-    return Path(recipe["output"]["dir"].replace("{name}", recipe["name"]))
+@dataclass(frozen=True)
+class Plan:
+    """What does not change while the run goes: built and checked before anything is written."""
+
+    recipe: Recipe
+    task: Task
+    cfg: OptimConfig
+    opt: Optimizer
+    steps_per_epoch: int
+    total: int
+
+    @property
+    def seed(self) -> int:
+        return self.recipe["seed"]
+
+    def lr(self, step: int) -> float:
+        """The lr of 0-based ``step``."""
+        s = self.recipe["schedule"]
+        return lr_at(step, self.total, self.cfg.lr, s["kind"], s["warmup_steps"], s["min_lr_ratio"])
+
+    def epoch(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+    def batches_from(self, step: int) -> Iterator[Batch]:
+        """The training batches of steps ``step``, ``step + 1``, ... up to the run's total."""
+        tr = self.recipe["train"]
+        while step < self.total:
+            epoch, skip = divmod(step, self.steps_per_epoch)
+            for batch in self.task.batches("train", tr["batch_size"], epoch_generator(self.seed, epoch),
+                                           drop_last=tr["drop_last"], skip=skip):
+                yield batch
+                step += 1
+                if step >= self.total:
+                    return
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty directory unless --overwrite; with it, clear an old RUN directory only."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: exists and is not a directory")
-    if rundir.is_nonempty_dir(run_dir):
-        if not overwrite:
-            raise UsageError(f"{run_dir}: run directory exists and is not empty (use --overwrite, or --resume {run_dir})")
-        if not ((run_dir / rundir.RECIPE_FILE).exists() or (run_dir / rundir.METRICS_FILE).exists()):
-            raise UsageError(f"{run_dir}: not a run directory (no recipe.yaml or metrics.jsonl); refusing to overwrite it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def plan_run(recipe: Recipe, task: Task) -> Plan:
+    """The optimiser and the step count, and every check that needs the data and the model."""
+    tr = recipe["train"]
+    cfg = config_from_recipe(recipe["optimizer"])
+    opt = make_optimizer(cfg, model=task.model, loss_fn=task.loss_fn, forward=task.forward)
+    spe = task.n_batches("train", tr["batch_size"], tr["drop_last"])
+    if spe == 0:
+        raise recipe.error("train.batch_size", f"larger than the training split ({task.size('train')} samples) with drop_last")
+    total = tr["steps"] if tr["steps"] is not None else tr["epochs"] * spe
+    if recipe["schedule"]["warmup_steps"] > total:
+        raise recipe.error("schedule.warmup_steps",
+                           f"must be <= the run's {total} steps, got {recipe['schedule']['warmup_steps']}")
+    if cfg.name in CURVATURE:
+        # torch.func gives an unused trainable parameter a zero per-sample gradient without a
+        # word; say so (naming it) before the first step rather than train it with zeros.
+        first = next(iter(task.batches("train", 1)))
+        check_all_params_used(task.model, task.params(), first.inputs, task.forward)
+    return Plan(recipe=recipe, task=task, cfg=cfg, opt=opt, steps_per_epoch=spe, total=total)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainState:
-    """Loop counters saved in every checkpoint (trainer_state.json)."""
+    """Everything the loop carries from one step to the next; a checkpoint saves all of it.
 
+    ``lr`` is the lr of the last step taken (what a validation line reports).
+    """
+
+    params: Params
+    opt_state: dict
     step: int = 0
+    lr: float = 0.0
     best_metric: float | None = None
     best_step: int | None = None
     bad_steps: int = 0
     elapsed_s: float = 0.0
-    recent_losses: list[float] = field(default_factory=list)
+    recent_losses: tuple[float, ...] = field(default_factory=tuple)
 
-    def as_json(self, seed: int, steps_per_epoch: int) -> dict:
+    def after_step(self, new_params: Params, new_opt_state: dict, loss: float, lr: float, window: int) -> TrainState:
+        return dataclasses.replace(self, params=new_params, opt_state=new_opt_state, step=self.step + 1, lr=lr,
+                                   bad_steps=0, recent_losses=(*self.recent_losses, loss)[-window:])
+
+    def after_bad_step(self, lr: float) -> TrainState:
+        """A skipped step (NaN/Inf loss or update): the step counts, the parameters stay."""
+        return dataclasses.replace(self, step=self.step + 1, lr=lr, bad_steps=self.bad_steps + 1)
+
+    def trainer_json(self, seed: int, steps_per_epoch: int) -> dict:
         epoch, batch = divmod(self.step, steps_per_epoch)
         return {
             "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "steps_per_epoch": steps_per_epoch,
             "data_order": {"generator_seed": seed * SEED_STRIDE + epoch, "rule": "randperm(n_train) per epoch"},
             "rng": {"step_key": step_key(seed, self.step), "rule": "seed*1000003 + 7919 + step"},
             "best_metric": self.best_metric, "best_step": self.best_step, "bad_steps": self.bad_steps,
-            "elapsed_s": self.elapsed_s, "recent_losses": self.recent_losses,
+            "elapsed_s": self.elapsed_s, "recent_losses": list(self.recent_losses),
         }
 
 
-def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    """0-d tensors -> Python numbers for logging (the host reads happen here, in the shell)."""
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, torch.Tensor):
-            v = v.item()
-        if isinstance(v, bool):
-            out[k] = v
-        elif isinstance(v, int):
-            out[k] = v
+def initial_state(plan: Plan) -> TrainState:
+    params = plan.task.params()
+    return TrainState(params=params, opt_state=plan.opt.init(params), lr=plan.lr(0))
+
+
+def resumed_state(plan: Plan, run_dir: Path) -> TrainState:
+    """The state saved in the run's last step checkpoint."""
+    ckpts = rundir.list_checkpoints(run_dir)
+    if not ckpts:
+        raise UsageError(f"{run_dir}: no checkpoint to resume from")
+    _, ck = ckpts[-1]
+    params = rundir.load_params(plan.task.params(), ck)
+    fresh = plan.opt.init(params)
+    loaded = rundir.load_optimizer_state(ck, device=plan.task.device)
+    # Keys with no tensors (torch.optim state before its first step) are absent on disk.
+    opt_state = {k: loaded.get(k, v) for k, v in fresh.items()}
+    ts = rundir.read_trainer_state(ck)
+    step = int(ts["step"])
+    return TrainState(params=params, opt_state=opt_state, step=step, lr=plan.lr(max(0, step - 1)),
+                      best_metric=ts.get("best_metric"), best_step=ts.get("best_step"),
+                      bad_steps=int(ts.get("bad_steps", 0)), elapsed_s=float(ts.get("elapsed_s", 0.0)),
+                      recent_losses=tuple(ts.get("recent_losses", [])))
+
+
+def _host_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """0-d device tensors -> Python numbers in ONE host read (ints and bools keep their type)."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+    read = torch.stack([v.detach().to(torch.float64) for v in tensors.values()]).tolist() if tensors else []
+    host = {k: bool(x) if t.dtype == torch.bool else x if t.is_floating_point() else int(x)
+            for (k, t), x in zip(tensors.items(), read)}
+    return {k: host[k] if k in host else v if isinstance(v, (bool, int)) else float(v) for k, v in metrics.items()}
+
+
+def _better(a: float, b: float | None, mode: str) -> bool:
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Recorder:
+    """Where the loop's results go: metrics.jsonl, checkpoints, best/, summary.json, the
+    events (``on_event``) and the run's clock (elapsed time carries over a resume)."""
+
+    def __init__(self, plan: Plan, run_dir: Path, state: TrainState, *, resume: bool, on_event: OnEvent | None):
+        self.plan, self.run_dir = plan, run_dir
+        self.emit = on_event or (lambda kind, payload: None)
+        if resume:
+            rundir.remove_stale_temps(run_dir)
         else:
-            out[k] = float(v)
-    return out
+            rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, plan.recipe.to_yaml())
+        self.writer = rundir.MetricsWriter(run_dir, truncate_after_step=state.step if resume else None)
+        self._elapsed0, self._t0 = state.elapsed_s, time.perf_counter()
+        self._val_loss: tuple[int, float] | None = None  # (step, val loss) of the last validation
+        ckpts = rundir.list_checkpoints(run_dir) if resume else []
+        self.last_checkpoint: Path | None = ckpts[-1][1] if ckpts else None
+
+    def now(self) -> float:
+        return self._elapsed0 + (time.perf_counter() - self._t0)
+
+    def record(self, rec: dict, event: str | None = None) -> None:
+        """One metrics.jsonl line (and the event of that name)."""
+        self.writer.write(rec)
+        if event is not None:
+            self.emit(event, rec)
+
+    def save(self, state: TrainState, ckpt: Path, metrics: dict | None = None) -> None:
+        plan = self.plan
+        rundir.write_checkpoint(
+            ckpt, params=state.params, optimizer_state=state.opt_state,
+            trainer_state=dataclasses.replace(state, elapsed_s=self.now()).trainer_json(plan.seed, plan.steps_per_epoch),
+            meta={"step": state.step, "epoch": plan.epoch(state.step), "metrics": metrics or {}, "optimizer": plan.cfg.name},
+        )
+        self.emit("checkpoint", {"path": str(ckpt), "step": state.step})
+
+    def validate(self, state: TrainState) -> TrainState:
+        """Log the val metrics; a finite improvement becomes best/ (written before the state counts it)."""
+        task = self.plan.task
+        ev = task.evaluate(state.params, "val")
+        self.record({"step": state.step, "epoch": self.plan.epoch(state.step), "split": "val", **ev, "lr": state.lr,
+                     "time": self.now()}, "eval")
+        self._val_loss = (state.step, ev["loss"])
+        value = ev.get(task.metric_name)
+        if not (math.isfinite(ev["loss"]) and value is not None and math.isfinite(value)
+                and _better(value, state.best_metric, task.metric_mode)):
+            return state  # a diverged model (non-finite loss) is never the best one
+        best = dataclasses.replace(state, best_metric=value, best_step=state.step)
+        self.save(best, self.run_dir / rundir.BEST_DIR, {"val": ev})
+        return best
+
+    def checkpoint(self, state: TrainState) -> bool:
+        """checkpoints/step-N, only of parameters with a finite loss: a diverged step
+        (finite but blown-up parameters) never reaches a checkpoint. The loss is the
+        validation loss when this step was validated, else that of the first training batch."""
+        if self._val_loss is not None and self._val_loss[0] == state.step:
+            loss = self._val_loss[1]
+        else:
+            batch = next(self.plan.task.batches("train", self.plan.recipe["train"]["batch_size"]))
+            loss = float(self.plan.task.loss_at(state.params, batch))  # one host read per checkpoint
+        if not math.isfinite(loss):
+            self.record({"step": state.step, "epoch": self.plan.epoch(state.step), "split": "train",
+                         "event": "checkpoint_skipped", "loss": loss, "lr": state.lr, "time": self.now(),
+                         "skipped": True}, "checkpoint_skipped")
+            return False
+        ckpt = rundir.checkpoint_dir(self.run_dir, state.step)
+        self.save(state, ckpt)
+        self.last_checkpoint = ckpt
+        return True
+
+    def finish(self, st: TrainState, status: str) -> dict:
+        """Test at the best-validation checkpoint (the paper's protocol), write summary.json."""
+        plan, task, run_dir = self.plan, self.plan.task, self.run_dir
+        metric, cfg, wall = task.metric_name, plan.cfg, self.now()
+        test = None
+        best = run_dir / rundir.BEST_DIR
+        if status == "completed" and rundir.is_checkpoint(best):
+            test = task.evaluate(rundir.load_params(task.params(), best), "test")
+            self.record({"step": st.best_step, "epoch": None, "split": "test", **test, "lr": None, "time": wall,
+                         "checkpoint": "best"}, "eval")
+        self.writer.close()
+        summary = {
+            "recipe": plan.recipe["name"],
+            "status": status,
+            "optimizer": cfg.name,
+            "lr": cfg.lr,
+            "damping": cfg.damping if cfg.name in CURVATURE else None,
+            "metric": metric,
+            "metric_mode": task.metric_mode,
+            "final_train_loss": (sum(st.recent_losses) / len(st.recent_losses)) if st.recent_losses else None,
+            "best_val_metric": st.best_metric,
+            "best_val_step": st.best_step,
+            "test_metric": test.get(metric) if test else None,
+            "test_loss": test.get("loss") if test else None,
+            "test": test,
+            "total_steps": st.step,
+            "planned_steps": plan.total,
+            "wall_time_s": wall,
+            "steps_per_s": (st.step / wall) if wall > 0 else None,
+            "device": str(task.device),
+            "run_dir": str(run_dir),
+        }
+        rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
+        self.emit("end", summary)
+        return summary
 
 
 def train(
@@ -121,217 +305,68 @@ def train(
     on_event: OnEvent | None = None,
     device: str | None = None,
     task: Task | None = None,
+    plan: Plan | None = None,
 ) -> dict:
     """Train ``recipe`` into ``run_dir`` (already prepared; with ``resume`` it holds
     a previous run of this recipe). Returns the summary dict (also written to
-    summary.json). Raises RunFailed (diverged), KeyboardInterrupt (after saving
+    summary.json). Raises RunFailed (diverged), Interrupted (Ctrl-C, after saving
     a checkpoint), UsageError (bad data/model keys found by the builders).
-    ``task``: an already built task for ``recipe`` (else it is built here)."""
-    emit = on_event or (lambda kind, payload: None)
-    t_start = time.perf_counter()
-    if task is None:
-        task = build_task(recipe, device)
-    tr = recipe["train"]
-    seed = recipe["seed"]
-    cfg = config_from_recipe(recipe["optimizer"])
-    opt = make_optimizer(cfg, model=task.model, loss_fn=task.loss_fn, forward=task.forward)
-    spe = task.n_batches("train", tr["batch_size"], tr["drop_last"])
-    if spe == 0:
-        raise recipe.error("train.batch_size", f"larger than the training split ({task.size('train')} samples) with drop_last")
-    total = tr["steps"] if tr["steps"] is not None else tr["epochs"] * spe
-    sched = recipe["schedule"]
-    if sched["warmup_steps"] > total:
-        raise recipe.error("schedule.warmup_steps", f"must be <= the run's {total} steps, got {sched['warmup_steps']}")
-
-    params = task.params()
-    if cfg.name in CURVATURE:
-        # torch.func gives an unused trainable parameter a zero per-sample gradient without a
-        # word; say so (naming it) before the first step rather than train it with zeros.
-        first = next(iter(task.batches("train", 1)))
-        check_all_params_used(task.model, params, first.inputs, task.forward)
-    ostate = opt.init(params)
-    st = TrainState()
-    if resume:
-        ckpts = rundir.list_checkpoints(run_dir)
-        if not ckpts:
-            raise UsageError(f"{run_dir}: no checkpoint to resume from")
-        _, ck = ckpts[-1]
-        params = rundir.load_params(params, ck)
-        loaded = rundir.load_optimizer_state(ck, device=task.device)
-        # Keys with no tensors (torch.optim state before its first step) are absent on disk.
-        ostate = {k: loaded.get(k, v) for k, v in ostate.items()}
-        ts = rundir.read_trainer_state(ck)
-        st = TrainState(step=int(ts["step"]), best_metric=ts.get("best_metric"), best_step=ts.get("best_step"),
-                        bad_steps=int(ts.get("bad_steps", 0)), elapsed_s=float(ts.get("elapsed_s", 0.0)),
-                        recent_losses=list(ts.get("recent_losses", [])))
-        rundir.remove_stale_temps(run_dir)
-    else:
-        rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, recipe.to_yaml())
-
-    writer = rundir.MetricsWriter(run_dir, truncate_after_step=st.step if resume else None)
-    metric, mode = task.metric_name, task.metric_mode
-    elapsed0 = st.elapsed_s
-    t_loop = time.perf_counter()
-
-    def now() -> float:
-        return elapsed0 + (time.perf_counter() - t_loop)
-
-    def save(ckpt: Path, metrics: dict) -> None:
-        st.elapsed_s = now()
-        rundir.write_checkpoint(
-            ckpt, params=params, optimizer_state=ostate, trainer_state=st.as_json(seed, spe),
-            meta={"step": st.step, "epoch": st.step / spe, "metrics": metrics, "optimizer": cfg.name},
-        )
-        emit("checkpoint", {"path": str(ckpt), "step": st.step})
-
-    def validate() -> dict:
-        ev = task.evaluate(params, "val")
-        rec = {"step": st.step, "epoch": st.step / spe, "split": "val", **ev,
-               "lr": lr_at(max(0, st.step - 1), total, cfg.lr, sched["kind"], sched["warmup_steps"], sched["min_lr_ratio"]),
-               "time": now()}
-        writer.write(rec)
-        emit("eval", rec)
-        value = ev.get(metric)
-        if value is not None and math.isfinite(value) and _better(value, st.best_metric, mode):
-            st.best_metric, st.best_step = value, st.step
-            save(run_dir / rundir.BEST_DIR, {"val": ev})
-        return ev
-
-    status = "running"
-    emit("start", {"total_steps": total, "start_step": st.step, "steps_per_epoch": spe, "run_dir": str(run_dir),
-                   "metric": metric, "optimizer": cfg.name, "device": str(task.device)})
+    ``task`` / ``plan``: already built for ``recipe`` (else built here)."""
+    if plan is None:
+        plan = plan_run(recipe, task if task is not None else build_task(recipe, device))
+    tr, total = recipe["train"], plan.total
+    st = resumed_state(plan, run_dir) if resume else initial_state(plan)
+    log = Recorder(plan, run_dir, st, resume=resume, on_event=on_event)
+    log.emit("start", {"total_steps": total, "start_step": st.step, "steps_per_epoch": plan.steps_per_epoch,
+                       "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
+                       "device": str(plan.task.device)})
     try:
         if st.step == 0:
-            validate()
-            save(rundir.checkpoint_dir(run_dir, 0), {})
-        last_step_time = 0.0
-        while st.step < total:
-            epoch, skip = divmod(st.step, spe)
-            for batch in task.batches("train", tr["batch_size"], epoch_generator(seed, epoch),
-                                      drop_last=tr["drop_last"], skip=skip):
-                t0 = time.perf_counter()
-                lr = lr_at(st.step, total, cfg.lr, sched["kind"], sched["warmup_steps"], sched["min_lr_ratio"])
-                new_params, new_state, m = opt.update(params, ostate, batch, key=step_key(seed, st.step), lr=lr)
-                # One host read per step: is the loss and the update finite?
-                ok = bool(torch.isfinite(m["loss"]) & torch.isfinite(m["update_norm"]))
-                # One statement with no calls in it, so Ctrl-C cannot land between
-                # counting the step and applying it (the checkpoint must match).
-                params, ostate, st.step = (new_params, new_state, st.step + 1) if ok else (params, ostate, st.step + 1)
-                if ok:
-                    st.bad_steps = 0
-                    st.recent_losses = (st.recent_losses + [float(m["loss"])])[-spe:]
-                else:
-                    st.bad_steps += 1
-                    rec = {"step": st.step, "epoch": st.step / spe, "split": "train", "event": "bad_step",
-                           "loss": float(m["loss"]), "update_norm": float(m["update_norm"]), "lr": lr,
-                           "time": now(), "skipped": True, "consecutive_bad_steps": st.bad_steps}
-                    writer.write(rec)
-                    emit("bad_step", rec)
-                    if st.bad_steps >= tr["max_bad_steps"]:
-                        raise RunFailed(
-                            f"{st.bad_steps} consecutive steps with NaN/Inf loss or update (last at step {st.step}); "
-                            f"stopped; the last good checkpoint is in {run_dir}"
-                        )
-                last_step_time = time.perf_counter() - t0
-                if ok and (st.step % tr["log_every"] == 0 or st.step == total):
-                    rec = {"step": st.step, "epoch": st.step / spe, "split": "train", **_floats(m), "lr": lr,
-                           "time": now(), "step_time_s": last_step_time}
-                    writer.write(rec)
-                if ok:
-                    emit("step", {"step": st.step, "epoch": st.step / spe, "loss": float(m["loss"]), "lr": lr,
-                                  "step_time_s": last_step_time, "total": total})
-                if st.step % tr["eval_every"] == 0 or st.step == total:
-                    validate()
-                if st.step % tr["checkpoint_every"] == 0 or st.step == total:
-                    save(rundir.checkpoint_dir(run_dir, st.step), {})
-                if st.step >= total:
-                    break
-        status = "completed"
+            st = log.validate(st)
+            log.checkpoint(st)
+        for batch in plan.batches_from(st.step):
+            t0 = time.perf_counter()
+            lr = plan.lr(st.step)
+            new_params, new_opt_state, m = plan.opt.update(st.params, st.opt_state, batch,
+                                                           key=step_key(plan.seed, st.step), lr=lr)
+            # The one host read of an ordinary step: the loss and the update norm.
+            loss, update_norm = torch.stack([m["loss"].to(torch.float64), m["update_norm"].to(torch.float64)]).tolist()
+            if math.isfinite(loss) and math.isfinite(update_norm):
+                st = st.after_step(new_params, new_opt_state, loss, lr, window=plan.steps_per_epoch)
+                step_time = time.perf_counter() - t0
+                if st.step % tr["log_every"] == 0 or st.step == total:
+                    # a log line reads every diagnostic: one more host read, every log_every steps
+                    log.record({"step": st.step, "epoch": plan.epoch(st.step), "split": "train", **_host_values(m),
+                                "lr": lr, "time": log.now(), "step_time_s": step_time})
+                log.emit("step", {"step": st.step, "epoch": plan.epoch(st.step), "loss": loss, "lr": lr,
+                                  "step_time_s": step_time, "total": total})
+            else:
+                st = st.after_bad_step(lr)
+                log.record({"step": st.step, "epoch": plan.epoch(st.step), "split": "train", "event": "bad_step",
+                            "loss": loss, "update_norm": update_norm, "lr": lr, "time": log.now(), "skipped": True,
+                            "consecutive_bad_steps": st.bad_steps}, "bad_step")
+                if st.bad_steps >= tr["max_bad_steps"]:
+                    raise RunFailed(f"{st.bad_steps} consecutive steps with NaN/Inf loss or update "
+                                    f"(last at step {st.step}); stopped; the last good checkpoint is "
+                                    f"{log.last_checkpoint}")
+            if st.step % tr["eval_every"] == 0 or st.step == total:
+                st = log.validate(st)
+            if st.step % tr["checkpoint_every"] == 0 or st.step == total:
+                log.checkpoint(st)
     except KeyboardInterrupt:
-        status = "interrupted"
-        save(rundir.checkpoint_dir(run_dir, st.step), {})
-        _finish(task, recipe, run_dir, writer, st, status, total, cfg, metric, now(), t_start, emit)
-        raise Interrupted(
-            f"interrupted at step {st.step}; checkpoint saved; continue with: ief train --resume {run_dir}"
-        ) from None
+        saved = log.checkpoint(st)
+        log.finish(st, "interrupted")
+        raise Interrupted(f"interrupted at step {st.step}; " + ("checkpoint saved" if saved else
+                          f"its loss is not finite: the last good checkpoint is {log.last_checkpoint}"),
+                          run_dir=run_dir, step=st.step) from None
     except RunFailed:
-        status = "failed"
-        _finish(task, recipe, run_dir, writer, st, status, total, cfg, metric, now(), t_start, emit)
+        log.finish(st, "failed")
         raise
-    return _finish(task, recipe, run_dir, writer, st, status, total, cfg, metric, now(), t_start, emit)
+    return log.finish(st, "completed")
 
 
-def _finish(task, recipe, run_dir, writer, st, status, total, cfg, metric, wall, t_start, emit) -> dict:
-    """Test at the best-validation checkpoint (the paper's protocol), write summary.json."""
-    test = None
-    best = run_dir / rundir.BEST_DIR
-    if status == "completed" and rundir.is_checkpoint(best):
-        test = task.evaluate(rundir.load_params(task.params(), best), "test")
-        rec = {"step": st.best_step, "epoch": None, "split": "test", **test, "lr": None, "time": wall,
-               "checkpoint": "best"}
-        writer.write(rec)
-        emit("eval", rec)
-    writer.close()
-    done = st.step
-    summary = {
-        "recipe": recipe["name"],
-        "status": status,
-        "optimizer": cfg.name,
-        "lr": cfg.lr,
-        "damping": cfg.damping if cfg.name in CURVATURE else None,
-        "metric": metric,
-        "metric_mode": task.metric_mode,
-        "final_train_loss": (sum(st.recent_losses) / len(st.recent_losses)) if st.recent_losses else None,
-        "best_val_metric": st.best_metric,
-        "best_val_step": st.best_step,
-        "test_metric": test.get(metric) if test else None,
-        "test_loss": test.get("loss") if test else None,
-        "test": test,
-        "total_steps": done,
-        "planned_steps": total,
-        "wall_time_s": wall,
-        "steps_per_s": (done / wall) if wall > 0 else None,
-        "device": str(task.device),
-        "run_dir": str(run_dir),
-    }
-    rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
-    emit("end", summary)
-    return summary
+def train_from_cli(*, recipe: str | Path, sets=(), out=None, overwrite: bool = False) -> dict:
+    """Deprecated spelling of :func:`iefcli.train.launch.train_recipe` (tests/test_eval_gamma_cli.py calls it)."""
+    from iefcli.train.launch import train_recipe
 
-
-def train_from_cli(
-    *,
-    recipe: str | None,
-    sets: list[str] | tuple[str, ...] = (),
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    resume: str | Path | None = None,
-    on_event: OnEvent | None = None,
-) -> dict:
-    """What `ief train` does: resolve the recipe (or the run to resume), check
-    everything, prepare the run directory, train. Returns the summary."""
-    from iefcli.train.recipe import load_recipe_file
-
-    if resume is not None:
-        if recipe is not None:
-            raise UsageError("give either a RECIPE or --resume RUN_DIR, not both")
-        if sets:
-            raise UsageError("--set cannot be combined with --resume (the run's saved recipe.yaml is used)")
-        if out is not None:
-            raise UsageError("--out cannot be combined with --resume (the run continues in RUN_DIR)")
-        run_dir = Path(resume)
-        r = rundir.load_recipe(run_dir)
-        if not rundir.list_checkpoints(run_dir):
-            raise UsageError(f"{run_dir}: no checkpoint to resume from")
-        return train(recipe=r, run_dir=run_dir, resume=True, on_event=on_event)
-    if recipe is None:
-        raise UsageError("missing RECIPE (a YAML file or a built-in name; see `ief recipes`)")
-    r = load_recipe_file(recipe, sets)
-    run_dir = run_dir_for(r, out)
-    if rundir.is_nonempty_dir(run_dir) and not overwrite:
-        raise UsageError(f"{run_dir}: run directory exists and is not empty (use --overwrite, or --resume {run_dir})")
-    # Build the task before touching the directory: data/model key errors
-    # must not cost an existing run.
-    task = build_task(r)
-    prepare_run_dir(run_dir, overwrite)
-    return train(recipe=r, run_dir=run_dir, resume=False, on_event=on_event, task=task)
+    return train_recipe(recipe, sets=sets, out=out, overwrite=overwrite)

@@ -12,7 +12,6 @@ import numpy as np
 from torch import Tensor
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
-MODE = {"accuracy": "max", "f1": "max", "mcc": "max", "pearson": "max", "spearman": "max", "loss": "min"}
 
 
 def compute_metrics(names: tuple[str, ...] | list[str], preds: Tensor, targets: Tensor) -> dict[str, float]:

@@ -18,7 +18,7 @@ and are addressed by file stem (``quickstart`` -> ``recipes/quickstart.yaml``).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,6 +27,7 @@ import yaml
 import iefcli
 from iefcli.core.methods import MethodOptions
 from iefcli.errors import UsageError
+from iefcli.optim.base import OptimConfig
 
 RECIPES_DIR = Path(iefcli.__file__).resolve().parents[1] / "recipes"
 # An installed wheel has no repository around it: packaging may place the
@@ -39,7 +40,10 @@ def recipe_dirs() -> list[Path]:
     return [d for d in (RECIPES_DIR, PACKAGED_RECIPES_DIR) if d.is_dir()]
 
 OPTIMIZERS = ("sgd", "adamw", "adafactor", "ef", "sf", "ief", "ngd")
-_METHOD = MethodOptions()  # the one home of the per-method option defaults
+# The one home of each optimiser default: the direction options in core.methods.MethodOptions,
+# the update options in optim.base.OptimConfig; the schema reads them, it never restates them.
+_METHOD = MethodOptions()
+_OPT = {f.name: f.default for f in fields(OptimConfig)}
 
 
 @dataclass(frozen=True)
@@ -101,22 +105,22 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "lr": Field("float", None, "learning rate (null: the optimiser's default)", optional=True, check=_gt(0)),
         "damping": Field("float", None, "ef/sf/ief/ngd: damping lambda added to J J^T or G (null: default)",
                          optional=True, check=_ge(0)),
-        "momentum": Field("float", 0.0, "sgd/ef/sf/ief/ngd: heavy-ball momentum on the direction", check=_in01(False, True)),
-        "nesterov": Field("bool", False, "sgd: Nesterov momentum"),
+        "momentum": Field("float", _OPT["momentum"], "sgd/ef/sf/ief/ngd: heavy-ball momentum on the direction", check=_in01(False, True)),
+        "nesterov": Field("bool", _OPT["nesterov"], "sgd: Nesterov momentum"),
         "weight_decay": Field("float", None, "decoupled weight decay (null: 0.01 for adamw, 0 otherwise)",
                               optional=True, check=_ge(0)),
-        "betas": Field("float_list", [0.9, 0.999], "adamw: (beta1, beta2)", check=_betas),
-        "eps": Field("float", 1e-8, "adamw: epsilon", check=_gt(0)),
-        "beta2_decay": Field("float", -0.8, "adafactor: beta2 decay exponent", check=lambda v: None if v <= 0 else f"must be <= 0, got {v:g}"),
+        "betas": Field("float_list", list(_OPT["betas"]), "adamw: (beta1, beta2)", check=_betas),
+        "eps": Field("float", _OPT["eps"], "adamw: epsilon", check=_gt(0)),
+        "beta2_decay": Field("float", _OPT["beta2_decay"], "adafactor: beta2 decay exponent", check=lambda v: None if v <= 0 else f"must be <= 0, got {v:g}"),
         "dup_threshold": Field("float", _METHOD.dup_threshold, "ef/sf/ief: drop the smaller of two rows with |cos| > this (null: off)",
                                optional=True, check=_in01(True, False)),
-        "jacobian": Field("str", "auto", "per-sample rows: auto | vmap | fast", choices=("auto", "vmap", "fast")),
-        "chunk_size": Field("int", None, "samples per vmap chunk (null: all at once)", optional=True, check=_gt(0)),
+        "jacobian": Field("str", _OPT["jacobian"], "per-sample rows: auto | vmap | fast", choices=("auto", "vmap", "fast")),
+        "chunk_size": Field("int", _OPT["chunk_size"], "samples per vmap chunk (null: all at once)", optional=True, check=_gt(0)),
         "mc_samples": Field("int", _METHOD.mc_samples, "sf: Monte-Carlo label draws per datum", check=_gt(0)),
         "cg_tol": Field("float", _METHOD.cg_tol, "ngd: CG relative-residual tolerance (null: 1e-5 f32 / 1e-10 f64)",
                         optional=True, check=_gt(0)),
         "cg_maxiter": Field("int", _METHOD.cg_maxiter, "ngd: CG iteration cap", check=_gt(0)),
-        "clip_update_norm": Field("float", None, "clip the step lr*d to this L2 norm (null: off)",
+        "clip_update_norm": Field("float", _OPT["clip_update_norm"], "clip the step lr*d to this L2 norm (null: off)",
                                   optional=True, check=_gt(0)),
     },
     "schedule": {

@@ -41,7 +41,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -461,8 +461,3 @@ def read_trainer_state(ckpt_dir: Path | str) -> dict:
 def is_nonempty_dir(path: Path | str) -> bool:
     p = Path(path)
     return p.is_dir() and any(p.iterdir())
-
-
-def iter_records(records: Iterable[dict], split: str) -> list[dict]:
-    """The records of one split (train | val | test), in order."""
-    return [r for r in records if r.get("split") == split]

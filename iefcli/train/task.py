@@ -110,6 +110,16 @@ class Task:
             yield Batch(_take(s.inputs, idx), s.targets[idx])
 
     @torch.no_grad()
+    def loss_at(self, params: Params, batch: Batch) -> Tensor:
+        """The mean loss of ``params`` on one batch (0-d, on the device; eval mode, no RNG drawn)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.loss_fn.per_sample(self.forward(self.model, params, batch.inputs), batch.targets).mean()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def evaluate(self, params: Params | None = None, split: str = "val", batch_size: int | None = None) -> dict[str, float]:
         """Mean per-sample loss and the task metrics of ``params`` (default: the
         model's own) on a split. Keys: loss, then the metric names."""
@@ -173,8 +183,56 @@ def build_task(recipe: Recipe, device: torch.device | str | None = None) -> Task
               (("train", data.train), ("val", data.val), ("test", data.test))}
     if len(splits["train"]) == 0:
         raise recipe.error("data", "the training split is empty")
-    return Task(recipe=recipe, model=model, loss_fn=loss_fn, forward=forward, data=data, device=dev, dtype=dtype,
+    task = Task(recipe=recipe, model=model, loss_fn=loss_fn, forward=forward, data=data, device=dev, dtype=dtype,
                 splits=splits)
+    _check_loss_fits(task)
+    return task
+
+
+def _check_loss_fits(task: Task) -> None:
+    """The loss must fit the model's outputs and the data's targets (checked on one
+    sample, and the labels of every split for the classification losses), so a
+    mismatch is a usage error naming ``loss.kind`` before anything runs, not a
+    traceback mid-run.
+
+    cross_entropy: logits (N, C), integer labels (N,) in [0, C);
+    token_cross_entropy: logits (N, T, V), integer labels (N, T) in [0, V) or ignore_index;
+    mse: floating targets of the outputs' shape.
+    """
+    loss = task.loss_fn
+    batch = next(task.batches("train", 1))
+    was_training = task.model.training
+    task.model.eval()
+    try:
+        with torch.no_grad():
+            z = task.forward(task.model, task.params(), batch.inputs)
+    finally:
+        task.model.train(was_training)
+    y = batch.targets
+    kind = loss.name
+    need = {"cross_entropy": (2, 1), "token_cross_entropy": (3, 2)}.get(kind)
+    if need is not None:
+        ok = z.dim() == need[0] and y.dim() == need[1] and not y.is_floating_point() and z.shape[:-1] == y.shape
+        if ok:
+            ignore = getattr(loss, "ignore_index", None)
+            for name, s in task.splits.items():
+                t = s.targets
+                bad = (t < 0) | (t >= z.shape[-1])
+                if ignore is not None:
+                    bad &= t != ignore
+                if bool(bad.any()):
+                    value = t[bad].flatten()[0].item()
+                    raise task.recipe.error("loss.kind", f"{kind}: the {name} data has label {value}, "
+                                                         f"outside 0..{z.shape[-1] - 1} (the model's {z.shape[-1]} outputs)")
+            return
+    elif z.shape == y.shape and y.is_floating_point():
+        return
+    what = {"cross_entropy": "logits (N, C) and integer labels (N,)",
+            "token_cross_entropy": "logits (N, T, V) and integer token labels (N, T)",
+            "mse": "floating targets of the outputs' shape"}.get(kind, "matching outputs and targets")
+    raise task.recipe.error(
+        "loss.kind", f"{kind} needs {what}; this model gives {tuple(z.shape)} outputs per batch of 1 and the data "
+                     f"has {'floating' if y.is_floating_point() else 'integer'} targets of shape {tuple(y.shape)}")
 
 
 def _load_init(recipe: Recipe, model: nn.Module, init_from: str) -> None:

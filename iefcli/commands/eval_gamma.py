@@ -7,14 +7,15 @@ prints a table or the JSON on stdout; progress and notes go to stderr.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from iefcli.commands._common import cli_errors, err, out
+from iefcli.commands._common import (
+    cli_errors, err, json_option, out, out_option, overwrite_option, print_json, print_table, quiet_option,
+)
 from iefcli.eval.gamma_run import run_eval_gamma  # noqa: F401  (the library entry point, for callers of the old path)
 
 DEFAULT_METHODS = "sgd,ef,ief,sf"
@@ -59,7 +60,7 @@ def eval_gamma(
     path: Annotated[Path, typer.Argument(help="A checkpoint directory, or a run directory (then its best/ checkpoint).", show_default=False)],
     stage: Annotated[str, typer.Option(help="With a run directory: best, last, all (every checkpoint, in step order) or a step number.")] = "best",
     methods: Annotated[str, typer.Option(help="Comma-separated: sgd, ef, ief, sf, ngd (ngd: exact natural gradient by CG, small models).")] = DEFAULT_METHODS,
-    damping: Annotated[str, typer.Option(help="Comma-separated damping values lambda.")] = DEFAULT_DAMPINGS,
+    damping: Annotated[str, typer.Option(help="Comma-separated damping values lambda, on the paper's scale (as in recipes).")] = DEFAULT_DAMPINGS,
     batches: Annotated[int, typer.Option(help="Number of evaluation batches M.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Samples per evaluation batch N (the paper uses 160).")] = 160,
     sf_samples: Annotated[int, typer.Option(help="SF: Monte-Carlo label draws per sample.")] = 1,
@@ -68,11 +69,11 @@ def eval_gamma(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the recipe's).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 or float64 (default: the recipe's).")] = None,
     ngd_maxiter: Annotated[int, typer.Option(help="ngd: conjugate-gradient iteration cap.")] = 500,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (a list with --stage all).")] = False,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Also write JSON, a CSV of every row and the figures to this directory.")] = None,
+    json_out: Annotated[bool, json_option("one document (a list of them with --stage all)")] = False,
+    out_dir: Annotated[Optional[Path], out_option("Also write JSON, a CSV of every row and the figures to this directory.")] = None,
     figures: Annotated[str, typer.Option("--figures", help="File type of the --out figures: png, pdf or svg.")] = "png",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory (only one this command wrote).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")] = False,
+    overwrite: Annotated[bool, overwrite_option("a non-empty --out directory (only one this command wrote)")] = False,
+    quiet: Annotated[bool, quiet_option("No progress or notes on stderr.")] = False,
 ) -> None:
     """Measure how close each method's update is to the exact natural gradient (the paper's gamma ratio).
 
@@ -99,11 +100,10 @@ def eval_gamma(
         if out_dir is not None and note is not None:
             note(f"wrote {', '.join(p.name for p in report.written)} to {out_dir}")
         if json_out:
-            sys.stdout.write(report.json_text + "\n")
-            sys.stdout.flush()
+            print_json(report.payload)
             return
         for r in report.results:
-            out.print(gamma_output.render_table(r.doc))
+            print_table(gamma_output.render_table(r.doc))
             out.print(gamma_output.imbalance_line(r.doc), highlight=False)
 
 

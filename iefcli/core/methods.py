@@ -43,7 +43,7 @@ CG_MAXITER = 500
 well-conditioned systems, so the cap only binds where a smaller one would return a
 wrong direction (small damping); 500 is what eval-gamma has always used."""
 
-NGD_EXACT_MAX_ROWS = 1024
+NGD_EXACT_MAX_ROWS = 2048
 """ngd "auto": the exact dual solve up to this many rows (N * K), CG above."""
 
 

@@ -46,6 +46,7 @@ from iefcli.core.jacobian import BatchGrads, Forward, batch_grads, default_forwa
 from iefcli.core.losses import Loss
 from iefcli.core.stats import batch_imbalance
 from iefcli.gamma import gamma
+import iefcli.optim  # noqa: F401,E402  (registers kfac / ekfac / iekfac in the method table)
 
 __all__ = [
     "METHODS",

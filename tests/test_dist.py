@@ -195,6 +195,18 @@ def test_resume_under_torchrun_is_exact(two_rank_runs):
     assert (out / "resumed" / "summary.json").exists()
 
 
+def test_a_two_rank_run_resumes_exactly_in_one_process(two_rank_runs, tmp_path):
+    import shutil
+
+    from iefcli.train.launch import resume_run
+
+    out, _ = two_rank_runs
+    shutil.copytree(out / "sf64", tmp_path / "run")  # sf: the label draws must continue identically too
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
+    resume_run(tmp_path / "run")
+    assert _rel(_params(out / "sf64", 4), _params(tmp_path / "run", 4)) < 1e-10
+
+
 FAILING_RANK = textwrap.dedent('''
     # sitecustomize (imported at start-up by every rank): rank 1 fails at its 3rd global batch
     import os, time

@@ -93,6 +93,23 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(dtype, tol, jacobian, met
     assert torch.allclose(acc.rows.dot(v), one.rows.dot(v), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("jacobian", ["fast", "vmap"])
+def test_sf_with_several_draws_per_sample_over_micro_batches(jacobian):
+    """K = 3 label draws per sample: the k-major row order must survive the concatenation."""
+    from iefcli.core.methods import MethodOptions
+
+    model = _mlp(torch.float64)
+    p = trainable_params(model)
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    opts = MethodOptions(mc_samples=3)
+    one = batch_grads(model, p, x, y, CrossEntropy(), jacobian=jacobian)
+    acc = global_batch_grads(model, p, x, y, CrossEntropy(), comm=Comm.local(), accumulate=4, keep_jacobians=True,
+                             jacobian=jacobian)
+    d1, _ = compute_direction("sf", one, 1e-3, generator=torch.Generator().manual_seed(2), options=opts)
+    d2, _ = compute_direction("sf", acc, 1e-3, generator=torch.Generator().manual_seed(2), options=opts)
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+
+
 def test_uneven_micro_batches_and_sgd_gradient():
     model = _mlp(torch.float64)
     p = trainable_params(model)

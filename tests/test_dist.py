@@ -110,6 +110,42 @@ def test_sf_with_several_draws_per_sample_over_micro_batches(jacobian):
     assert float((d1 - d2).norm() / d1.norm()) < 1e-10
 
 
+class _TinySeq(nn.Module):
+    """Embedding (with a padding id) -> LayerNorm -> Linear over T positions -> token logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 5, padding_idx=0)
+        self.norm = nn.LayerNorm(5)
+        self.mix = nn.Linear(5, 7)
+        self.out = nn.Linear(7, 11)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.norm(self.emb(ids)))))
+
+
+@pytest.mark.parametrize("method", ["ief", "ef", "sf"])
+def test_micro_batches_of_a_token_model(method):
+    """Sequence blocks (T > 1: ghost / materialise), the embedding's sparse block and a dict of inputs."""
+    from iefcli.core.losses import TokenCrossEntropy
+
+    model = _TinySeq().double()
+    p = trainable_params(model)
+    ids = torch.randint(0, 11, (12, 6))
+    y = torch.randint(0, 11, (12, 6))
+    y[:, -1] = -100
+    fwd = lambda m, params, inputs: torch.func.functional_call(m, params, (inputs["ids"],))  # noqa: E731
+    lf = TokenCrossEntropy()
+    one = batch_grads(model, p, {"ids": ids}, y, lf, forward=fwd)
+    acc = global_batch_grads(model, p, {"ids": ids}, y, lf, comm=Comm.local(), accumulate=3, keep_jacobians=True,
+                             forward=fwd)
+    assert {s.split(":")[0] for s in one.rows.strategies.values()} == {"embedding", "layernorm", "linear"}
+    d1, _ = compute_direction(method, one, 1e-4, generator=torch.Generator().manual_seed(4))
+    d2, _ = compute_direction(method, acc, 1e-4, generator=torch.Generator().manual_seed(4))
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+
+
 def test_uneven_micro_batches_and_sgd_gradient():
     model = _mlp(torch.float64)
     p = trainable_params(model)

@@ -297,3 +297,47 @@ def test_a_failing_rank_stops_the_job_with_one_error(tmp_path, how):
         assert "ief: error: rank 0: all_gather failed: another rank crashed or did not answer" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert took < 90
+
+
+TOKEN_WORKER = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from test_dist import token_case
+    from iefcli.dist.comm import init_from_env
+    comm = init_from_env("cpu")
+    out = token_case(comm)
+    if comm.rank == 0:
+        torch.save(out, sys.argv[1])
+''')
+
+
+def token_case(comm) -> dict:
+    """ief / sf directions of the token model on 13 sequences (uneven shards: 7 + 6), 2 micro-batches per rank."""
+    from iefcli.core.losses import TokenCrossEntropy
+
+    model = _TinySeq().double()
+    p = trainable_params(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (13, 6), generator=g)
+    y = torch.randint(0, 11, (13, 6), generator=g)
+    fwd = lambda m, params, inputs: torch.func.functional_call(m, params, (inputs["ids"],))  # noqa: E731
+    out = {}
+    for method in ("ief", "sf"):
+        bg = global_batch_grads(model, p, {"ids": ids}, y, TokenCrossEntropy(), comm=comm, accumulate=2,
+                                keep_jacobians=True, forward=fwd)
+        out[method], _ = compute_direction(method, bg, 1e-4, generator=torch.Generator().manual_seed(4))
+    return out
+
+
+def test_token_model_on_two_ranks_equals_one_process(tmp_path):
+    """The gathered factors mix int64 token ids with float32/64 tensors in one all_gather."""
+    (tmp_path / "worker.py").write_text(TOKEN_WORKER)
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.pt"), str(ROOT / "tests")],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt")
+    ref = token_case(Comm.local())
+    for method in ("ief", "sf"):
+        assert float((got[method] - ref[method]).norm() / ref[method].norm()) < 1e-10, method

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -22,6 +23,9 @@ def train(
         "--resume", help="Continue the run in RUN_DIR from its last checkpoint.", metavar="RUN_DIR")] = None,
     quiet: Annotated[bool, quiet_option("Print only errors and the final one-line summary.")] = False,
     json_out: Annotated[bool, json_option("the summary")] = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", help="Run K data-parallel processes (torchrun on this machine; the batch is the global batch).",
+        metavar="K")] = None,
 ) -> None:
     """Train a model from a YAML recipe with iEF or a baseline optimiser.
 
@@ -31,7 +35,13 @@ def train(
     """
     from iefcli.train.launch import resume_run, train_recipe
 
-    progress = None if quiet else _Progress()
+    if nproc is not None:
+        from iefcli.dist.launch import relaunch
+
+        with cli_errors():
+            relaunch(nproc)  # runs K copies of this command under torchrun, or returns at once when K == 1
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    progress = None if (quiet or not rank0) else _Progress()
     with cli_errors():
         try:
             if resume is not None:
@@ -53,6 +63,8 @@ def train(
         finally:
             if progress is not None:
                 progress.stop()
+    if not rank0:
+        return
     print(_summary_line(summary), file=sys.stderr)
     if json_out:
         print_json(summary)

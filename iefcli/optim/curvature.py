@@ -45,7 +45,8 @@ class CurvatureOptimizer:
     def direction(self, params: Params, batch: Any, key: int):
         """(bg, d (P,), metrics) for one batch: the raw direction (paper scale), before momentum."""
         c, fn = self.config, self.fn
-        bg = batch_grads(fn.model, params, batch.inputs, batch.targets, fn.loss_fn,
+        # hook: a ModelFn with its own batch_grads (iefcli.dist: ranks / micro-batches) serves the global batch
+        bg = getattr(fn, "batch_grads", batch_grads)(fn.model, params, batch.inputs, batch.targets, fn.loss_fn,
                          jacobian=c.jacobian, forward=fn.forward, chunk_size=c.chunk_size)
         gen = torch.Generator(device=bg.logits.device).manual_seed(int(key)) if self.method.random else None
         d, info = compute_direction(c.name, bg, c.damping, generator=gen, options=self.options)

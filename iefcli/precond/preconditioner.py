@@ -75,7 +75,10 @@ def _root_module(model: nn.Module) -> nn.Module:
     if ctx is not None and (getattr(ctx, "fullgraph", False) or getattr(ctx, "error_on_graph_break", False)):
         raise ModelError("torch.compile(..., fullgraph=True) cannot run the preconditioner's hooks (they have side "
                          "effects, so dynamo must break the graph there): compile with fullgraph=False (the default)")
-    return getattr(model, "_orig_mod", model)
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, nn.parallel.DistributedDataParallel):  # hook the wrapped model (iefcli.dist)
+        inner = inner.module
+    return inner
 
 
 class _HookJacobian:
@@ -117,7 +120,8 @@ class Preconditioner:
     """
 
     def __init__(self, model: nn.Module, method: str = "ief", damping: float = 1e-7, loss: Any = "cross_entropy",
-                 *, options: Any = None, seed: int = 0, keep_last_batch: bool = False):
+                 *, options: Any = None, seed: int = 0, keep_last_batch: bool = False,
+                 distributed: bool | None = None):
         from iefcli.core.methods import METHODS, MethodOptions
 
         if method not in METHODS:
@@ -146,6 +150,9 @@ class Preconditioner:
         self.steps = 0
         self.keep_last_batch = keep_last_batch
         self.last_batch: BatchGrads | None = None
+        self.distributed = distributed  # None: when torch.distributed is initialised with > 1 process
+        self._parts: list = []  # micro-batches kept by accumulate()
+        self.comm = None  # iefcli.dist.comm.Comm, on the first step
 
         layers, reasons = plan_layers(root, self.params)
         modules = dict(root.named_modules(remove_duplicate=False))
@@ -336,12 +343,17 @@ class Preconditioner:
         (0-d tensors: the table's solve diagnostics and ``loss``, the mean per-sample loss)."""
         from iefcli.core.methods import compute_direction
 
+        if self._parts and self._logits is None:  # every micro-batch already kept by accumulate()
+            return self._step_global(self._comm(self._parts[0][2].device))
         if self._logits is None:
             raise ModelError("pre.step(): no loss was recorded since the last forward: call pre.loss(logits, "
                              "targets) (or pre.watch_loss) and loss.backward() first")
         if self._gz is None:
             raise ModelError("pre.step(): the backward did not reach the logits: call loss.backward() on a loss "
                              "computed from the recorded logits before pre.step()")
+        comm = self._comm(self._logits.device)
+        if self._parts or comm.distributed:
+            return self._step_global(comm)
         logits, targets, loss_fn = self._logits.detach(), self._targets, self._loss_fn
         n = logits.shape[0]
         z = self._z(logits)
@@ -376,6 +388,90 @@ class Preconditioner:
         self._clear()
         for cap in [*self._layers, *self._calls]:
             cap.reset()  # the captured activations are not needed any more
+        return {"loss": bg.loss.mean().detach(), **info}
+
+    # ---------------------------------------------------------------- micro-batches and ranks (iefcli.dist)
+
+    def accumulate(self) -> int:
+        """Keep the micro-batch just recorded (call it after that micro-batch's ``loss.backward()``)
+        for the next :meth:`step`, which then solves over ALL kept micro-batches (and, under
+        torch.distributed, all ranks' batches) at once: exactly the step of one batch holding
+        them all. Only the fast path's factors are kept (layer inputs and output gradients),
+        never P-sized rows. Returns the number of micro-batches kept."""
+        if self.method == "sf":
+            raise ModelError("accumulate(): sf draws its labels per recorded batch, so micro-batches would not "
+                             "equal one batch; use ief or ef (or iefcli's ief train with train.accumulate for sf)")
+        self._check_recorded()
+        self._parts.append(self._take_part())
+        return len(self._parts)
+
+    def _comm(self, device: torch.device):
+        from iefcli.dist.comm import Comm
+
+        if self.comm is None:
+            import torch.distributed as dist
+
+            on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            if self.distributed and not on:
+                raise ModelError("distributed=True but torch.distributed is not initialised with more than one "
+                                 "process (run under torchrun and call init_process_group first)")
+            use = on if self.distributed is None else bool(self.distributed)
+            self.comm = Comm(dist.get_rank(), dist.get_world_size(), device=device) if use else Comm.local()
+        return self.comm
+
+    def _check_recorded(self) -> None:
+        if self._logits is None:
+            raise ModelError("no loss was recorded since the last forward: call pre.loss(logits, targets) "
+                             "(or pre.watch_loss) and loss.backward() first")
+        if self._gz is None:
+            raise ModelError("the backward did not reach the logits: call loss.backward() on a loss computed from "
+                             "the recorded logits first")
+
+    def _take_part(self):
+        """The recorded micro-batch as (Piece, per-sample tensors), then a fresh record."""
+        from iefcli.dist.rows import Piece
+
+        logits, targets, loss_fn = self._logits.detach(), self._targets, self._loss_fn
+        n = logits.shape[0]
+        z = self._z(logits)
+        lg = loss_fn.logit_grad(z, targets)
+        c, _ = self._scale(lg, n)
+        blocks, _ = self._blocks(n, c)
+        rows = FastRows(blocks, None, None, self.layout, n, self._dtype, logits.device)
+        part = (Piece(rows, n), loss_fn.per_sample(z, targets).detach(), z, lg, targets, loss_fn)
+        self._clear()
+        for cap in [*self._layers, *self._calls]:
+            cap.reset()
+        return part
+
+    def _step_global(self, comm) -> dict[str, Tensor]:
+        """The step over the kept micro-batches and every rank's batch (iefcli.dist.rows.ShardedRows)."""
+        from iefcli.core.methods import compute_direction
+        from iefcli.dist.rows import shard_rows
+
+        if self.method == "sf":
+            raise ModelError("sf in the preconditioner across ranks or micro-batches is not supported (its label "
+                             "draws are per recorded batch); use ief or ef, or iefcli's ief train for sf")
+        if self._logits is not None:
+            self._check_recorded()
+            self._parts.append(self._take_part())
+        parts, self._parts = self._parts, []
+        cat = lambda i: torch.cat([p[i] for p in parts]).unsqueeze(0)  # noqa: E731
+        rows, (loss, z, lg, y) = shard_rows([p[0] for p in parts], 1, comm, extra=[cat(1), cat(2), cat(3), cat(4)])
+        loss, z, lg, y = loss[0], z[0], lg[0], y[0]
+        n = loss.shape[0]
+        bg = BatchGrads(loss=loss, logits=z, logit_grads=lg, s=lg.reshape(n, -1).pow(2).sum(dim=1), rows=rows,
+                        jac=_HookJacobian(z, self.layout, None), targets=y, loss_fn=parts[0][5])
+        d, info = compute_direction(self.method, bg, self.damping, options=self.options)
+        for name, part in self.layout.unflatten(d).items():
+            p = self.params[name]
+            part = part.to(p.dtype)
+            if p.grad is None:
+                p.grad = part.clone()
+            else:
+                p.grad.copy_(part)
+        self.steps += 1
+        self.last_batch = bg if self.keep_last_batch else None
         return {"loss": bg.loss.mean().detach(), **info}
 
     def _blocks(self, n: int, c: float):

@@ -67,9 +67,11 @@ def train_recipe(
 
     r = load_recipe_file(recipe, sets)
     run_dir = run_dir_for(r, out)
-    if rundir.is_nonempty_dir(run_dir) and not overwrite:
-        raise RunExists(run_dir)
-    plan = plan_run(r, build_task(r))
+    if rundir.is_nonempty_dir(run_dir) and not overwrite and os.environ.get("RANK", "0") == "0":
+        raise RunExists(run_dir)  # (under torchrun rank 0 says it; torchrun then stops the others)
+    plan = plan_run(r, build_task(r, _rank_device(r)))
+    if not _is_main():  # under torchrun only rank 0 touches the run directory
+        return train(recipe=r, run_dir=run_dir, on_event=on_event, plan=plan)
     existed = run_dir.exists()
     aside = prepare_run_dir(run_dir, overwrite)
     started = False
@@ -101,4 +103,19 @@ def resume_run(run_dir: str | Path, *, on_event: OnEvent | None = None) -> dict:
     r = rundir.load_recipe(run_dir)
     if not rundir.list_checkpoints(run_dir):
         raise UsageError(f"{run_dir}: no checkpoint to resume from")
-    return train(recipe=r, run_dir=run_dir, resume=True, on_event=on_event)
+    return train(recipe=r, run_dir=run_dir, resume=True, on_event=on_event, device=_rank_device(r))
+
+
+def _rank_device(r: Recipe) -> str | None:
+    """Under torchrun on CUDA: this rank's GPU (iefcli.dist); else None (the recipe's device)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    from iefcli.dist.train import rank_device
+
+    return rank_device(r)
+
+
+def _is_main() -> bool:
+    from iefcli.dist.comm import is_main
+
+    return is_main()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,12 @@ def plan_run(recipe: Recipe, task: Task) -> Plan:
         # word; say so (naming it) before the first step rather than train it with zeros.
         first = next(iter(task.batches("train", 1)))
         check_all_params_used(task.model, task.params(), first.inputs, task.forward)
-    return Plan(recipe=recipe, task=task, cfg=cfg, opt=opt, steps_per_epoch=spe, total=total)
+    plan = Plan(recipe=recipe, task=task, cfg=cfg, opt=opt, steps_per_epoch=spe, total=total)
+    if tr.get("accumulate", 1) > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        from iefcli.dist.train import setup_plan  # ranks (torchrun) and micro-batches: the global batch
+
+        setup_plan(plan)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -316,7 +322,7 @@ def train(
         plan = plan_run(recipe, task if task is not None else build_task(recipe, device))
     tr, total = recipe["train"], plan.total
     st = resumed_state(plan, run_dir) if resume else initial_state(plan)
-    log = Recorder(plan, run_dir, st, resume=resume, on_event=on_event)
+    log = _recorder_class()(plan, run_dir, st, resume=resume, on_event=on_event)
     log.emit("start", {"total_steps": total, "start_step": st.step, "steps_per_epoch": plan.steps_per_epoch,
                        "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
                        "device": str(plan.task.device)})
@@ -363,6 +369,15 @@ def train(
         log.finish(st, "failed")
         raise
     return log.finish(st, "completed")
+
+
+def _recorder_class() -> type:
+    """Recorder; under torchrun only rank 0 writes (the others: iefcli.dist.train.SilentRecorder)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return Recorder
+    from iefcli.dist.train import recorder_class
+
+    return recorder_class()
 
 
 def train_from_cli(*, recipe: str | Path, sets=(), out=None, overwrite: bool = False) -> dict:

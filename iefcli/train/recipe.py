@@ -155,6 +155,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "checkpoint_every": Field("int", 100, "write checkpoints/step-N every N steps (and at the end)", check=_gt(0)),
         "max_bad_steps": Field("int", 3, "consecutive NaN/Inf steps before the run fails", check=_gt(0)),
         "drop_last": Field("bool", True, "skip a final short training batch each epoch"),
+        "accumulate": Field("int", 1, "micro-batches per step (the batch is split; ef/sf/ief stay exact over it)",
+                            check=_gt(0)),
     },
     "output": {
         "dir": Field("str", "runs/{name}", "run directory ({name} is the recipe name)"),

@@ -1,0 +1,219 @@
+"""The rows of a batch held in pieces (micro-batches on this rank, shards on other ranks).
+
+A batch of N samples is split into pieces: rank r holds samples [lo_r, hi_r) (rank
+order = sample order), and splits them into micro-batches. Each piece gives its own
+local rows (:class:`iefcli.core.fast.FastRows` from the captured layer inputs X and
+output gradients E, or :class:`iefcli.core.jacobian.DenseRows` on the plain/vmap path).
+
+:func:`shard_rows` turns the pieces into :class:`ShardedRows`, the Rows of the WHOLE
+batch (same M = K N rows, same k-major order as one process would give):
+
+- ``gram()``: the pieces' FACTORS (X and E per layer; rows only for DenseRows and the
+  vmap fallback) are concatenated over micro-batches, ONE all_gather gives every rank
+  everyone's, and the SAME block types are built on the gathered tensors
+  (:func:`rebuild_block`), so the per-layer Gram maths is the fast path's own;
+- ``combine(x)``: this rank's R_local^T x_local (its micro-batches' factors concatenated
+  into one rows object: one combine, float64 accumulation rounded once), then ONE
+  all_reduce over the ranks (P numbers in the parameters' dtype: the traffic of DDP's
+  gradient all-reduce);
+- ``dot(v)``: this rank's R_local v, all_gathered (M numbers).
+
+In one process (micro-batches only) there is no communication at all and the
+concatenated rows ARE the batch's rows: the same blocks as one batch of N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from iefcli.core.fast.blocks import ACC, Block, _DenseBlock, _EmbeddingBlock, _MatmulBlock
+from iefcli.core.fast.rows import FastRows
+from iefcli.core.jacobian import DenseRows
+from iefcli.core.params import ParamLayout
+from iefcli.dist.comm import Comm
+
+__all__ = ["ShardedRows", "shard_rows", "block_factors", "rebuild_block", "piece_bounds"]
+
+
+def piece_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) of ``parts`` contiguous pieces of n samples, sizes differing by at most one
+    (the first ``n % parts`` pieces one larger), none empty when parts <= n."""
+    parts = max(1, min(parts, n)) if n > 0 else 1
+    q, r = divmod(n, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + q + (1 if i < r else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+# ----------------------------------------------------------------------------- factors of a block
+
+
+def block_factors(block: Block, k: int, n: int) -> list[Tensor]:
+    """The tensors that define ``block``, each shaped (A, n, ...) with dim 1 the samples
+    (A = 1 for per-sample factors such as X, A = k for per-row ones such as E)."""
+    if isinstance(block, _MatmulBlock):
+        return [block.x.unsqueeze(0), block.e.reshape(k, n, *block.e.shape[1:])]
+    if isinstance(block, _EmbeddingBlock):
+        return [block.ids.unsqueeze(0), block.e.reshape(k, n, *block.e.shape[1:])]
+    if isinstance(block, _DenseBlock):
+        return [g.reshape(k, n, -1) for g in block.mats.values()]
+    raise TypeError(f"iefcli.dist: no factor rule for block type {type(block).__name__}")
+
+
+def rebuild_block(block: Block, factors: list[Tensor], k: int) -> Block:
+    """A block of ``block``'s type on (concatenated / gathered) ``factors`` from :func:`block_factors`."""
+    if isinstance(block, _MatmulBlock):
+        x, e = factors
+        return _MatmulBlock(block.kind, block.roles, x[0], e.reshape(-1, *e.shape[2:]), k, block.weight_shape,
+                            block.cdt)
+    if isinstance(block, _EmbeddingBlock):
+        ids, e = factors
+        # E already has the padding row's gradient zeroed: no padding_idx again
+        return _EmbeddingBlock(block.roles, ids[0], e.reshape(-1, *e.shape[2:]), k, block.weight_shape, None,
+                               block.cdt)
+    if isinstance(block, _DenseBlock):
+        role_of = {name: role for role, name in block.roles.items()}
+        mats = {role_of[name]: f.reshape(-1, f.shape[-1]) for name, f in zip(block.mats, factors)}
+        return _DenseBlock(block.kind, block.roles, mats, block.shapes)
+    raise TypeError(f"iefcli.dist: no factor rule for block type {type(block).__name__}")
+
+
+def _structure(rows) -> list[tuple]:
+    """What must agree between pieces (and ranks) for their factors to be concatenated."""
+    if isinstance(rows, DenseRows):
+        return [("dense", rows.matrix.shape[1])]
+    out = [(type(b).__name__, b.kind, tuple(b.names)) for b in rows.blocks]
+    if rows.fallback is not None:
+        out.append(("fallback", tuple(rows.fallback_layout.names)))
+    return out
+
+
+def _piece_factors(rows, k: int, n: int) -> list[Tensor]:
+    if isinstance(rows, DenseRows):
+        return [rows.matrix.reshape(k, n, -1)]
+    fs = [f for b in rows.blocks for f in block_factors(b, k, n)]
+    if rows.fallback is not None:
+        fs.append(rows.fallback.matrix.reshape(k, n, -1))
+    return fs
+
+
+@dataclass
+class Piece:
+    """One micro-batch on this rank: its local rows (K n of them) and its n samples."""
+
+    rows: object  # FastRows | DenseRows
+    n: int
+
+
+class ShardedRows:
+    """The M = K N rows of the whole batch: this rank's rows (its micro-batches' factors
+    concatenated: ``local_rows``, n_local samples from sample ``offset``) and the Gram of
+    everyone's (``global_rows``, built on the gathered factors; the same object as
+    ``local_rows`` in one process)."""
+
+    def __init__(self, local_rows, k: int, counts: list[int], comm: Comm, layout: ParamLayout | None,
+                 dtype: torch.dtype, device: torch.device, global_rows):
+        self.local_rows, self.k, self.counts, self.comm = local_rows, k, counts, comm
+        self.layout, self.dtype, self.device = layout, dtype, device
+        self.n = sum(counts)
+        self.n_rows = k * self.n
+        self.offset = sum(counts[: comm.rank])  # this rank's first sample
+        self.n_local = counts[comm.rank]
+        self.global_rows = global_rows
+        self._gram: Tensor | None = None
+
+    def gram(self) -> Tensor:
+        """R R^T (M, M) float64, from the gathered factors: the same on every rank."""
+        if self._gram is None:
+            self._gram = self.global_rows.gram()
+        return self._gram
+
+    def _local_x(self, x: Tensor) -> Tensor:
+        return x.reshape(self.k, self.n)[:, self.offset : self.offset + self.n_local].reshape(-1)
+
+    def combine(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """R^T x (P,): this rank's rows (accumulated in float64, rounded once), then one all_reduce."""
+        if not self.comm.distributed:
+            return self.local_rows.combine(x, dtype=dtype)
+        out = self.local_rows.combine(self._local_x(x), dtype=dtype or self.dtype)
+        return self.comm.all_reduce_(out)
+
+    def dot(self, v: Tensor) -> Tensor:
+        """R v (M,) float64: this rank's share, all_gathered."""
+        if not self.comm.distributed:
+            return self.local_rows.dot(v)
+        local = self.local_rows.dot(v).reshape(self.k, self.n_local)
+        return self.comm.gather_samples([local], self.counts)[0].reshape(-1)
+
+    @property
+    def matrix(self) -> Tensor:
+        """R (M, P) float64, materialised (tests and tiny models only)."""
+        eye = torch.eye(self.n_rows, dtype=ACC, device=self.device)
+        return torch.stack([self.combine(eye[m], dtype=ACC) for m in range(self.n_rows)])
+
+    @property
+    def strategies(self) -> dict[str, str]:
+        return getattr(self.global_rows, "strategies", {})
+
+
+def _rows_from_factors(first, factors: list[Tensor], k: int, n: int, n_first: int):
+    """Rows of ``first``'s structure over ``factors`` concatenated to n samples."""
+    if isinstance(first, DenseRows):
+        return DenseRows(factors[0].reshape(k * n, -1))
+    blocks, i = [], 0
+    for b in first.blocks:
+        m = len(block_factors(b, k, n_first))
+        blocks.append(rebuild_block(b, factors[i : i + m], k))
+        i += m
+    fb = DenseRows(factors[i].reshape(k * n, -1)) if first.fallback is not None else None
+    return FastRows(blocks, fb, first.fallback_layout, first.layout, k * n, first.dtype, first.device)
+
+
+def shard_rows(pieces: list[Piece], k: int, comm: Comm, counts: list[int] | None = None,
+               extra: list[Tensor] = ()) -> tuple[ShardedRows, list[Tensor]]:
+    """:class:`ShardedRows` of the whole batch from this rank's ``pieces`` (in sample order).
+
+    ``extra``: per-sample tensors (A, n_local, ...) gathered in the SAME all_gather as the
+    factors (losses, logits, ...); returned gathered, (A, N, ...).
+    """
+    first = pieces[0].rows
+    shape = _structure(first)
+    for p in pieces[1:]:
+        if _structure(p.rows) != shape:
+            raise ValueError("iefcli.dist: the micro-batches took different fast-path routes; use jacobian='vmap'")
+    n_local = sum(p.n for p in pieces)
+    if counts is None:
+        counts = comm.counts(n_local)
+    n0 = pieces[0].n
+    if len(pieces) == 1:
+        local_rows = first
+        local = _piece_factors(first, k, n0) if comm.distributed else []
+    else:  # the micro-batches' factors concatenated along the sample axis: one rows object
+        per_piece = [_piece_factors(p.rows, k, p.n) for p in pieces]
+        local = [torch.cat(fs, dim=1) for fs in zip(*per_piece)]
+        del per_piece
+        local_rows = _rows_from_factors(first, local, k, n_local, n0)
+    pieces.clear()  # the caller's micro-batch rows: only the concatenated factors are kept
+    if comm.distributed:  # ONE all_gather: everyone's factors (and the per-sample extras)
+        gathered = comm.gather_samples([*local, *extra], counts)
+        factors, extra_out = gathered[: len(local)], gathered[len(local):]
+        global_rows = _rows_from_factors(first, factors, k, sum(counts), n0)
+    else:
+        global_rows, extra_out = local_rows, list(extra)
+    layout = first.layout if not isinstance(first, DenseRows) else None
+    rows = ShardedRows(local_rows, k, counts, comm, layout, _dtype(first), _device(first), global_rows)
+    return rows, list(extra_out)
+
+
+def _dtype(rows) -> torch.dtype:
+    return rows.matrix.dtype if isinstance(rows, DenseRows) else rows.dtype
+
+
+def _device(rows) -> torch.device:
+    return rows.matrix.device if isinstance(rows, DenseRows) else rows.device

@@ -1,0 +1,343 @@
+"""iefcli.dist: the global batch over ranks (torchrun, gloo, 2 CPU processes) and micro-batches.
+
+Exactness is checked against the single-process run on the same global batch: parameters
+after a few quickstart-sized steps (float64: 1e-10 relative; float32: 1e-5), directions of
+accumulated micro-batches against one batch, a resumed 2-rank run against an uninterrupted
+one. A failing rank must stop the job with exit 1 in bounded time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from iefcli.core.jacobian import batch_grads
+from iefcli.core.losses import CrossEntropy
+from iefcli.core.methods import compute_direction
+from iefcli.core.params import trainable_params
+from iefcli.dist.comm import Comm
+from iefcli.dist.grads import DistModelFn, global_batch_grads
+from iefcli.dist.rows import piece_bounds
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+SETS = ["train.steps=4", "train.batch_size=32", "train.eval_every=2", "train.checkpoint_every=2",
+        "train.log_every=1", "device=cpu"]
+CASES = [  # (name, optimizer, dtype, extra sets)
+    ("ief64", "ief", "float64", []),
+    ("ef64", "ef", "float64", []),
+    ("sf64", "sf", "float64", []),
+    ("ief32", "ief", "float32", []),
+    ("sf32", "sf", "float32", []),
+    ("sgd32", "sgd", "float32", ["optimizer.momentum=0.9"]),
+    ("ief64acc", "ief", "float64", ["train.accumulate=2"]),  # 2 ranks x 2 micro-batches
+]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _sets(opt: str, dtype: str, extra: list[str]) -> list[str]:
+    own = [] if opt == "ief" else ["optimizer.lr=null", "optimizer.damping=null"]  # the optimiser's defaults
+    return [*SETS, f"optimizer.name={opt}", f"dtype={dtype}", *own, *extra]
+
+
+def _params(run: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / f"step-{step}" / "params.safetensors"))
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    den = sum(float(a[k].double().pow(2).sum()) for k in a)
+    return (num / den) ** 0.5
+
+
+# ----------------------------------------------------------------------------- in process: micro-batches
+
+
+def _mlp(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.LayerNorm(9), nn.Linear(9, 4)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("jacobian", ["fast", "vmap"])
+@pytest.mark.parametrize("method", ["ief", "ef", "sf", "sgd"])
+def test_four_micro_batches_of_8_equal_one_batch_of_32(dtype, tol, jacobian, method):
+    model = _mlp(dtype)
+    p = trainable_params(model)
+    x = torch.randn(32, 6, dtype=dtype)
+    y = torch.randint(0, 4, (32,))
+    lf = CrossEntropy()
+    one = batch_grads(model, p, x, y, lf, jacobian=jacobian)
+    acc = global_batch_grads(model, p, x, y, lf, comm=Comm.local(), accumulate=4, keep_jacobians=True,
+                             jacobian=jacobian)
+    assert [len(range(a, b)) for a, b in piece_bounds(32, 4)] == [8, 8, 8, 8]
+    d1, _ = compute_direction(method, one, 1e-4, generator=torch.Generator().manual_seed(5))
+    d2, _ = compute_direction(method, acc, 1e-4, generator=torch.Generator().manual_seed(5))
+    assert float((d1 - d2).norm() / d1.norm()) < tol
+    assert torch.allclose(acc.rows.gram(), one.rows.gram(), rtol=1e-12, atol=1e-300)
+    v = torch.randn(one.layout.size, dtype=dtype)
+    assert torch.allclose(acc.rows.dot(v), one.rows.dot(v), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("jacobian", ["fast", "vmap"])
+def test_sf_with_several_draws_per_sample_over_micro_batches(jacobian):
+    """K = 3 label draws per sample: the k-major row order must survive the concatenation."""
+    from iefcli.core.methods import MethodOptions
+
+    model = _mlp(torch.float64)
+    p = trainable_params(model)
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    opts = MethodOptions(mc_samples=3)
+    one = batch_grads(model, p, x, y, CrossEntropy(), jacobian=jacobian)
+    acc = global_batch_grads(model, p, x, y, CrossEntropy(), comm=Comm.local(), accumulate=4, keep_jacobians=True,
+                             jacobian=jacobian)
+    d1, _ = compute_direction("sf", one, 1e-3, generator=torch.Generator().manual_seed(2), options=opts)
+    d2, _ = compute_direction("sf", acc, 1e-3, generator=torch.Generator().manual_seed(2), options=opts)
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+
+
+class _TinySeq(nn.Module):
+    """Embedding (with a padding id) -> LayerNorm -> Linear over T positions -> token logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 5, padding_idx=0)
+        self.norm = nn.LayerNorm(5)
+        self.mix = nn.Linear(5, 7)
+        self.out = nn.Linear(7, 11)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.norm(self.emb(ids)))))
+
+
+@pytest.mark.parametrize("method", ["ief", "ef", "sf"])
+def test_micro_batches_of_a_token_model(method):
+    """Sequence blocks (T > 1: ghost / materialise), the embedding's sparse block and a dict of inputs."""
+    from iefcli.core.losses import TokenCrossEntropy
+
+    model = _TinySeq().double()
+    p = trainable_params(model)
+    ids = torch.randint(0, 11, (12, 6))
+    y = torch.randint(0, 11, (12, 6))
+    y[:, -1] = -100
+    fwd = lambda m, params, inputs: torch.func.functional_call(m, params, (inputs["ids"],))  # noqa: E731
+    lf = TokenCrossEntropy()
+    one = batch_grads(model, p, {"ids": ids}, y, lf, forward=fwd)
+    acc = global_batch_grads(model, p, {"ids": ids}, y, lf, comm=Comm.local(), accumulate=3, keep_jacobians=True,
+                             forward=fwd)
+    assert {s.split(":")[0] for s in one.rows.strategies.values()} == {"embedding", "layernorm", "linear"}
+    d1, _ = compute_direction(method, one, 1e-4, generator=torch.Generator().manual_seed(4))
+    d2, _ = compute_direction(method, acc, 1e-4, generator=torch.Generator().manual_seed(4))
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+
+
+def test_uneven_micro_batches_and_sgd_gradient():
+    model = _mlp(torch.float64)
+    p = trainable_params(model)
+    x, y = torch.randn(13, 6, dtype=torch.float64), torch.randint(0, 4, (13,))
+    fn = DistModelFn(model, CrossEntropy(), accumulate=4)
+    loss, g = fn.mean_loss_and_grad(p, x, y)
+    from iefcli.optim.base import ModelFn
+
+    loss1, g1 = ModelFn(model, CrossEntropy()).mean_loss_and_grad(p, x, y)
+    assert abs(float(loss - loss1)) < 1e-14
+    for k in g:
+        assert torch.allclose(g[k], g1[k], rtol=1e-12, atol=1e-15)
+    bg = fn.batch_grads(model, p, x, y, CrossEntropy())
+    one = batch_grads(model, p, x, y, CrossEntropy())
+    d1, _ = compute_direction("ief", one, 1e-6)
+    d2, _ = compute_direction("ief", bg, 1e-6)
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+
+
+def test_accumulate_recipe_key_trains_like_one_batch(tmp_path):
+    from iefcli.train.launch import train_recipe
+
+    sets = _sets("ief", "float64", [])
+    train_recipe("quickstart", sets=sets, out=tmp_path / "one")
+    train_recipe("quickstart", sets=[*sets, "train.accumulate=4"], out=tmp_path / "acc")
+    assert _rel(_params(tmp_path / "one", 4), _params(tmp_path / "acc", 4)) < 1e-10
+
+
+def test_accumulate_refuses_ngd_and_too_small_batches(tmp_path):
+    from iefcli.errors import UsageError
+    from iefcli.train.launch import train_recipe
+
+    with pytest.raises(UsageError, match="train.batch_size: must be >= ranks x train.accumulate"):
+        train_recipe("quickstart", sets=[*SETS, "train.accumulate=64"], out=tmp_path / "a")
+    with pytest.raises(UsageError, match="optimizer.name: ngd is not available"):
+        train_recipe("quickstart", sets=[*SETS, "train.accumulate=2", "optimizer.name=ngd"], out=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 ranks
+
+WORKER = textwrap.dedent('''
+    import json, shutil, sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from iefcli.train.launch import train_recipe, resume_run
+    out = Path(sys.argv[1]); cases = json.loads(sys.argv[2])
+    for name, sets in cases:
+        train_recipe("quickstart", sets=sets, out=out / name)
+    # resume: rank 0 removes the last checkpoint of ief64 (as if stopped after step 2), all ranks resume
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "ief64", out / "resumed")
+        shutil.rmtree(out / "resumed" / "checkpoints" / "step-4")
+        (out / "resumed" / "summary.json").unlink()
+    dist.barrier()
+    resume_run(out / "resumed")
+    c = dist.get_rank()
+    print(json.dumps({"rank": c, "ok": True}))
+''')
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    import json
+
+    out = tmp_path_factory.mktemp("dist")
+    (out / "worker.py").write_text(WORKER)
+    cases = [(name, _sets(opt, dtype, extra)) for name, opt, dtype, extra in CASES]
+    t0 = time.perf_counter()
+    proc = subprocess.run([*TORCHRUN, str(out / "worker.py"), str(out), json.dumps(cases)], env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("name,opt,dtype,extra", CASES)
+def test_two_ranks_equal_one_process(two_rank_runs, tmp_path, name, opt, dtype, extra):
+    from iefcli.train.launch import train_recipe
+
+    out, _ = two_rank_runs
+    train_recipe("quickstart", sets=_sets(opt, dtype, extra), out=tmp_path / "one")
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    for step in (2, 4):
+        rel = _rel(_params(tmp_path / "one", step), _params(out / name, step))
+        assert rel < tol, (name, step, rel)
+    assert _rel(_params(tmp_path / "one", 0), _params(out / name, 0)) == 0.0
+    # only rank 0 wrote: one metrics line per event, the same losses as one process
+    from iefcli.train import rundir
+
+    one = [r for r in rundir.read_metrics(tmp_path / "one") if r["split"] == "train"]
+    two = [r for r in rundir.read_metrics(out / name) if r["split"] == "train"]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= tol * abs(a["loss"]) + 1e-12
+
+
+def test_resume_under_torchrun_is_exact(two_rank_runs):
+    out, _ = two_rank_runs
+    assert _rel(_params(out / "ief64", 4), _params(out / "resumed", 4)) == 0.0
+    assert (out / "resumed" / "summary.json").exists()
+
+
+def test_a_two_rank_run_resumes_exactly_in_one_process(two_rank_runs, tmp_path):
+    import shutil
+
+    from iefcli.train.launch import resume_run
+
+    out, _ = two_rank_runs
+    shutil.copytree(out / "sf64", tmp_path / "run")  # sf: the label draws must continue identically too
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
+    resume_run(tmp_path / "run")
+    assert _rel(_params(out / "sf64", 4), _params(tmp_path / "run", 4)) < 1e-10
+
+
+FAILING_RANK = textwrap.dedent('''
+    # sitecustomize (imported at start-up by every rank): rank 1 fails at its 3rd global batch
+    import os, time
+    if os.environ.get("RANK") == "1":
+        import iefcli.dist.grads as g
+        real, calls = g.global_batch_grads, [0]
+        def failing(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3:
+                if os.environ["IEF_TEST_HOW"] == "raise":
+                    raise RuntimeError("simulated failure on rank 1")
+                time.sleep(300)  # a rank that stops answering: the others time out
+            return real(*a, **k)
+        g.global_batch_grads = failing
+''')
+
+
+@pytest.mark.parametrize("how", ["raise", "hang"])
+def test_a_failing_rank_stops_the_job_with_one_error(tmp_path, how):
+    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK)
+    env = {**_env(), "IEF_DIST_TIMEOUT_S": "5", "IEF_TEST_HOW": how}
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    cmd = [sys.executable, "-m", "iefcli", "train", "quickstart", "--nproc", "2", "-q", "--out", str(tmp_path / "run"),
+           *[a for s in [*SETS, "train.steps=20"]
+             for a in ("--set", s)]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ief: error: rank") and "of 2 stopped with exit code 1" in last, proc.stderr[-3000:]
+    if how == "raise":
+        assert "simulated failure on rank 1" in proc.stderr
+    else:  # rank 0 timed out waiting for rank 1: one line, no traceback
+        assert "ief: error: rank 0: all_gather failed: another rank crashed or did not answer" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert took < 90
+
+
+TOKEN_WORKER = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from test_dist import token_case
+    from iefcli.dist.comm import init_from_env
+    comm = init_from_env("cpu")
+    out = token_case(comm)
+    if comm.rank == 0:
+        torch.save(out, sys.argv[1])
+''')
+
+
+def token_case(comm) -> dict:
+    """ief / sf directions of the token model on 13 sequences (uneven shards: 7 + 6), 2 micro-batches per rank."""
+    from iefcli.core.losses import TokenCrossEntropy
+
+    model = _TinySeq().double()
+    p = trainable_params(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (13, 6), generator=g)
+    y = torch.randint(0, 11, (13, 6), generator=g)
+    fwd = lambda m, params, inputs: torch.func.functional_call(m, params, (inputs["ids"],))  # noqa: E731
+    out = {}
+    for method in ("ief", "sf"):
+        bg = global_batch_grads(model, p, {"ids": ids}, y, TokenCrossEntropy(), comm=comm, accumulate=2,
+                                keep_jacobians=True, forward=fwd)
+        out[method], _ = compute_direction(method, bg, 1e-4, generator=torch.Generator().manual_seed(4))
+    return out
+
+
+def test_token_model_on_two_ranks_equals_one_process(tmp_path):
+    """The gathered factors mix int64 token ids with float32/64 tensors in one all_gather."""
+    (tmp_path / "worker.py").write_text(TOKEN_WORKER)
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.pt"), str(ROOT / "tests")],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt")
+    ref = token_case(Comm.local())
+    for method in ("ief", "sf"):
+        assert float((got[method] - ref[method]).norm() / ref[method].norm()) < 1e-10, method

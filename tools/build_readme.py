@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-SECTIONS = ["core.md", "library.md", "train.md", "eval-gamma.md", "reports.md", "hf.md", "own-model.md", "kfac.md", "reproduce.md", "bench.md"]
+SECTIONS = ["core.md", "library.md", "train.md", "eval-gamma.md", "reports.md", "hf.md", "own-model.md", "kfac.md", "distributed.md", "reproduce.md", "bench.md"]
 
 
 def build() -> str:

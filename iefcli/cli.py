@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Command modules, in --help order. Each defines register(app).
-COMMAND_MODULES = ("train", "recipes", "eval_gamma", "compare", "plot", "demo", "data", "bench")
+COMMAND_MODULES = ("train", "recipes", "eval_gamma", "compare", "plot", "export", "demo", "data", "bench")
 
 
 def _version(value: bool) -> None:

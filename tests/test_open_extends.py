@@ -114,7 +114,8 @@ def test_set_optimizer_name_takes_the_new_optimizers_defaults():
 
 def test_set_optimizer_name_trains_sanely(tmp_path):
     """The issue's symptom: --set optimizer.name=adamw on quickstart kept lr 50 (train loss 1.9e5)."""
-    from iefcli.train.loop import prepare_run_dir, train
+    from iefcli.train.launch import prepare_run_dir
+    from iefcli.train.loop import train
 
     r = load_recipe("quickstart", ["optimizer.name=adamw", "train.steps=30", "device=cpu", "train.eval_every=30",
                                    "train.checkpoint_every=30"])
@@ -159,7 +160,7 @@ def test_dry_run_counts_parameters():
     assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 1797
     text = dry_run_text(rep)
     assert yaml.safe_load(text)["model"]["sizes"] == [7] and "trainable of" in text
-    assert "# optimizer ief: lr 50, damping 1e-07, weight decay 0" in text
+    assert "# optimizer ief: lr 50, damping 2.44141e-11, weight decay 0" in text
     rep = dry_run("quickstart", ["optimizer.name=adamw"])
     assert rep["optimizer"] == {"name": "adamw", "lr": 1e-3, "damping": 0.0, "weight_decay": 0.01}
 

@@ -54,7 +54,7 @@ def run_compare(
     marks = reports.best_per_column(rows, reports.metric_modes(runs))
     text = None
     if fmt == "json":
-        text = reports.rows_to_json(rows, marks)
+        text = _stamped(reports.rows_to_json(rows, marks))
     elif fmt == "csv":
         text = reports.rows_to_csv(rows)
     if out_file is not None:
@@ -66,6 +66,15 @@ def run_compare(
     else:
         _print_table(rows, marks)
     return rows
+
+
+def _stamped(text: str) -> str:
+    """The {"columns", "rows"} document with the package and schema versions first."""
+    import json
+
+    from iefcli.train.jsonout import dumps, stamp
+
+    return dumps(stamp(json.loads(text)))
 
 
 def _print_table(rows, marks) -> None:

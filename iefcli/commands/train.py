@@ -21,7 +21,9 @@ def train(
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Continue the run in RUN_DIR from its last checkpoint.", metavar="RUN_DIR")] = None,
     quiet: Annotated[bool, quiet_option("Print only errors and the final one-line summary.")] = False,
-    json_out: Annotated[bool, json_option("the summary")] = False,
+    json_out: Annotated[bool, json_option("the summary (a JSON error object when the run fails)")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the resolved recipe and the model's parameter count; do not train.")] = False,
 ) -> None:
     """Train a model from a YAML recipe with iEF or a baseline optimiser.
 
@@ -29,10 +31,14 @@ def train(
     summary.json. Exit codes: 0 ok, 1 run failed (diverged), 2 bad recipe or
     usage, 130 interrupted (a checkpoint is saved; continue with --resume).
     """
+    from iefcli.train.jsonout import json_errors
     from iefcli.train.launch import resume_run, train_recipe
 
+    if dry_run:
+        _dry_run(recipe, list(set_ or ()), resume=resume, json_out=json_out)
+        return
     progress = None if quiet else _Progress()
-    with cli_errors():
+    with cli_errors(), json_errors(json_out, "train", run_dir=resume):
         try:
             if resume is not None:
                 if recipe is not None:
@@ -56,6 +62,23 @@ def train(
     print(_summary_line(summary), file=sys.stderr)
     if json_out:
         print_json(summary)
+
+
+def _dry_run(recipe: str | None, sets: list[str], *, resume: str | None, json_out: bool) -> None:
+    """`ief train --dry-run`: the resolved recipe and the model's size on stdout; nothing written."""
+    from iefcli.train.extends import dry_run, dry_run_text
+    from iefcli.train.jsonout import json_errors, stamp
+
+    with cli_errors(), json_errors(json_out, "train"):
+        if resume is not None:
+            raise UsageError("--dry-run cannot be combined with --resume")
+        if recipe is None:
+            raise UsageError("--dry-run needs a RECIPE (a YAML file or a built-in name; see `ief recipes`)")
+        report = dry_run(recipe, sets)
+    if json_out:
+        print_json(stamp({k: v for k, v in report.items() if k != "yaml"}))
+    else:
+        sys.stdout.write(dry_run_text(report))
 
 
 def _summary_line(s: dict) -> str:
@@ -98,6 +121,8 @@ class _Progress:
             v = e.get(self.metric_name)
             label = "acc" if self.metric_name == "accuracy" else self.metric_name  # short: the bar fits 80 columns
             self.p.update(self.task, metric=f"val {label} {v:.4g}" if v is not None else "val -")
+        elif kind == "note":
+            err.print(f"note: {e['message']}", highlight=False, markup=False)
         elif kind == "bad_step":
             err.print(f"[yellow]step {e['step']}: NaN/Inf loss or update; step skipped "
                       f"({e['consecutive_bad_steps']} in a row)[/yellow]")

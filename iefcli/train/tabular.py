@@ -54,7 +54,7 @@ def _fraction(v: float) -> str | None:
 TABULAR_FIELDS = {
     "path": Field("str", None, "a .csv/.tsv/.jsonl/.json/.npz/.parquet file or a datasets save_to_disk directory"),
     "label": Field("str", None, "the target column (default: label; NPZ: the target array, default y)", optional=True),
-    "features": Field("list", None, "feature columns (default: every other column; NPZ: [x])", optional=True,
+    "features": Field("any", None, "feature columns (default: every other column; NPZ: [x])", optional=True,
                       check=lambda v: None if isinstance(v, list) and v and all(isinstance(c, str) for c in v)
                       else f"must be a non-empty list of column names, got {v!r}"),
     "task": Field("str", "auto", "auto | classification | regression", choices=("auto", "classification", "regression")),

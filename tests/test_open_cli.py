@@ -61,3 +61,43 @@ def test_export_registered():
         pytest.skip("`ief export` not in COMMAND_MODULES yet (see the open helper's report)")
     res = runner.invoke(app, ["export", "/nonexistent-run", "--out", "/tmp/x-open-never"])
     assert res.exit_code == 2 and "run directory not found" in res.stderr
+
+
+@pytest.mark.parametrize("total, step", [(300, 7), (12345, 1234), (1_000_000, 999_999)])
+def test_progress_bar_keeps_the_step_count_within_80_columns(total, step, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import iefcli.commands.train as train_cmd
+
+    buf = io.StringIO()
+    monkeypatch.setattr(train_cmd, "err", Console(file=buf, width=80, force_terminal=True, color_system=None))
+    bar = train_cmd._Progress()
+    bar("start", {"metric": "accuracy", "total_steps": total, "start_step": 0})
+    bar("step", {"step": step, "epoch": 12.3, "loss": 0.123456, "lr": 0.000123, "step_time_s": 0.1234})
+    bar("eval", {"split": "val", "accuracy": 0.98765})
+    bar.stop()
+    last = buf.getvalue().split("\r")[-1].split("\n")[0].replace("\x1b[2K", "")
+    assert len(last) <= 80 and f"{step}/{total}" in last, last
+
+
+def test_plot_writes_png_pdf_svg_by_suffix_and_stamps_compare_json(tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "quickstart", "--out", str(run), "-q", "--set", "train.steps=2",
+                              "--set", "device=cpu", "--set", "model.sizes=[4]"])
+    assert res.exit_code == 0, res.output
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
+    for fmt, head in magic.items():
+        f = tmp_path / f"curves.{fmt}"
+        res = runner.invoke(app, ["plot", str(run), "--out", str(f)])
+        assert res.exit_code == 0, res.output
+        assert f.read_bytes().startswith(head), fmt
+    res = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "curves.jpg")])
+    assert res.exit_code == 2 and "must end in .png, .pdf, .svg" in res.stderr
+    assert not (tmp_path / "curves.jpg").exists()
+    res = runner.invoke(app, ["compare", str(run), "--json"])
+    doc = json.loads(res.stdout)
+    assert list(doc)[:2] == ["iefcli_version", "schema_version"] and doc["rows"][0]["optimizer"] == "ief"
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary)[:2] == ["iefcli_version", "schema_version"]

@@ -96,27 +96,36 @@ class _Progress:
     """Rich progress bar on stderr: step, epoch, loss, val metric, lr, step time (fits 80 columns)."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
-            TextColumn("ep {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[metric]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[dt]}/step"), TimeRemainingColumn(),
-            console=err, transient=False,
-        )
+        self.p = None
         self.task = None
         self.metric_name = ""
+
+    def _bar(self, total: int):
+        """The bar, built once the total is known: the step count (``1234/12345``) never shrinks
+        (rich squeezes the other columns first, the time left last of all), so the total stays
+        visible in 80 columns."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.table import Column
+
+        count = MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=2 * len(str(total)) + 1))
+        return Progress(
+            TextColumn("[bold]train"), BarColumn(bar_width=8), count,
+            TextColumn("ep {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[metric]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[dt]}"), TimeRemainingColumn(),
+            console=err, transient=False,
+        )
 
     def __call__(self, kind: str, e: dict) -> None:
         if kind == "start":
             self.metric_name = e["metric"]
+            self.p = self._bar(e["total_steps"])
             self.p.start()
             self.task = self.p.add_task("train", total=e["total_steps"], completed=e["start_step"],
                                         epoch="0.0", loss="-", metric="val -", lr="-", dt="-")
         elif kind == "step" and self.task is not None:
             self.p.update(self.task, completed=e["step"], epoch=f"{e['epoch']:.1f}", loss=f"{e['loss']:.4g}",
-                          lr=f"{e['lr']:.3g}", dt=f"{e['step_time_s'] * 1000:.0f}ms")
+                          lr=f"{e['lr']:.3g}", dt=f"{e['step_time_s'] * 1000:.0f}ms/step")
         elif kind == "eval" and e.get("split") == "val" and self.task is not None:
             v = e.get(self.metric_name)
             label = "acc" if self.metric_name == "accuracy" else self.metric_name  # short: the bar fits 80 columns

@@ -84,9 +84,16 @@ def test_progress_bar_keeps_the_step_count_within_80_columns(total, step, monkey
 
 def test_plot_writes_png_pdf_svg_by_suffix_and_stamps_compare_json(tmp_path):
     run = tmp_path / "run"
-    res = runner.invoke(app, ["train", "quickstart", "--out", str(run), "-q", "--set", "train.steps=2",
-                              "--set", "device=cpu", "--set", "model.sizes=[4]"])
+    res = runner.invoke(app, ["train", "quickstart", "--out", str(run), "--set", "train.steps=2",
+                              "--set", "device=cpu", "--set", "model.sizes=[4]", "--set", "optimizer.name=sgd"])
     assert res.exit_code == 0, res.output
+    assert "note: --set optimizer.name=sgd: optimizer.lr, optimizer.damping" in res.stderr
+    from iefcli.train import tblog
+
+    if tblog.tensorboard_available():  # the optional extra: event files beside metrics.jsonl
+        assert list((run / tblog.TB_DIR).glob("events.out.tfevents.*"))
+    else:
+        assert not (run / tblog.TB_DIR).exists()
     magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
     for fmt, head in magic.items():
         f = tmp_path / f"curves.{fmt}"
@@ -98,6 +105,6 @@ def test_plot_writes_png_pdf_svg_by_suffix_and_stamps_compare_json(tmp_path):
     assert not (tmp_path / "curves.jpg").exists()
     res = runner.invoke(app, ["compare", str(run), "--json"])
     doc = json.loads(res.stdout)
-    assert list(doc)[:2] == ["iefcli_version", "schema_version"] and doc["rows"][0]["optimizer"] == "ief"
+    assert list(doc)[:2] == ["iefcli_version", "schema_version"] and doc["rows"][0]["optimizer"] == "sgd"
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary)[:2] == ["iefcli_version", "schema_version"]

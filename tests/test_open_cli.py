@@ -106,5 +106,8 @@ def test_plot_writes_png_pdf_svg_by_suffix_and_stamps_compare_json(tmp_path):
     res = runner.invoke(app, ["compare", str(run), "--json"])
     doc = json.loads(res.stdout)
     assert list(doc)[:2] == ["iefcli_version", "schema_version"] and doc["rows"][0]["optimizer"] == "sgd"
+    res = runner.invoke(app, ["compare", str(run), str(tmp_path / "no-such-run"), "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"]["exit_code"] == 2
+    assert json.loads(res.stdout)["command"] == "compare"
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary)[:2] == ["iefcli_version", "schema_version"]

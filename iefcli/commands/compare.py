@@ -30,7 +30,9 @@ def compare(
     directories only (no re-training); a run without summary.json yet is
     shown from its latest metrics with status 'running'.
     """
-    with cli_errors():
+    from iefcli.train.jsonout import json_errors
+
+    with cli_errors(), json_errors(json_out, "compare"):
         run_compare(run_dirs=run_dirs, json_out=json_out, csv_out=csv_out, out_file=out_file, overwrite=overwrite)
 
 

@@ -111,3 +111,22 @@ def test_plot_writes_png_pdf_svg_by_suffix_and_stamps_compare_json(tmp_path):
     assert json.loads(res.stdout)["command"] == "compare"
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary)[:2] == ["iefcli_version", "schema_version"]
+
+
+def test_tensorboard_on_without_the_package_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from iefcli.train import tblog
+
+    monkeypatch.setattr(tblog, "tensorboard_available", lambda: False)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "quickstart", "--out", str(run), "-q", "--set", "output.tensorboard=on",
+                              "--set", "train.steps=2", "--set", "device=cpu"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("ief: error: output.tensorboard: on needs the tensorboard package")
+    assert res.stderr.count("\n") == 1 and not run.exists()
+    res = runner.invoke(app, ["train", "quickstart", "--out", str(run), "-q", "--set", "output.tensorboard=always"])
+    assert res.exit_code == 2 and "output.tensorboard: must be one of auto, on, off; got 'always'" in res.stderr
+    # a bare `off` in YAML is false: the run trains and writes no event file
+    res = runner.invoke(app, ["train", "quickstart", "--out", str(run), "-q", "--set", "output.tensorboard=off",
+                              "--set", "train.steps=2", "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    assert not (run / tblog.TB_DIR).exists()

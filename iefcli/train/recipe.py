@@ -153,8 +153,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "output": {
         "dir": Field("str", "runs/{name}", "run directory ({name} is the recipe name)"),
-        "tensorboard": Field("str", "auto", "TensorBoard event files in RUN/tensorboard: auto (when installed) | on | off",
-                             choices=("auto", "on", "off")),
+        # YAML 1.1 reads a bare on/off as true/false: both spellings are accepted.
+        "tensorboard": Field("any", "auto", "TensorBoard event files in RUN/tensorboard: auto (when installed) | on | off",
+                             check=lambda v: None if v in ("auto", "on", "off") or isinstance(v, bool)
+                             else f"must be one of auto, on, off; got {v!r}"),
     },
 }
 

@@ -160,7 +160,7 @@ def test_dry_run_counts_parameters():
     assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 1797
     text = dry_run_text(rep)
     assert yaml.safe_load(text)["model"]["sizes"] == [7] and "trainable of" in text
-    assert "# optimizer ief: lr 50, damping 2.44141e-11, weight decay 0" in text  # quickstart: 1e-7 / 64^2 (paper scale)
+    assert "# optimizer ief: lr 50, damping 2.44141e-11, weight decay 0" in text
     rep = dry_run("quickstart", ["optimizer.name=adamw"])
     assert rep["optimizer"] == {"name": "adamw", "lr": 1e-3, "damping": 0.0, "weight_decay": 0.01}
 

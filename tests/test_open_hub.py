@@ -104,7 +104,6 @@ def test_model_source_by_hub_id_loads_the_cached_weights(env, tmp_path, monkeypa
     original = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
                                                                                    num_labels=2))
     original.save_pretrained(str(snap))
-    monkeypatch.setattr(models, "resolve_source", hub.resolve_source_with_hub)  # until wired (see report)
     built = models.build_model({"arch": "classifier", "source": "org/tiny-bert", "peft": {"method": "none"}},
                                dtype=torch.float32)
     own = dict(built.model.named_parameters())

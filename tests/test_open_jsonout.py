@@ -3,42 +3,30 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 import yaml
 from typer.testing import CliRunner
 
 import iefcli
-from iefcli.commands._common import cli_errors
-from iefcli.train.jsonout import SCHEMA_VERSION, dumps, error_object, json_errors, stamp
+from iefcli.train.jsonout import SCHEMA_VERSION, dumps, error_object, stamp
 
 runner = CliRunner()
 
 
 def _app() -> typer.Typer:
-    """`train` wired the way the report asks the lead to wire `ief train --json`."""
-    app = typer.Typer()
-
-    @app.command("train")
-    def train_cmd(recipe: str, out: str, set_: Optional[list[str]] = typer.Option(None, "--set"),
-                  json_out: bool = typer.Option(False, "--json")) -> None:
-        from iefcli.train.loop import train_from_cli
-
-        with cli_errors(), json_errors(json_out, "train", run_dir=out):
-            summary = train_from_cli(recipe=recipe, sets=list(set_ or ()), out=out)
-        if json_out:
-            typer.echo(dumps(stamp(summary)), nl=False)
-
-    @app.command("noop")
-    def _noop() -> None:
-        pass
+    """The real `ief` app."""
+    from iefcli.cli import app
 
     return app
 
 
+def _train_args(recipe, out, *rest):
+    return ["train", recipe, "--out", out, "-q", *rest]
+
+
 def test_bad_recipe_gives_a_json_error_object(tmp_path):
-    res = runner.invoke(_app(), ["train", "quickstart", str(tmp_path / "run"), "--set", "optimizer.lr=-1", "--json"])
+    res = runner.invoke(_app(), _train_args("quickstart", str(tmp_path / "run"), "--set", "optimizer.lr=-1", "--json"))
     assert res.exit_code == 2
     obj = json.loads(res.stdout)
     assert obj["status"] == "error" and obj["command"] == "train"
@@ -48,7 +36,7 @@ def test_bad_recipe_gives_a_json_error_object(tmp_path):
     assert "summary" not in obj
     assert res.stderr.startswith("ief: error: ") and res.stderr.count("\n") == 1
     # without --json: nothing on stdout
-    res = runner.invoke(_app(), ["train", "quickstart", str(tmp_path / "run"), "--set", "optimizer.lr=-1"])
+    res = runner.invoke(_app(), _train_args("quickstart", str(tmp_path / "run"), "--set", "optimizer.lr=-1"))
     assert res.exit_code == 2 and res.stdout == ""
 
 
@@ -57,7 +45,7 @@ def test_diverged_run_error_object_carries_the_summary(tmp_path):
     recipe.write_text(yaml.safe_dump({"device": "cpu", "model": {"kind": "mlp", "sizes": [4]},
                                       "optimizer": {"name": "sgd", "lr": 1e38},
                                       "train": {"steps": 5, "batch_size": 64, "max_bad_steps": 1}}))
-    res = runner.invoke(_app(), ["train", str(recipe), str(tmp_path / "run"), "--json"])
+    res = runner.invoke(_app(), _train_args(str(recipe), str(tmp_path / "run"), "--json"))
     assert res.exit_code == 1, res.output
     obj = json.loads(res.stdout)
     assert obj["error"]["type"] == "RunFailed" and obj["error"]["exit_code"] == 1
@@ -65,8 +53,8 @@ def test_diverged_run_error_object_carries_the_summary(tmp_path):
 
 
 def test_success_is_stamped(tmp_path):
-    res = runner.invoke(_app(), ["train", "quickstart", str(tmp_path / "run"), "--json", "--set", "train.steps=2",
-                                 "--set", "device=cpu"])
+    res = runner.invoke(_app(), _train_args("quickstart", str(tmp_path / "run"), "--json", "--set", "train.steps=2",
+                                               "--set", "device=cpu"))
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout)
     assert obj["schema_version"] == SCHEMA_VERSION and obj["status"] == "completed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from iefcli.errors import UsageError
@@ -20,28 +22,21 @@ def _scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _train(tmp_path, monkeypatch, mode="auto"):
-    import iefcli.train.launch as launch
-    import iefcli.train.loop as loop
+def _train(tmp_path, mode="auto"):
+    """A real run with output.tensorboard = mode."""
+    from iefcli.train.launch import prepare_run_dir
+    from iefcli.train.loop import train
 
-    def writer(d, truncate_after_step=None, **_):
-        return tblog.open_metrics_writer(d, truncate_after_step=truncate_after_step, mode=mode)
-
-    if hasattr(loop, "open_metrics_writer"):  # wired: the loop calls tblog itself
-        monkeypatch.setattr(loop, "open_metrics_writer", writer)
-    else:  # not yet wired: what the loop will do, in place of its MetricsWriter
-        monkeypatch.setattr(loop.rundir, "MetricsWriter", writer)
     run = tmp_path / "run"
-    launch.prepare_run_dir(run, False)
-    loop.train(recipe=recipe_from_dict(RECIPE), run_dir=run)
-    monkeypatch.undo()
+    prepare_run_dir(run, False)
+    train(recipe=recipe_from_dict({**RECIPE, "output": {"tensorboard": mode}}), run_dir=run)
     return run
 
 
 def test_event_file_matches_metrics_jsonl(tmp_path, monkeypatch):
     if not tblog.tensorboard_available():
         pytest.skip("optional package tensorboard not installed (pip install tensorboard)")
-    run = _train(tmp_path, monkeypatch)
+    run = _train(tmp_path)
     assert list((run / tblog.TB_DIR).glob("events.out.tfevents.*"))
     sc = _scalars(run)
     records = rundir.read_metrics(run)
@@ -55,7 +50,7 @@ def test_event_file_matches_metrics_jsonl(tmp_path, monkeypatch):
 
 
 def test_off_writes_no_event_file_and_on_needs_the_package(tmp_path, monkeypatch):
-    run = _train(tmp_path, monkeypatch, mode="off")
+    run = _train(tmp_path, mode="off")
     assert not (run / tblog.TB_DIR).exists() and rundir.read_metrics(run)
     monkeypatch.setattr(tblog, "tensorboard_available", lambda: False)
     with pytest.raises(UsageError, match=r"output.tensorboard: on needs the tensorboard package: pip install"):
@@ -75,6 +70,9 @@ def test_resume_purges_steps_after_the_checkpoint(tmp_path):
     for s in (1, 2, 3, 4):
         w.write({"step": s, "split": "train", "loss": float(s)})
     w.close()
+    # Event files are read in name order and the name holds the second it was made, then a
+    # per-process counter compared as text (".9" after ".10"): a resume is a new second.
+    time.sleep(max(0.0, 1.05 - (time.time() % 1.0)))
     w = tblog.open_metrics_writer(run, truncate_after_step=2)
     for s in (3, 4):
         w.write({"step": s, "split": "train", "loss": 10.0 * s})

@@ -68,11 +68,6 @@ def pkg(tmp_path, monkeypatch):
     (code / "mypkg_open" / "models.py").write_text(MODELS)
     (code / "mypkg_open" / "data.py").write_text(DATA)
     monkeypatch.chdir(code)
-    # Until the registry accepts every "module:attr" kind, add this recipe's kinds to its tables.
-    for kind, table, adapter in (("mypkg_open.models:build_cnn", registry.MODEL_KINDS, "build_user_model"),
-                                 ("mypkg_open.data:load", registry.DATA_KINDS, "build_user_data"),
-                                 ("mypkg_open.data:load_regression", registry.DATA_KINDS, "build_user_data")):
-        monkeypatch.setitem(table, kind, f"iefcli.train.user_kinds:{adapter}")
     yield code
     _forget(code)
 
@@ -112,8 +107,6 @@ def test_import_path_run_trains_compares_plots_evaluates_and_resumes(pkg, tmp_pa
     assert set(params) == {"0.weight", "0.bias", "3.weight", "3.bias"} and params["0.weight"].shape == (2, 1, 3, 3)
     saved = yaml.safe_load((run / rundir.RECIPE_FILE).read_text())
     assert saved["model"] == {"kind": "mypkg_open.models:build_cnn", "args": {"width": 2}}
-    if not (run / IMPORT_PATHS_FILE).exists():  # the training loop records it once wired (see report)
-        record_import_paths(run, saved)
     assert json.loads((run / IMPORT_PATHS_FILE).read_text())["sys_path"] == [str(pkg)]
 
     # From elsewhere, with the user's code NOT importable from the current directory:
@@ -164,8 +157,7 @@ def _build(pkg, model=None, data=None):
     ({"kind": "no_such_pkg_open.models:build"}, r"r.yaml: model.kind: cannot import no_such_pkg_open.models "
                                                 r"\(No module named 'no_such_pkg_open'\); install it or put it on PYTHONPATH"),
 ])
-def test_import_failures_are_one_line(pkg, model, match, monkeypatch):
-    monkeypatch.setitem(registry.MODEL_KINDS, model["kind"], "iefcli.train.user_kinds:build_user_model")
+def test_import_failures_are_one_line(pkg, model, match):
     with pytest.raises(UsageError, match=match) as e:
         _build(pkg, model=model)
     assert "\n" not in str(e.value)

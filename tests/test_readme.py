@@ -37,3 +37,38 @@ def test_ci_runs_the_readme_test_command():
     _, tests = _first_commands()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in [line.strip() for line in ci], ".ci/run must call the README's test command verbatim"
+
+
+def _console_block(doc: str, command_start: str) -> tuple[str, list[str]]:
+    """The ``$ command`` line starting with ``command_start`` in docs/<doc> and the output lines after it."""
+    text = (ROOT / "docs" / doc).read_text()
+    for block in re.findall(r"```console\n(.*?)```", text, flags=re.S):
+        lines = block.splitlines()
+        if lines and lines[0].startswith(f"$ {command_start}"):
+            return lines[0][2:], lines[1:]
+    raise AssertionError(f"docs/{doc}: no console block starting with $ {command_start}")
+
+
+def test_train_md_jq_example_is_true(tmp_path, monkeypatch):
+    """docs/train.md's `jq` example on the quickstart run prints what the doc shows (the first
+    50 steps of quickstart: a constant lr, so they are the full run's first 50 steps)."""
+    import json
+    import shutil
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from iefcli.cli import app
+
+    command, shown = _console_block("train.md", "jq ")
+    want = [line for line in shown if line != "..."]
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train", "quickstart", "-q", "--set", "device=cpu", "--set", "train.steps=50"])
+    assert res.exit_code == 0, res.output
+    if shutil.which("jq"):
+        out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=True).stdout
+        got = out.splitlines()
+    else:  # the same filter in Python: select(.split == "val") | [.step, .accuracy], compact
+        recs = [json.loads(line) for line in (tmp_path / "runs/quickstart/metrics.jsonl").read_text().splitlines()]
+        got = [json.dumps([r["step"], r["accuracy"]], separators=(",", ":")) for r in recs if r["split"] == "val"]
+    assert got[: len(want)] == want

@@ -114,7 +114,9 @@ def bench(
                          repeats=repeats, warmup=warmup, threads=threads, device=device, damping=damping,
                          seed=seed, memory=memory, check=check, progress=note)
         if json_out:
-            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            from iefcli.train.jsonout import stamp  # a list: each result object carries the versions
+
+            sys.stdout.write(json.dumps([stamp(r) for r in rows], indent=2) + "\n")
             sys.stdout.flush()
             return
         out.print(render_table(rows))

@@ -32,7 +32,9 @@ def compare(
     directories only (no re-training); a run without summary.json yet is
     shown from its latest metrics with status 'running'.
     """
-    with cli_errors():
+    from iefcli.train.jsonout import json_errors
+
+    with cli_errors(), json_errors(json_out, "compare"):
         run_compare(run_dirs=run_dirs, json_out=json_out, csv_out=csv_out, out_file=out_file, overwrite=overwrite,
                     group_seeds=group_seeds)
 
@@ -62,7 +64,7 @@ def run_compare(
     else:
         rows = reports.compare_rows(runs)
         marks = reports.best_per_column(rows, reports.metric_modes(runs))
-        text = {"json": lambda r: reports.rows_to_json(r, marks), "csv": reports.rows_to_csv}[fmt](rows) if fmt else None
+        text = {"json": lambda r: _stamped(reports.rows_to_json(r, marks)), "csv": reports.rows_to_csv}[fmt](rows) if fmt else None
         show = lambda: _print_table(rows, marks)  # noqa: E731
     if out_file is not None:
         reports.write_text_atomic(out_file, text)
@@ -73,6 +75,15 @@ def run_compare(
     else:
         show()
     return rows
+
+
+def _stamped(text: str) -> str:
+    """The {"columns", "rows"} document with the package and schema versions first."""
+    import json
+
+    from iefcli.train.jsonout import dumps, stamp
+
+    return dumps(stamp(json.loads(text)))
 
 
 def _print_table(rows, marks) -> None:

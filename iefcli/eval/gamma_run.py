@@ -329,7 +329,9 @@ def eval_gamma(
         sf_samples=sf_samples, split=split, seed=seed, device=device, dtype=dtype, ngd_maxiter=ngd_maxiter,
         on_start=on_start, on_batch=on_batch, on_stage=on_stage, note=note,
     )
-    payload: Any = [r.doc for r in results] if stage == "all" else results[0].doc
+    from iefcli.train.jsonout import stamp  # package + schema version on each document (issue 13)
+
+    payload: Any = [stamp(r.doc) for r in results] if stage == "all" else stamp(results[0].doc)
     json_text = to_json(payload, indent=2)
     written: list[Path] = []
     if out_dir is not None:

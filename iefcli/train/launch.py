@@ -65,7 +65,11 @@ def train_recipe(
     """
     from iefcli.train.recipe import load_recipe_file
 
-    r = load_recipe_file(recipe, sets)
+    notes: list[str] = []  # e.g. "--set optimizer.name=adamw: optimizer.lr ... replaced by adamw's defaults"
+    r = load_recipe_file(recipe, sets, notes=notes)
+    for n in notes:
+        if on_event is not None:
+            on_event("note", {"message": n})
     run_dir = run_dir_for(r, out)
     if rundir.is_nonempty_dir(run_dir) and not overwrite and os.environ.get("RANK", "0") == "0":
         raise RunExists(run_dir)  # (under torchrun rank 0 says it; torchrun then stops the others)

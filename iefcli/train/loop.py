@@ -39,6 +39,9 @@ from iefcli.optim.base import OptimConfig, Optimizer
 from iefcli.train import rundir
 from iefcli.train.recipe import Recipe
 from iefcli.train.schedule import lr_at
+from iefcli.train.jsonout import stamp
+from iefcli.train.tblog import open_metrics_writer
+from iefcli.train.user_kinds import record_import_paths
 from iefcli.train.task import Batch, Task, build_task
 
 SEED_STRIDE = 1_000_003
@@ -208,7 +211,9 @@ class Recorder:
             rundir.remove_stale_temps(run_dir)
         else:
             rundir.atomic_write_text(run_dir / rundir.RECIPE_FILE, plan.recipe.to_yaml())
-        self.writer = rundir.MetricsWriter(run_dir, truncate_after_step=state.step if resume else None)
+            record_import_paths(run_dir, plan.recipe)  # a model/data kind by import path: where its code lives
+        self.writer = open_metrics_writer(run_dir, truncate_after_step=state.step if resume else None,
+                                          mode=plan.recipe["output"].get("tensorboard", "auto"))
         self._elapsed0, self._t0 = state.elapsed_s, time.perf_counter()
         self._val_loss: tuple[int, float] | None = None  # (step, val loss) of the last validation
         ckpts = rundir.list_checkpoints(run_dir) if resume else []
@@ -277,7 +282,7 @@ class Recorder:
             self.record({"step": st.best_step, "epoch": None, "split": "test", **test, "lr": None, "time": wall,
                          "checkpoint": "best"}, "eval")
         self.writer.close()
-        summary = {
+        summary = stamp({
             "recipe": plan.recipe["name"],
             "status": status,
             "optimizer": cfg.name,
@@ -297,7 +302,7 @@ class Recorder:
             "steps_per_s": (st.step / wall) if wall > 0 else None,
             "device": str(task.device),
             "run_dir": str(run_dir),
-        }
+        })
         rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
         self.emit("end", summary)
         return summary
@@ -365,8 +370,8 @@ def train(
         raise Interrupted(f"interrupted at step {st.step}; " + ("checkpoint saved" if saved else
                           f"its loss is not finite: the last good checkpoint is {log.last_checkpoint}"),
                           run_dir=run_dir, step=st.step) from None
-    except RunFailed:
-        log.finish(st, "failed")
+    except RunFailed as e:
+        e.summary = log.finish(st, "failed")  # for the --json error object
         raise
     return log.finish(st, "completed")
 

@@ -160,6 +160,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "output": {
         "dir": Field("str", "runs/{name}", "run directory ({name} is the recipe name)"),
+        # YAML 1.1 reads a bare on/off as true/false: both spellings are accepted.
+        "tensorboard": Field("any", "auto", "TensorBoard event files in RUN/tensorboard: auto (when installed) | on | off",
+                             check=lambda v: None if v in ("auto", "on", "off") or isinstance(v, bool)
+                             else f"must be one of auto, on, off; got {v!r}"),
     },
 }
 
@@ -272,26 +276,13 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
-def load_recipe_file(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read, override, fill defaults and validate a recipe. Raises UsageError."""
-    path = resolve_recipe_path(name_or_path)
-    source = str(name_or_path) if Path(name_or_path).is_file() else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{source}: cannot read recipe: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise UsageError(f"{source}: not valid YAML{line}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UsageError(f"{source}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
-    return resolve(raw, source=source, path=path)
+def load_recipe_file(name_or_path: str | Path, overrides: Iterable[str] = (), *, notes: list[str] | None = None) -> Recipe:
+    """Read a recipe (with its ``extends`` chain), apply the ``--set`` overrides (an
+    ``optimizer.name`` switch resets the other optimizer keys to the new optimiser's
+    defaults, see :mod:`iefcli.train.extends`), fill defaults, validate. Raises UsageError."""
+    from iefcli.train.extends import load_recipe
+
+    return load_recipe(name_or_path, overrides, notes=notes)
 
 
 def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
@@ -374,6 +365,7 @@ def _fill(source: str | None, prefix: str, fields: Mapping[str, Field], given: M
 def resolve(raw: dict, *, source: str, path: Path | None) -> Recipe:
     """Fill defaults and validate every fixed key; check model/data kinds exist."""
     from iefcli.train.registry import DATA_KINDS, MODEL_KINDS
+    from iefcli.train.user_kinds import is_import_kind
 
     unknown = [k for k in raw if k not in TOP and k not in SECTIONS]
     if unknown:
@@ -388,8 +380,9 @@ def resolve(raw: dict, *, source: str, path: Path | None) -> Recipe:
         sec = copy.deepcopy(sec)
         kind = sec.setdefault("kind", default_kind)
         kinds = MODEL_KINDS if section == "model" else DATA_KINDS
-        if not isinstance(kind, str) or kind not in kinds:
-            raise UsageError(f"{source}: {section}.kind: must be one of {', '.join(kinds)}; got {kind!r}")
+        if not isinstance(kind, str) or (kind not in kinds and not is_import_kind(kind)):
+            raise UsageError(f"{source}: {section}.kind: must be one of {', '.join(kinds)}, "
+                             f"or module.path:callable; got {kind!r}")
         out[section] = sec
     for section, fields in SCHEMA.items():
         sec = raw.get(section)

@@ -50,6 +50,8 @@ DATA_KINDS: dict[str, str] = {
     "digits": "iefcli.train.data:build_digits",
     "fashion_mnist": "iefcli.train.data:build_fashion_mnist",
     "toy_lsq": "iefcli.train.data:build_toy_lsq",
+    "tabular": "iefcli.train.tabular:build_tabular",
+    "image_folder": "iefcli.train.tabular:build_image_folder",
     "text": "iefcli.hf.text:build_text",
     "mnist5k": "iefcli.train.data:build_mnist5k",
 }
@@ -67,6 +69,13 @@ class BuildContext:
 
 
 def load_builder(table: dict[str, str], kind: str) -> Callable[..., Any]:
-    """Import ``module:function`` for ``kind`` (a KeyError for unknown kinds: the recipe checks first)."""
+    """Import ``module:function`` for ``kind`` (a KeyError for unknown kinds: the recipe checks first).
+
+    A kind that is itself an import path (``my_package.models:build_cnn``) gets the
+    adapter of :mod:`iefcli.train.user_kinds` for its table."""
+    if kind not in table and ":" in kind:
+        from iefcli.train.user_kinds import builder_for
+
+        return builder_for("model" if table is MODEL_KINDS else "data")
     module, _, func = table[kind].partition(":")
     return getattr(importlib.import_module(module), func)

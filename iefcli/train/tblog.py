@@ -86,7 +86,10 @@ class TeeWriter:
 
 
 def open_metrics_writer(run_dir: Path | str, *, truncate_after_step: int | None = None, mode: str = "auto") -> Any:
-    """metrics.jsonl writer (as :class:`~iefcli.train.rundir.MetricsWriter`), teed to TensorBoard per ``mode``."""
+    """metrics.jsonl writer (as :class:`~iefcli.train.rundir.MetricsWriter`), teed to TensorBoard per ``mode``
+    (``True``/``False``, YAML's reading of a bare on/off, mean "on"/"off")."""
+    if isinstance(mode, bool):
+        mode = "on" if mode else "off"
     if mode not in MODES:
         raise UsageError(f"output.tensorboard: must be one of {', '.join(MODES)}; got {mode!r}")
     if mode == "on" and not tensorboard_available():

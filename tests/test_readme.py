@@ -72,3 +72,24 @@ def test_train_md_jq_example_is_true(tmp_path, monkeypatch):
         recs = [json.loads(line) for line in (tmp_path / "runs/quickstart/metrics.jsonl").read_text().splitlines()]
         got = [json.dumps([r["step"], r["accuracy"]], separators=(",", ":")) for r in recs if r["split"] == "val"]
     assert got[: len(want)] == want
+
+
+def test_demo_toy_example_is_true(tmp_path, monkeypatch):
+    """docs/reports.md's `ief demo toy --out docs/img --overwrite` block: the command works on an
+    existing figure (run twice) and prints exactly the documented lines (paths aside)."""
+    from typer.testing import CliRunner
+
+    from iefcli.cli import app
+
+    doc = (ROOT / "docs" / "reports.md").read_text()
+    block = re.search(r"```console\n\$ ief demo toy --out docs/img --overwrite\n(.*?)```", doc, flags=re.S)
+    assert block, "docs/reports.md must show `ief demo toy --out docs/img --overwrite`"
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for _ in range(2):  # the second run meets the figure the first one wrote
+        res = runner.invoke(app, ["demo", "toy", "--out", "docs/img", "--overwrite"])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "docs" / "img" / "toy.png").is_file()
+    want = [ln for ln in block.group(1).splitlines() if ln.strip()]
+    got = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert got == want

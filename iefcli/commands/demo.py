@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,7 +14,8 @@ def toy(
     out: Annotated[Path, out_option("Directory for toy.png (created if missing).")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps K of every trajectory.")] = 40,
     grid: Annotated[int, typer.Option("--grid", min=2, help="Vector-field arrows per axis.")] = 15,
-    ef_damping: Annotated[float, typer.Option("--ef-damping", min=0.0, help="EF's damping lambda.")] = 1e-2,
+    ef_damping: Annotated[Optional[float], typer.Option(
+        "--ef-damping", min=0.0, help="EF's damping lambda (paper scale; default: the toy's 2.5e-3).")] = None,
     overwrite: Annotated[bool, overwrite_option("an existing toy.png")] = False,
 ) -> None:
     """Draw the paper's Figure 1: SGD, NGD/iEF and EF on 2-datum linear least squares.
@@ -29,7 +30,7 @@ def toy(
         run_demo_toy(out=out, steps=steps, grid=grid, ef_damping=ef_damping, overwrite=overwrite)
 
 
-def run_demo_toy(*, out: Path, steps: int, grid: int, ef_damping: float, overwrite: bool) -> Path:
+def run_demo_toy(*, out: Path, steps: int, grid: int, ef_damping: float | None, overwrite: bool) -> Path:
     """Compute, print the summary lines on stdout, write OUT/toy.png; return its path."""
     from iefcli.eval.figures import save_png, toy_figure
     from iefcli.eval.reports import prepare_output
@@ -37,7 +38,8 @@ def run_demo_toy(*, out: Path, steps: int, grid: int, ef_damping: float, overwri
 
     png = prepare_output(Path(out) / "toy.png", overwrite=overwrite, make_parent=True)
     defaults = ToySettings()
-    settings = ToySettings(steps=steps, damping={**defaults.damping, "ef": ef_damping})
+    ef = defaults.damping["ef"] if ef_damping is None else ef_damping
+    settings = ToySettings(steps=steps, damping={**defaults.damping, "ef": ef})
     result = run_toy(settings=settings, grid=grid)
     fig = toy_figure(result)
     save_png(fig, png)

@@ -22,7 +22,7 @@ import reference_eval as ref
 
 from iefcli.cli import app
 from iefcli.eval import figures, gamma_output as go
-from iefcli.train.loop import train_from_cli
+from iefcli.train.launch import train_recipe
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ DIGITS_SETS = [
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("toy")
-    summary = train_from_cli(recipe="toy-lsq", sets=TOY_SETS, out=d / "run")
+    summary = train_recipe("toy-lsq", sets=TOY_SETS, out=d / "run")
     assert summary["status"] == "completed"
     return d / "run"
 
@@ -48,7 +48,7 @@ def toy_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("digits")
-    summary = train_from_cli(recipe="quickstart", sets=DIGITS_SETS, out=d / "run")
+    summary = train_recipe("quickstart", sets=DIGITS_SETS, out=d / "run")
     assert summary["status"] == "completed"
     return d / "run"
 

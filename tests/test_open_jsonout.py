@@ -23,10 +23,10 @@ def _app() -> typer.Typer:
     @app.command("train")
     def train_cmd(recipe: str, out: str, set_: Optional[list[str]] = typer.Option(None, "--set"),
                   json_out: bool = typer.Option(False, "--json")) -> None:
-        from iefcli.train.loop import train_from_cli
+        from iefcli.train.launch import train_recipe
 
         with cli_errors(), json_errors(json_out, "train", run_dir=out):
-            summary = train_from_cli(recipe=recipe, sets=list(set_ or ()), out=out)
+            summary = train_recipe(recipe, sets=list(set_ or ()), out=out)
         if json_out:
             typer.echo(dumps(stamp(summary)), nl=False)
 

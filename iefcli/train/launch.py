@@ -69,6 +69,7 @@ def train_recipe(
     run_dir = run_dir_for(r, out)
     if rundir.is_nonempty_dir(run_dir) and not overwrite:
         raise RunExists(run_dir)
+    rundir.check_writable(run_dir, "run directory")
     plan = plan_run(r, build_task(r))
     existed = run_dir.exists()
     aside = prepare_run_dir(run_dir, overwrite)
@@ -101,4 +102,5 @@ def resume_run(run_dir: str | Path, *, on_event: OnEvent | None = None) -> dict:
     r = rundir.load_recipe(run_dir)
     if not rundir.list_checkpoints(run_dir):
         raise UsageError(f"{run_dir}: no checkpoint to resume from")
+    rundir.check_writable(run_dir, "--resume")
     return train(recipe=r, run_dir=run_dir, resume=True, on_event=on_event)

@@ -202,7 +202,9 @@ def check_rows(rows: list[dict], path: Path, cfg: dict) -> None:
             if c in row and (v is None or isinstance(v, (list, dict))):
                 raise UsageError(f"{path}: row {i}: text column {c!r} is {_short(v)}, not text")
         if label not in row:
-            continue  # a file without the label column at all: reported by name when the column is read
+            if i == 1:
+                continue  # a file without the label column at all: reported by name when the column is read
+            raise UsageError(f"{path}: row {i}: no {label!r} (the label column)")
         v = row[label]
         if regression:
             try:

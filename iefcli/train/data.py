@@ -108,7 +108,7 @@ def check_class_labels(labels: np.ndarray, n_classes: int, path: Path | str, *, 
         raise UsageError(f"{path}: {what}s must be integers, got {a.dtype}")
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise UsageError(f"{path}: row {i + row_base}: {what} {a[i]!r} is not a class in 0..{n_classes - 1}")
+        raise UsageError(f"{path}: row {i + row_base}: {what} {a[i].item()!r} is not a class in 0..{n_classes - 1}")
     return a.astype(np.int64)
 
 

@@ -167,7 +167,7 @@ def resumed_state(plan: Plan, run_dir: Path) -> TrainState:
     rundir.check_finite_params(params, ck / rundir.PARAMS_FILE)
     fresh = plan.opt.init(params)
     loaded = rundir.load_optimizer_state(ck, device=plan.task.device)
-    rundir.check_optimizer_state(fresh, loaded, ck / rundir.OPTIMIZER_FILE)
+    rundir.check_optimizer_state(fresh, loaded, ck / rundir.OPTIMIZER_FILE, params)
     # Keys with no tensors (torch.optim state before its first step) are absent on disk.
     opt_state = {k: loaded.get(k, v) for k, v in fresh.items()}
     ts = rundir.read_trainer_state(ck)

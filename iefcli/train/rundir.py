@@ -496,18 +496,29 @@ def check_finite_params(params: Mapping[str, Tensor], path: Path | str) -> None:
             raise UsageError(f"{path}: parameter {k} holds NaN/Inf values")
 
 
-def check_optimizer_state(fresh: Mapping[str, Any], loaded: Mapping[str, Any], path: Path | str) -> None:
+def _brief(v: Any, limit: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def check_optimizer_state(fresh: Mapping[str, Any], loaded: Mapping[str, Any], path: Path | str,
+                          params: Mapping[str, Tensor] | None = None) -> None:
     """Every saved optimiser state tensor that the fresh state also has (torch.optim's have none
     before their first step) must have its shape; none may hold NaN/Inf; the top-level keys must
     be this optimiser's."""
     flat_fresh, flat_loaded = flatten_tree(fresh), flatten_tree(loaded)
     for k in loaded:
         if k not in fresh:
-            raise UsageError(f"{path}: optimizer state entry {str(k)[:60]!r} is not one of this optimiser's")
+            raise UsageError(f"{path}: optimizer state entry {_brief(k, 60)} is not one of this optimiser's")
     for k, v in flat_loaded.items():
         if k in flat_fresh and tuple(v.shape) != tuple(flat_fresh[k].shape):
             raise UsageError(f"{path}: optimizer state {k} has shape {tuple(v.shape)}, "
                              f"expected {tuple(flat_fresh[k].shape)}")
+        owner = k.split("/", 1)[0]
+        if (k not in flat_fresh and params is not None and owner in params
+                and v.numel() > params[owner].numel()):  # torch.optim's lazily created per-parameter state
+            raise UsageError(f"{path}: optimizer state {k} has shape {tuple(v.shape)}, "
+                             f"larger than its parameter {tuple(params[owner].shape)}")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UsageError(f"{path}: optimizer state {k} holds NaN/Inf values")
 
@@ -526,7 +537,7 @@ def check_trainer_state(ckpt: Path | str, ts: Mapping[str, Any], total_steps: in
 
     step = ts.get("step")
     if not is_int(step) or step < 0:
-        raise UsageError(f"{path}: corrupt trainer state (step {str(step)[:40]!r} is not a step number)")
+        raise UsageError(f"{path}: corrupt trainer state (step {_brief(step)} is not a step number)")
     own = _step_of(ckpt)
     if own is not None and step != own:
         raise UsageError(f"{path}: corrupt trainer state (step {step} in checkpoint {ckpt.name})")
@@ -534,16 +545,16 @@ def check_trainer_state(ckpt: Path | str, ts: Mapping[str, Any], total_steps: in
         raise UsageError(f"{path}: trainer state at step {step}, beyond the run's {total_steps} steps")
     best_step = ts.get("best_step")
     if best_step is not None and not (is_int(best_step) and 0 <= best_step <= step):
-        raise UsageError(f"{path}: corrupt trainer state (best_step {str(best_step)[:40]!r})")
+        raise UsageError(f"{path}: corrupt trainer state (best_step {_brief(best_step)})")
     best = ts.get("best_metric")
     if best is not None and not is_num(best):
-        raise UsageError(f"{path}: corrupt trainer state (best_metric {str(best)[:40]!r})")
+        raise UsageError(f"{path}: corrupt trainer state (best_metric {_brief(best)})")
     bad = ts.get("bad_steps", 0)
     if not is_int(bad) or bad < 0:
-        raise UsageError(f"{path}: corrupt trainer state (bad_steps {str(bad)[:40]!r})")
+        raise UsageError(f"{path}: corrupt trainer state (bad_steps {_brief(bad)})")
     el = ts.get("elapsed_s", 0.0)
     if not is_num(el) or el < 0:
-        raise UsageError(f"{path}: corrupt trainer state (elapsed_s {str(el)[:40]!r})")
+        raise UsageError(f"{path}: corrupt trainer state (elapsed_s {_brief(el)})")
     rl = ts.get("recent_losses", [])
     if not isinstance(rl, list) or not all(is_num(x) for x in rl):
         raise UsageError(f"{path}: corrupt trainer state (recent_losses)")

@@ -524,3 +524,41 @@ def test_a_long_message_is_cut_to_one_bounded_line():
     line = one_line(msg)
     assert "\n" not in line and len(line) <= 500
     assert line.startswith("f.yaml: key: ") and line.endswith("second line end")
+
+
+def test_resume_from_a_step_0_checkpoint_does_not_repeat_the_step_0_lines(tmp_path):
+    """A run killed right after its step-0 checkpoint: the resumed run's metrics.jsonl has one
+    step-0 val line, and equals an uninterrupted run's apart from the clock."""
+    rp = tmp_path / "r.yaml"
+    rp.write_text(yaml.safe_dump(RECIPE))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", str(rp), "-o", str(ref), "-q"]).exit_code == 0
+    assert CliRunner().invoke(app, ["train", str(rp), "-o", str(run), "-q"]).exit_code == 0
+    # Make `run` what a kill right after the step-0 checkpoint leaves behind.
+    for _, ck in rundir.list_checkpoints(run)[1:]:
+        shutil.rmtree(ck)
+    (run / rundir.SUMMARY_FILE).unlink()
+    lines = [json.loads(x) for x in (run / rundir.METRICS_FILE).read_text().splitlines()]
+    (run / rundir.METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines if x["step"] == 0 and x["split"] != "test"))
+    res = CliRunner().invoke(app, ["train", "--resume", str(run), "-q"])
+    assert res.exit_code == 0, res.output
+
+    def strip(d):
+        return [{k: v for k, v in r.items() if k not in ("time", "step_time_s")} for r in rundir.read_metrics(d)]
+
+    got = strip(run)
+    assert sum(1 for r in got if r["step"] == 0 and r["split"] == "val") == 1
+    assert got == strip(ref)
+
+
+def test_a_forged_checkpoint_beyond_the_run_is_refused(tmp_path, base):
+    def setup(d, ctx):
+        run = run_copy(d, ctx)
+        ck = last_ckpt(run)
+        ts = json.loads((ck / rundir.TRAINER_STATE_FILE).read_text())
+        ts["step"] = 999999
+        (ck / rundir.TRAINER_STATE_FILE).write_text(json.dumps(ts))
+        ck.rename(ck.parent / "step-999999")
+        return ["train", "--resume", str(run), "-q"]
+
+    _run_case(tmp_path, base, setup, 2, "trainer state at step 999999, beyond the run's 3 steps")

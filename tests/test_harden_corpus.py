@@ -453,6 +453,9 @@ OPTION_CASES = [
      "cannot tell the format"),
     ("compare-out-under-file", lambda d, c: ["compare", str(c["base"] / "run"), "--out", str(_a_file(d) / "x.json")], 2,
      "not a directory"),
+    ("plot-out-under-file", lambda d, c: ["plot", str(c["base"] / "run"), "-o", str(_a_file(d) / "p.png")], 2,
+     "not a directory"),
+    ("demo-out-under-file", lambda d, c: ["demo", "toy", "-o", str(_a_file(d) / "t")], 2, "not a directory"),
     ("plot-missing", lambda d, c: ["plot", str(d / "nope"), "-o", str(d / "p.png")], 2, "nope"),
 ]
 if sys.platform.startswith("linux"):
@@ -461,6 +464,9 @@ if sys.platform.startswith("linux"):
         ("eval-gamma-out-in-proc", lambda d, c: ["eval-gamma", str(c["base"] / "run"), "--out", "/proc/ief-test/g"], 2,
          "not writable"),
         ("compare-out-in-proc", lambda d, c: ["compare", str(c["base"] / "run"), "--out", "/proc/x.json"], 2, "not writable"),
+        ("plot-out-in-proc", lambda d, c: ["plot", str(c["base"] / "run"), "-o", "/proc/x.png"], 2, "not writable"),
+        ("demo-out-in-proc", lambda d, c: ["demo", "toy", "-o", "/proc/ief-test"], 2, "not writable"),
+        ("data-out-in-proc", lambda d, c: ["data", "rotten-tomatoes", "-o", "/proc/ief-test"], 2, "/proc/ief-test"),
     ]
 
 CASES = RECIPE_CASES + OVERRIDE_CASES + DATA_CASES + RUN_CASES + OPTION_CASES

@@ -76,6 +76,17 @@ def _temp_sibling(path: Path, make: Callable[[Path], None]) -> Path:
     raise FileExistsError(f"{path}: no free temporary name")
 
 
+def _start_output(path: Path, make: Callable[[Path], None]) -> Path:
+    """The parent folder and the hidden temporary of an output: an output that cannot be
+    created at all (read-only or missing place, a file in the way) is ONE UsageError line
+    naming it, before anything is written (every command's outputs come through here)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _temp_sibling(path, make)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory + os.replace.
 
@@ -83,9 +94,8 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     less the umask: 0644 under the usual 022), never tempfile's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd_box: list[int] = []
-    tmp = _temp_sibling(path, lambda t: fd_box.append(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+    tmp = _start_output(path, lambda t: fd_box.append(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         with os.fdopen(fd_box[0], "wb") as f:
             f.write(data)
@@ -202,8 +212,7 @@ def atomic_dir(dest: Path | str, old: Path | str | None = None) -> Iterator[Path
             atomic_write_text(tmp / "a.csv", text)
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(dest, lambda t: t.mkdir())
+    tmp = _start_output(dest, lambda t: t.mkdir())
     try:
         yield tmp
         replace_dir(tmp, dest, Path(old) if old is not None else dest.parent / f".{dest.name}.old")
@@ -486,7 +495,7 @@ def check_writable(path: Path | str, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"{what} {path}: not writable ({e.strerror or e})") from None
+        raise UsageError(f"{what} {path}: not writable: cannot create a file in {target} ({e.strerror or e})") from None
 
 
 def check_finite_params(params: Mapping[str, Tensor], path: Path | str) -> None:

@@ -568,3 +568,26 @@ def test_a_forged_checkpoint_beyond_the_run_is_refused(tmp_path, base):
         return ["train", "--resume", str(run), "-q"]
 
     _run_case(tmp_path, base, setup, 2, "trainer state at step 999999, beyond the run's 3 steps")
+
+
+def test_the_largest_seed_is_accepted_and_usable():
+    from iefcli.train.loop import epoch_generator, step_key
+    from iefcli.train.recipe import MAX_SEED, recipe_from_dict
+
+    r = recipe_from_dict({**RECIPE, "seed": MAX_SEED})
+    assert r["seed"] == MAX_SEED
+    torch.randperm(5, generator=epoch_generator(MAX_SEED, 10_000))
+    torch.Generator().manual_seed(step_key(MAX_SEED, 10**9))
+
+
+def test_a_parser_error_from_a_real_process_is_one_line(tmp_path):
+    """The one real subprocess of the corpus: what a shell user sees (no Typer box)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "iefcli", "train", "--nope"], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["ief: error: ief train: No such option: --nope"]
+    assert p.stdout == "" and list(tmp_path.iterdir()) == []

@@ -208,3 +208,19 @@ def test_a_second_ctrl_c_while_saving_neither_raises_nor_skips_the_summary(tmp_p
     assert json.loads((run / rundir.SUMMARY_FILE).read_text())["status"] == "interrupted"
     assert [s for s, _ in rundir.list_checkpoints(run)] == [0, 2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("method", ["sgd", "ef", "ief", "sf", "ngd"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_is_reported_not_applied(method, bad):
+    """MSE on the 2x2 toy with one target NaN / Inf: a non-finite loss, so the loop rejects it."""
+    r, task = _task("mse")
+    sec = {**r["optimizer"], "name": method, "lr": 0.1, "damping": 1e-3 if method != "sgd" else None}
+    cfg = config_from_recipe(sec)
+    opt = make_optimizer(cfg, model=task.model, loss_fn=task.loss_fn, forward=task.forward)
+    params = task.params()
+    b = next(iter(task.batches("train", 2)))
+    y = b.targets.clone()
+    y[0] = bad
+    new, _, m = opt.update(params, opt.init(params), Batch(b.inputs, y), key=0, lr=0.1)
+    assert not bool(torch.isfinite(torch.stack([m["loss"].double(), m["update_norm"].double()])).all())

@@ -6,10 +6,44 @@ import importlib
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from iefcli import __version__
 
+
+class OneLineUsageErrors(TyperGroup):
+    """Parser-level usage errors (unknown option, missing argument, bad value) as ONE
+    stderr line ``ief: error: <command>: <problem>`` with click's exit code (2), instead of
+    Typer's boxed usage block; a Ctrl-C outside a command's own handler exits 130 quietly."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        import sys
+
+        from typer.core import _click as click  # typer's own (vendored) click
+        from typer.exceptions import Abort
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            from iefcli.commands._common import one_line
+
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None and ctx.command_path else ""
+            print(f"ief: error: {one_line(where + e.format_message())}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except (Abort, KeyboardInterrupt):
+            print("ief: error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="ief",
     help="Train and evaluate models with the improved empirical Fisher (iEF) natural-gradient optimiser.",
     no_args_is_help=True,

@@ -17,9 +17,23 @@ out = Console()  # stdout: tables, JSON
 err = Console(stderr=True)  # stderr: progress, messages
 
 
+MAX_ERROR_CHARS = 500
+
+
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` as ONE line of at most ``limit`` characters: line breaks and runs of
+    white space become one space, and the middle of a longer message is cut out (a value
+    echoed in an error may be huge; the start names the file and key, the end the rule)."""
+    text = " ".join(str(message).split())
+    if len(text) > limit:
+        keep = (limit - 5) // 2
+        text = f"{text[:keep]} ... {text[-keep:]}"
+    return text
+
+
 def fail(message: str, code: int) -> typer.Exit:
     """Print one line 'ief: error: ...' on stderr and return the Exit to raise."""
-    print(f"ief: error: {message}", file=sys.stderr)
+    print(f"ief: error: {one_line(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 

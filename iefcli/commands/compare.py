@@ -56,6 +56,9 @@ def run_compare(
             if fmt is None:
                 raise UsageError(f"--out {out_file}: cannot tell the format; use a .json or .csv name, or --json/--csv")
         reports.prepare_output(out_file, overwrite=overwrite)  # fail before reading anything
+        from iefcli.train.rundir import check_writable
+
+        check_writable(out_file.parent, f"--out {out_file}:")
     runs = reports.load_runs(run_dirs)
     if group_seeds:
         rows = seeds.grouped_compare_rows(runs)
@@ -87,8 +90,12 @@ def _stamped(text: str) -> str:
 
 
 def _print_table(rows, marks) -> None:
+    from rich.markup import escape
+
     from iefcli.eval.reports import render_table
 
+    # Names come from users' recipes and run directories: a name like "[/x]" is text, not markup.
+    rows = [{k: escape(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
     print_table(render_table(rows, marks, colour=True), plain=render_table(rows, marks, colour=False))
 
 

@@ -32,6 +32,9 @@ fallback depends on where the tensors live:
   ``torch.linalg.eigh`` is not used there: it synchronises with the host on CUDA.
   ``branch_free=True`` selects this path on the CPU too (tests).
 
+A Gram or right-hand side with a NaN/Inf entry (NaN in the per-sample gradients) gives an
+all-NaN x on every path and never raises: the training loop rejects that step as a bad step.
+
 Why not always the eigen-decomposition: float64 on one CPU core, Cholesky +
 solve vs eigh + solve takes 0.027 vs 0.110 ms at M = 32, 0.18 vs 1.4 ms at
 M = 128 and 7.0 vs 46 ms at M = 512 (6-8x), and it would sync on CUDA.
@@ -130,7 +133,9 @@ def solve_gram(
     diag = torch.diagonal(chol)
     cond = (diag.max() / diag.min()) ** 2
     if a.device.type == "cpu" and not branch_free:
-        if bool(failed):  # a CPU memory read, not a device sync: the eigen path runs only when needed
+        # A CPU memory read, not a device sync: the eigen path runs only when needed, and never on a
+        # non-finite Gram (NaN/Inf per-sample gradients: eigh would raise; x stays non-finite below).
+        if bool(failed) and bool(torch.isfinite(a).all()):
             evals, evecs = torch.linalg.eigh(a)
             tol = evals.abs().max() * m * torch.finfo(torch.float64).eps
             inv = torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
@@ -146,6 +151,10 @@ def solve_gram(
         x = torch.where(failed, x_floor, x)
         diag_f = torch.diagonal(chol_f)
         cond = torch.where(failed, (diag_f.max() / diag_f.min()) ** 2, cond)
+    # A non-finite Gram or right-hand side (NaN/Inf per-sample gradients) gives an all-NaN x on
+    # every path, so the caller sees a non-finite update and rejects the step (no exception).
+    finite = torch.isfinite(a).all() & torch.isfinite(bk).all()
+    x = torch.where(finite, x, torch.full_like(x, float("nan")))
     resid = torch.linalg.vector_norm(a @ x - bk) / torch.linalg.vector_norm(bk).clamp_min(torch.finfo(torch.float64).tiny)
     info_out = SolveInfo(residual=resid, rows_kept=keep.sum(), cond=cond, fallback=failed)
     return x * keepf, info_out

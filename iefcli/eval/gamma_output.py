@@ -125,6 +125,9 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         # As `ief train --overwrite`: only ever replace what this command wrote.
         if not (out_dir / JSON_FILE).is_file():
             raise UsageError(f"--out {out_dir}: not an eval-gamma output directory (no {JSON_FILE}); refusing to overwrite it")
+    from iefcli.train.rundir import check_writable
+
+    check_writable(out_dir, "--out")
 
 
 def build_figures(results: Sequence[Any]):

@@ -247,6 +247,8 @@ def run_eval_gamma(
             raise UsageError(f"{c / rundir.META_FILE}: corrupt checkpoint metadata (step {m['step']!r} is not an integer)")
     own = task.params()  # trainable params only: small next to the model
     all_params = [rundir.load_params(own, c) for c in ckpts]
+    for c, p in zip(ckpts, all_params):  # gamma is undefined at NaN/Inf parameters: say so, do not solve
+        rundir.check_finite_params(p, c / rundir.PARAMS_FILE)
     if on_start is not None:
         on_start(len(ckpts) * (1 if single else n_batches))
 

@@ -38,6 +38,9 @@ def prepare_output(path: Path | str, *, overwrite: bool, make_parent: bool = Fal
         raise UsageError(f"{path}: is a directory, expected an output file path")
     if path.exists() and not overwrite:
         raise UsageError(f"{path}: already exists (pass --overwrite to replace it)")
+    from iefcli.train.rundir import check_writable
+
+    check_writable(path.parent, f"{path}:")  # a read-only place: one line now, not a traceback after the work
     parent = path.parent
     if not parent.is_dir():
         if make_parent and not parent.exists():

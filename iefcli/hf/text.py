@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -166,6 +167,7 @@ def _raw_splits(cfg: dict, ctx) -> dict[str, list[dict]]:
         if p is not None:
             try:
                 out[split] = read_table(p)
+                check_rows(out[split], p, cfg)
             except UsageError as e:
                 raise ctx.recipe.error(f"data.{split}", str(e)) from None
     if "val" not in out:  # carve val out of train, seeded
@@ -175,6 +177,49 @@ def _raw_splits(cfg: dict, ctx) -> dict[str, list[dict]]:
         out["val"] = [rows[i] for i in perm[:n_val]]
         out["train"] = [rows[i] for i in perm[n_val:]]
     return out
+
+
+MISSING_WORDS = frozenset({"", "nan", "null", "none", "na", "n/a"})
+"""Label strings that mean "no value" (pandas / CSV exports write them for missing cells)."""
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def check_rows(rows: list[dict], path: Path, cfg: dict) -> None:
+    """Validate a data file's rows when it is loaded (naming the file and the row, 1 = the
+    first data row): every row has its text column(s) and label; a classification label is a
+    class name or an integer (not missing, ``nan``, a list, a float or a bool); a regression
+    label a finite number."""
+    label = cfg["label"]
+    cols = [cfg["text"]] if isinstance(cfg["text"], str) else list(cfg["text"])
+    regression = cfg["task"] == "regression"
+    for i, row in enumerate(rows, 1):
+        for c in cols:
+            v = row.get(c)
+            if c in row and (v is None or isinstance(v, (list, dict))):
+                raise UsageError(f"{path}: row {i}: text column {c!r} is {_short(v)}, not text")
+        if label not in row:
+            if i == 1:
+                continue  # a file without the label column at all: reported by name when the column is read
+            raise UsageError(f"{path}: row {i}: no {label!r} (the label column)")
+        v = row[label]
+        if regression:
+            try:
+                ok = not isinstance(v, bool) and math.isfinite(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise UsageError(f"{path}: row {i}: regression label {_short(v)} is not a finite number")
+            continue
+        if isinstance(v, str):
+            ok = v.strip().lower() not in MISSING_WORDS
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        if not ok:
+            raise UsageError(f"{path}: row {i}: label {_short(v)} is missing or not a class name or an integer")
 
 
 def _column(rows: list[dict], col: str, split: str, ctx, key: str) -> list:

@@ -94,6 +94,35 @@ def wheel_data_file(dist_name: str, rel_path: str, what: str, pip: str) -> Path:
     return path
 
 
+def check_class_labels(labels: np.ndarray, n_classes: int, path: Path | str, *, row_base: int = 1,
+                       what: str = "label") -> np.ndarray:
+    """Validate class labels read from ``path`` and return them as int64: every label a finite
+    integer in [0, n_classes). The error names the file and the first bad row (``row_base``:
+    the number of the first row, 1 for the first data line)."""
+    a = np.asarray(labels)
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a != np.round(a)) | (a < 0) | (a >= n_classes)
+    elif a.dtype.kind in "iu":
+        bad = (a < 0) | (a >= n_classes)
+    else:
+        raise UsageError(f"{path}: {what}s must be integers, got {a.dtype}")
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UsageError(f"{path}: row {i + row_base}: {what} {a[i].item()!r} is not a class in 0..{n_classes - 1}")
+    return a.astype(np.int64)
+
+
+def check_finite_features(x: np.ndarray, path: Path | str, *, row_base: int = 1) -> None:
+    """Refuse NaN/Inf features (naming the file and the first bad row): they would only
+    surface as a NaN loss several steps into the run."""
+    a = np.asarray(x)
+    if a.dtype.kind == "f":
+        ok = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1) if a.ndim > 1 else np.isfinite(a)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise UsageError(f"{path}: row {i + row_base}: features are not finite (NaN/Inf)")
+
+
 def _split_indices(n: int, n_val: int, n_test: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
@@ -191,9 +220,9 @@ def build_fashion_mnist(section: dict, ctx) -> DataSplits:
         if arrays[key].size != n * 784:
             raise UsageError(f"{files[key]}: corrupt idx images ({arrays[key].size} bytes for {n} labels)")
     x_all = torch.from_numpy(arrays["train_images"].reshape(n_tr_all, 28, 28).copy())
-    y_all = torch.from_numpy(arrays["train_labels"].astype(np.int64))
+    y_all = torch.from_numpy(check_class_labels(arrays["train_labels"], 10, files["train_labels"]))
     x_te = torch.from_numpy(arrays["test_images"].reshape(n_te_all, 28, 28).copy())
-    y_te = torch.from_numpy(arrays["test_labels"].astype(np.int64))
+    y_te = torch.from_numpy(check_class_labels(arrays["test_labels"], 10, files["test_labels"]))
     if cfg["n_val"] >= n_tr_all:
         raise ctx.recipe.error("data.n_val", f"must be < {n_tr_all} training images, got {cfg['n_val']}")
     perm = torch.randperm(n_tr_all, generator=torch.Generator().manual_seed(ctx.seed))
@@ -251,8 +280,9 @@ def build_mnist5k(section: dict, ctx) -> DataSplits:
         raise ctx.recipe.error("data.path", f"{path}: cannot read MNIST-5k CSV: {e}") from None
     if table.ndim != 2 or table.shape[1] != 785:
         raise ctx.recipe.error("data.path", f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
+    check_finite_features(table[:, :784], path)
     x = torch.from_numpy(table[:, :784].copy())
-    y = torch.from_numpy(table[:, 784].astype(np.int64))
+    y = torch.from_numpy(check_class_labels(table[:, 784], 10, path))
     n = x.shape[0]
     if cfg["n_val"] + cfg["n_test"] >= n:
         raise ctx.recipe.error("data.n_test", f"n_val + n_test must be < {n}")

@@ -162,6 +162,9 @@ def _read_yaml(path: Path, source: str) -> dict:
         raise UsageError(f"{source}: not valid YAML{line}") from None
     if raw is None:
         return {}
+    from iefcli.train.recipe import check_expanded_size
+
+    check_expanded_size(raw, source)  # an alias bomb is refused before anything walks it
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
     return raw

@@ -73,6 +73,7 @@ def train_recipe(
     run_dir = run_dir_for(r, out)
     if rundir.is_nonempty_dir(run_dir) and not overwrite and os.environ.get("RANK", "0") == "0":
         raise RunExists(run_dir)  # (under torchrun rank 0 says it; torchrun then stops the others)
+    rundir.check_writable(run_dir, "run directory")
     plan = plan_run(r, build_task(r, _rank_device(r)))
     if not _is_main():  # under torchrun only rank 0 touches the run directory
         return train(recipe=r, run_dir=run_dir, on_event=on_event, plan=plan)
@@ -107,6 +108,7 @@ def resume_run(run_dir: str | Path, *, on_event: OnEvent | None = None) -> dict:
     r = rundir.load_recipe(run_dir)
     if not rundir.list_checkpoints(run_dir):
         raise UsageError(f"{run_dir}: no checkpoint to resume from")
+    rundir.check_writable(run_dir, "--resume")
     return train(recipe=r, run_dir=run_dir, resume=True, on_event=on_event, device=_rank_device(r))
 
 

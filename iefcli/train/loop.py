@@ -20,6 +20,7 @@ the new state, never a mix; the loop saves a checkpoint of it and raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -172,11 +173,14 @@ def resumed_state(plan: Plan, run_dir: Path) -> TrainState:
         raise UsageError(f"{run_dir}: no checkpoint to resume from")
     _, ck = ckpts[-1]
     params = rundir.load_params(plan.task.params(), ck)
+    rundir.check_finite_params(params, ck / rundir.PARAMS_FILE)
     fresh = plan.opt.init(params)
     loaded = rundir.load_optimizer_state(ck, device=plan.task.device)
+    rundir.check_optimizer_state(fresh, loaded, ck / rundir.OPTIMIZER_FILE, params)
     # Keys with no tensors (torch.optim state before its first step) are absent on disk.
     opt_state = {k: loaded.get(k, v) for k, v in fresh.items()}
     ts = rundir.read_trainer_state(ck)
+    rundir.check_trainer_state(ck, ts, plan.total)
     step = int(ts["step"])
     return TrainState(params=params, opt_state=opt_state, step=step, lr=plan.lr(max(0, step - 1)),
                       best_metric=ts.get("best_metric"), best_step=ts.get("best_step"),
@@ -308,6 +312,23 @@ class Recorder:
         return summary
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT (a second Ctrl-C) while the interrupted run saves; it is ignored, not queued
+    (the run is stopping anyway). Only the main thread can set signal handlers; elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(
     *,
     recipe: Recipe,
@@ -332,7 +353,7 @@ def train(
                        "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
                        "device": str(plan.task.device)})
     try:
-        if st.step == 0:
+        if st.step == 0 and not resume:  # a resumed step-0 checkpoint already has its step-0 lines
             st = log.validate(st)
             log.checkpoint(st)
         for batch in plan.batches_from(st.step):
@@ -365,8 +386,9 @@ def train(
             if st.step % tr["checkpoint_every"] == 0 or st.step == total:
                 log.checkpoint(st)
     except KeyboardInterrupt:
-        saved = log.checkpoint(st)
-        log.finish(st, "interrupted")
+        with _sigint_deferred():  # a second Ctrl-C waits until the checkpoint and summary.json are written
+            saved = log.checkpoint(st)
+            log.finish(st, "interrupted")
         raise Interrupted(f"interrupted at step {st.step}; " + ("checkpoint saved" if saved else
                           f"its loss is not finite: the last good checkpoint is {log.last_checkpoint}"),
                           run_dir=run_dir, step=st.step) from None
@@ -384,9 +406,3 @@ def _recorder_class() -> type:
 
     return recorder_class()
 
-
-def train_from_cli(*, recipe: str | Path, sets=(), out=None, overwrite: bool = False) -> dict:
-    """Deprecated spelling of :func:`iefcli.train.launch.train_recipe` (tests/test_eval_gamma_cli.py calls it)."""
-    from iefcli.train.launch import train_recipe
-
-    return train_recipe(recipe, sets=sets, out=out, overwrite=overwrite)

@@ -79,6 +79,15 @@ def _in01(lo_open: bool, hi_open: bool) -> Callable[[Any], str | None]:
     return check
 
 
+MAX_SEED = 2**32 - 1
+"""Seeds are 0 .. 2**32 - 1: the loop derives generator seeds as seed * 1_000_003 + offset,
+which must stay within what torch.Generator.manual_seed accepts."""
+
+
+def _check_seed(v: int) -> str | None:
+    return None if 0 <= v <= MAX_SEED else f"must be in [0, {MAX_SEED}], got {v}"
+
+
 def _betas(v: list[float]) -> str | None:
     if len(v) != 2 or not all(0 <= b < 1 for b in v):
         return f"must be two numbers in [0, 1), got {v}"
@@ -89,7 +98,7 @@ def _betas(v: list[float]) -> str | None:
 TOP: dict[str, Field] = {
     "name": Field("str", None, "recipe name (default: the file's stem); names the run directory", optional=True),
     "description": Field("str", "", "one line shown by `ief recipes`"),
-    "seed": Field("int", 0, "seeds model init, data split and order, and SF sampling", check=_ge(0)),
+    "seed": Field("int", 0, "seeds model init, data split and order, and SF sampling", check=_check_seed),
     "device": Field("str", "auto", "auto (CUDA when present) | cpu | cuda", choices=("auto", "cpu", "cuda")),
     "dtype": Field("str", "float32", "float32 | float64 (model and data)", choices=("float32", "float64")),
 }
@@ -257,6 +266,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise UsageError(f"--set {text}: value is not a YAML scalar") from None
+    check_expanded_size(value, f"--set {key}")
     return parts, value
 
 
@@ -283,6 +293,27 @@ def load_recipe_file(name_or_path: str | Path, overrides: Iterable[str] = (), *,
     from iefcli.train.extends import load_recipe
 
     return load_recipe(name_or_path, overrides, notes=notes)
+
+
+MAX_RECIPE_NODES = 100_000
+"""The most values (mappings, lists and scalars, aliases counted each time they are used) a
+recipe or a ``--set`` value may expand to: a YAML alias bomb of a few hundred bytes expands to
+billions, which would hang validation and print a huge error."""
+
+
+def check_expanded_size(obj: Any, source: str, limit: int = MAX_RECIPE_NODES) -> None:
+    """Refuse a loaded YAML document that expands (aliases included) beyond ``limit`` values."""
+    count, stack = 0, [obj]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise UsageError(f"{source}: the YAML expands to more than {limit} values (aliases included); refusing it")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
@@ -374,7 +405,9 @@ def resolve(raw: dict, *, source: str, path: Path | None) -> Recipe:
     if out["name"] is None:
         out["name"] = path.stem if path is not None else "run"
     for section, default_kind in OPEN_SECTIONS.items():
-        sec = raw.get(section) or {}
+        sec = raw.get(section)
+        if sec is None:
+            sec = {}
         if not isinstance(sec, dict):
             raise UsageError(f"{source}: {section}: must be a mapping, got {_typename(sec)}")
         sec = copy.deepcopy(sec)

@@ -40,6 +40,7 @@ import math
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -75,6 +76,17 @@ def _temp_sibling(path: Path, make: Callable[[Path], None]) -> Path:
     raise FileExistsError(f"{path}: no free temporary name")
 
 
+def _start_output(path: Path, make: Callable[[Path], None]) -> Path:
+    """The parent folder and the hidden temporary of an output: an output that cannot be
+    created at all (read-only or missing place, a file in the way) is ONE UsageError line
+    naming it, before anything is written (every command's outputs come through here)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _temp_sibling(path, make)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory + os.replace.
 
@@ -82,9 +94,8 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     less the umask: 0644 under the usual 022), never tempfile's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd_box: list[int] = []
-    tmp = _temp_sibling(path, lambda t: fd_box.append(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+    tmp = _start_output(path, lambda t: fd_box.append(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         with os.fdopen(fd_box[0], "wb") as f:
             f.write(data)
@@ -201,8 +212,7 @@ def atomic_dir(dest: Path | str, old: Path | str | None = None) -> Iterator[Path
             atomic_write_text(tmp / "a.csv", text)
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(dest, lambda t: t.mkdir())
+    tmp = _start_output(dest, lambda t: t.mkdir())
     try:
         yield tmp
         replace_dir(tmp, dest, Path(old) if old is not None else dest.parent / f".{dest.name}.old")
@@ -461,3 +471,99 @@ def read_trainer_state(ckpt_dir: Path | str) -> dict:
 def is_nonempty_dir(path: Path | str) -> bool:
     p = Path(path)
     return p.is_dir() and any(p.iterdir())
+
+
+# ----------------------------------------------------------------------------- checks before work
+
+
+def check_writable(path: Path | str, what: str) -> None:
+    """Refuse (one UsageError line naming ``what`` and the path) an output location that
+    cannot be written: ``path`` itself when it exists, else its nearest existing ancestor
+    must be a directory in which a file can be created. Checked before any work is done,
+    by a real probe (a hidden temporary file, removed at once), not permission bits."""
+    path = Path(path)
+    target = path
+    while not target.exists():
+        if target.parent == target:
+            break
+        target = target.parent
+    if target.exists() and not target.is_dir():
+        where = "exists and is not a directory" if target == path else f"{target} is not a directory"
+        raise UsageError(f"{what} {path}: {where}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ief-write-probe-", suffix=".tmp", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: not writable: cannot create a file in {target} ({e.strerror or e})") from None
+
+
+def check_finite_params(params: Mapping[str, Tensor], path: Path | str) -> None:
+    """A checkpoint never holds NaN/Inf parameters; refuse one that does (forged or damaged)."""
+    for k, v in params.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UsageError(f"{path}: parameter {k} holds NaN/Inf values")
+
+
+def _brief(v: Any, limit: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def check_optimizer_state(fresh: Mapping[str, Any], loaded: Mapping[str, Any], path: Path | str,
+                          params: Mapping[str, Tensor] | None = None) -> None:
+    """Every saved optimiser state tensor that the fresh state also has (torch.optim's have none
+    before their first step) must have its shape; none may hold NaN/Inf; the top-level keys must
+    be this optimiser's."""
+    flat_fresh, flat_loaded = flatten_tree(fresh), flatten_tree(loaded)
+    for k in loaded:
+        if k not in fresh:
+            raise UsageError(f"{path}: optimizer state entry {_brief(k, 60)} is not one of this optimiser's")
+    for k, v in flat_loaded.items():
+        if k in flat_fresh and tuple(v.shape) != tuple(flat_fresh[k].shape):
+            raise UsageError(f"{path}: optimizer state {k} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(flat_fresh[k].shape)}")
+        owner = k.split("/", 1)[0]
+        if (k not in flat_fresh and params is not None and owner in params
+                and v.numel() > params[owner].numel()):  # torch.optim's lazily created per-parameter state
+            raise UsageError(f"{path}: optimizer state {k} has shape {tuple(v.shape)}, "
+                             f"larger than its parameter {tuple(params[owner].shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UsageError(f"{path}: optimizer state {k} holds NaN/Inf values")
+
+
+def check_trainer_state(ckpt: Path | str, ts: Mapping[str, Any], total_steps: int) -> None:
+    """The trainer state of a step checkpoint, checked before a resume trusts it: its step is
+    the checkpoint's own (step-N), within the run's planned steps, and every field has its type."""
+    ckpt = Path(ckpt)
+    path = ckpt / TRAINER_STATE_FILE
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    step = ts.get("step")
+    if not is_int(step) or step < 0:
+        raise UsageError(f"{path}: corrupt trainer state (step {_brief(step)} is not a step number)")
+    own = _step_of(ckpt)
+    if own is not None and step != own:
+        raise UsageError(f"{path}: corrupt trainer state (step {step} in checkpoint {ckpt.name})")
+    if step > total_steps:
+        raise UsageError(f"{path}: trainer state at step {step}, beyond the run's {total_steps} steps")
+    best_step = ts.get("best_step")
+    if best_step is not None and not (is_int(best_step) and 0 <= best_step <= step):
+        raise UsageError(f"{path}: corrupt trainer state (best_step {_brief(best_step)})")
+    best = ts.get("best_metric")
+    if best is not None and not is_num(best):
+        raise UsageError(f"{path}: corrupt trainer state (best_metric {_brief(best)})")
+    bad = ts.get("bad_steps", 0)
+    if not is_int(bad) or bad < 0:
+        raise UsageError(f"{path}: corrupt trainer state (bad_steps {_brief(bad)})")
+    el = ts.get("elapsed_s", 0.0)
+    if not is_num(el) or el < 0:
+        raise UsageError(f"{path}: corrupt trainer state (elapsed_s {_brief(el)})")
+    rl = ts.get("recent_losses", [])
+    if not isinstance(rl, list) or not all(is_num(x) for x in rl):
+        raise UsageError(f"{path}: corrupt trainer state (recent_losses)")

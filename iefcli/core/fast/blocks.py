@@ -81,7 +81,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
     """sum_{t,t'} (X_i X_j^T)_{tt'} (E_i E_j^T)_{tt'} for X (M,T,a), E (M,T,b), chunked over i. (M, M)."""
     m, t = x.shape[:2]
-    out = torch.empty(m, m, dtype=ACC, device=x.device)
+    out = torch.empty(m, m, dtype=ACC, device=x.device)  # chunks formed in x's dtype, stored in float64
     step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m * t * t))
     for i0 in range(0, m, step):
         xx = torch.einsum("itd,jsd->ijts", x[i0 : i0 + step], x)
@@ -90,15 +90,8 @@ def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
     return out
 
 
-def _gram_chunked(g: Tensor) -> Tensor:
-    """g g^T in float64 for g (M, D), upcasting D-column chunks so the float64 copy stays small."""
-    m, d = g.shape
-    step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m))
-    out = torch.zeros(m, m, dtype=ACC, device=g.device)
-    for c0 in range(0, d, step):
-        gc = g[:, c0 : c0 + step].to(ACC)
-        out += gc @ gc.T
-    return out
+def _f32_at_least(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _cat(grads: list[Tensor]) -> Tensor:
@@ -127,11 +120,13 @@ class _MatmulBlock(Block):
         return self.x.repeat(self.k, 1, 1) if self.k > 1 else self.x
 
     def gram(self) -> Tensor:
+        # Formed in the compute dtype (float32 for float32 params: the per-block products lose
+        # ~1e-7 relative), each block rounded once into float64, where the blocks are summed.
         m = self.e.shape[0]
         out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
         if "weight" in self.roles:
             if self.x.shape[1] == 1:
-                x, e = self.x[:, 0].to(ACC), self.e[:, 0].to(ACC)
+                x, e = self.x[:, 0], self.e[:, 0]
                 xx = x @ x.T  # (N, N)
                 if self.k > 1:
                     xx = xx.repeat(self.k, self.k)
@@ -139,26 +134,37 @@ class _MatmulBlock(Block):
             elif self.strategy == "materialise":
                 # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
                 g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
-                out += _gram_chunked(g)
+                out += g @ g.T
             else:
-                out += _gram_weight_ghost(self._x_rows().to(ACC), self.e.to(ACC))
+                out += _gram_weight_ghost(self._x_rows(), self.e)
         if "bias" in self.roles:
-            eb = self.e.sum(dim=1).to(ACC)  # (M, d_out)
+            eb = self.e.sum(dim=1)  # (M, d_out)
             out += eb @ eb.T
         return out
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
-        # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X, accumulated in float64
-        # over blocks of output units, each rounded once into the result: the float64 temporaries
-        # stay at X's size plus COMBINE_CHUNK_ELEMENTS.
+        # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X: one matmul per layer.
+        # Formed in the compute dtype when the result is (float32 params: ~1e-7 relative); a float64
+        # result (SF's Woodbury subtraction, ngd's residual) is accumulated in float64 over blocks of
+        # output units, each rounded once, so the float64 temporaries stay at X's size plus a chunk.
         n, _, d_in = self.x.shape
         d_out = self.e.shape[-1]
+        w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
+        b = out[self.roles["bias"]] if "bias" in self.roles else None
+        dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
+        if dt != ACC:
+            ex = self.e * x.to(dt)[:, None, None]  # (M, T, d_out)
+            if self.k > 1:
+                ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
+            if w is not None:
+                w.copy_(ex.reshape(-1, d_out).T @ self.x.reshape(-1, d_in))
+            if b is not None:
+                b.copy_(ex.sum(dim=(0, 1)))
+            return
         x64 = x.to(ACC)[:, None, None]
         xin = self.x.reshape(-1, d_in).to(ACC)
         chunk = COMBINE_CHUNK_ELEMENTS if self.x.device.type == "cpu" else COMBINE_CHUNK_ELEMENTS_ACCEL
         step = max(1, chunk // max(1, d_in, n * self.x.shape[1]))
-        w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
-        b = out[self.roles["bias"]] if "bias" in self.roles else None
         for r0 in range(0, d_out, step):
             ex = self.e[..., r0 : r0 + step].to(ACC) * x64  # (M, T, chunk)
             if self.k > 1:
@@ -201,7 +207,8 @@ class _DenseBlock(Block):
         self.shapes = shapes
 
     def gram(self) -> Tensor:
-        return sum(g.to(ACC) @ g.to(ACC).T for g in self.mats.values())
+        # each parameter's block formed in float32/float64 (bf16/fp16 upcast), summed in float64
+        return sum((g @ g.T).to(ACC) for g in map(_f32_at_least, self.mats.values()))
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         for name, g in self.mats.items():

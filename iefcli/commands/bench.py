@@ -62,8 +62,8 @@ def render_table(rows: list[dict]):
              f"{first['threads']} thread(s), median of {first['repeats']}")
     t = Table(title=title)
     for col, justify in (("N", "right"), ("optimizer", "left"), ("path", "left"), ("ms (median)", "right"),
-                         ("x SGD", "right"), ("peak MiB", "right"), ("mem x SGD", "right"),
-                         ("fast vs plain", "right")):
+                         ("x SGD", "right"), ("CPU ms", "right"), ("CPU x SGD", "right"), ("peak MiB", "right"),
+                         ("mem x SGD", "right"), ("fast vs plain", "right"), ("vs float64", "right")):
         t.add_column(col, justify=justify)
     partial = sorted({r["check_n"] for r in rows if r.get("check_n") not in (None, r["batch_size"])})
     if partial:  # a footnote, so the column stays narrow enough for an 80-column terminal
@@ -74,8 +74,9 @@ def render_table(rows: list[dict]):
         if r.get("check_n") not in (None, r["batch_size"]):
             diff += "*"
         t.add_row(str(r["batch_size"]), r["optimizer"], r["jacobian"], _fmt(r["ms_median"], ".1f"),
-                  _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r["peak_mb"], ".1f"), _fmt(r["peak_ratio_to_sgd"], ".2f"),
-                  diff)
+                  _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r.get("cpu_ms_median"), ".1f"),
+                  _fmt(r.get("cpu_ratio_to_sgd"), ".2f"), _fmt(r["peak_mb"], ".1f"),
+                  _fmt(r["peak_ratio_to_sgd"], ".2f"), diff, _fmt(r.get("max_rel_diff_vs_float64"), ".1e"))
     return t
 
 

@@ -246,8 +246,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_methods(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int,
-                 device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step for each method, the methods alternating within every round."""
+                 device: torch.device, cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds per step for each method, the methods alternating within every round (paired,
+    interleaved repeats). ``cpu_times``, when given, receives the process CPU seconds of each step."""
     for _ in range(warmup):
         for f in steps.values():
             f()
@@ -256,10 +257,12 @@ def time_methods(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: 
     for _ in range(repeats):
         for m, f in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
             _sync(device)
             out[m].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(m, []).append(time.process_time() - c0)
     return out
 
 
@@ -298,6 +301,32 @@ def check_fast_vs_plain(wl: Workload, methods, *, damping: float, seed: int,
         a, b = d_fast.to(torch.float64), d_plain.to(torch.float64)
         out[m] = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
     return out, n
+
+
+def check_vs_float64(wl: Workload, methods, *, damping: float, seed: int) -> dict[str, float]:
+    """Max relative difference of each curvature method's fast direction in the model's dtype vs the
+    same direction from a float64 copy of the model and batch (the reference), on ALL N rows."""
+    import copy
+
+    from iefcli.core import trainable_params
+
+    if next(wl.model.parameters()).dtype == torch.float64:
+        return {}
+    m64 = copy.deepcopy(wl.model).to(torch.float64)
+    cast = lambda t: t.to(torch.float64) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    ins = wl.inputs
+    ins64 = ({k: cast(v) for k, v in ins.items()} if isinstance(ins, dict)
+             else tuple(cast(v) for v in ins) if isinstance(ins, (tuple, list)) else cast(ins))
+    w64 = Workload(wl.spec, m64, ins64, wl.targets, wl.loss_fn, wl.forward, wl.n)
+    out = {}
+    for m in methods:
+        if m not in CURVATURE:
+            continue
+        d, _ = _direction(m, wl, jacobian="auto", damping=damping, seed=seed, params=trainable_params(wl.model))
+        d64, _ = _direction(m, w64, jacobian="auto", damping=damping, seed=seed, params=trainable_params(m64))
+        a = d.to(torch.float64)
+        out[m] = float(torch.linalg.vector_norm(a - d64) / torch.linalg.vector_norm(d64).clamp_min(1e-300))
+    return out
 
 
 def _take(inputs: Any, n: int) -> Any:
@@ -469,7 +498,8 @@ def run_bench(
         wl = build_workload(model, n, seed=seed, device=dev)
         steps = {m: make_step(m, wl, jacobian=jacobian, damping=damping, seed=seed) for m in methods}
         say(f"N={n}: timing {', '.join(methods)} ({warmup} warm-up + {repeats} alternating rounds)")
-        times = time_methods(steps, repeats=repeats, warmup=warmup, device=dev)
+        cpu: dict[str, list[float]] = {}
+        times = time_methods(steps, repeats=repeats, warmup=warmup, device=dev, cpu_times=cpu)
         peaks: dict[str, float | None] = {m: None for m in methods}
         if memory and dev.type == "cuda":
             for m, f in steps.items():
@@ -481,12 +511,16 @@ def run_bench(
         elif cpu_mem is not None:
             peaks = {m: cpu_mem[str(n)][m] for m in methods}
         diffs: dict[str, float] = {}
+        diffs64: dict[str, float] = {}
         check_n = None
         if check and any(m in CURVATURE for m in methods):
+            say(f"N={n}: checking the directions against a float64 reference (all {n} rows)")
+            diffs64 = check_vs_float64(wl, methods, damping=damping, seed=seed)
             say(f"N={n}: checking fast vs plain directions")
             diffs, check_n = check_fast_vs_plain(wl, methods, damping=damping, seed=seed,
                                                  max_numbers=check_max_numbers)
         med = {m: statistics.median(ts) * 1e3 for m, ts in times.items()}
+        cmed = {m: statistics.median(ts) * 1e3 for m, ts in cpu.items()}
         for m in methods:
             results.append({
                 "model": model,
@@ -500,11 +534,14 @@ def run_bench(
                 "ms_median": med[m],
                 "ms_min": min(times[m]) * 1e3,
                 "ratio_to_sgd": med[m] / med["sgd"] if "sgd" in med else None,
+                "cpu_ms_median": cmed[m],
+                "cpu_ratio_to_sgd": cmed[m] / cmed["sgd"] if "sgd" in cmed and cmed["sgd"] > 0 else None,
                 "peak_mb": peaks[m],
                 "peak_ratio_to_sgd": (peaks[m] / peaks["sgd"]
                                       if peaks[m] is not None and peaks.get("sgd") else None),
                 "max_rel_diff_fast_vs_plain": diffs.get(m),
                 "check_n": check_n if m in diffs else None,
+                "max_rel_diff_vs_float64": diffs64.get(m),
             })
         del wl, steps
         gc.collect()

@@ -345,7 +345,8 @@ def replay_block(call: Call, grads: list[Tensor], shapes: dict[str, torch.Size],
     rows_{kn} = (d out_n / d theta_module)^T E_kn. Only this module is replayed, never the model.
     The arguments whose leading dim is N are split per sample; others are shared."""
     module = call.module
-    sub = {attr: getattr(module, attr).detach() for attr in call.roles}
+    sub = {attr: module.get_parameter(attr).detach() for attr in call.roles}
+    pick = getattr(call, "pick", None)
     n = grads[0].shape[0]
     flat, spec = tree_flatten((call.args, call.kwargs))
     batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in flat]
@@ -357,7 +358,8 @@ def replay_block(call: Call, grads: list[Tensor], shapes: dict[str, torch.Size],
         args, kwargs = tree_unflatten(leaves, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(module, p, tuple(args), kwargs).squeeze(0)
+            out = functional_call(module, p, tuple(args), kwargs)
+            return (out if pick is None else out[pick]).squeeze(0)
 
         _, vjp_n = vjp(f, sub)
         return vmap(lambda uk: vjp_n(uk)[0])(u_n)  # attr -> (K, *shape)

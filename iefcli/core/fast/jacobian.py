@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp as func_jvp
 
-from iefcli.core.fast.blocks import compute_dtype, make_block
+from iefcli.core.fast.blocks import compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.fast.rules import (
+    Call,
     Layer,
     active_dropout,
     leaf_uses,
@@ -41,6 +42,71 @@ def _uncompiled(model: nn.Module, params: Params) -> tuple[nn.Module, str]:
         raise ModelError("the model is a torch.compile wrapper but the params are not named after it "
                          "(trainable_params(compiled_model)); pass the original module instead")
     return model, ""
+
+
+def _plan_calls(model: nn.Module, layers: list[Layer], reasons: dict[str, str]) -> tuple[list[Layer], list[Call]]:
+    """The per-module fallback plan: each module owning trainable parameters without a rule becomes a
+    :class:`Call` (replayed per sample on its own, its parameters the only variables), absorbing the
+    rule layers and fallback modules below it (e.g. nn.MultiheadAttention's out_proj, whose weight it
+    uses without calling the module). Tied parameters, the root's own parameters and recurrent modules
+    are left to the whole-model vmap path."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_module: dict[str, dict[str, str]] = {}
+    for pname, reason in reasons.items():
+        mod_name, _, attr = pname.rpartition(".")
+        module = modules.get(mod_name) if mod_name else None
+        if module is None or "shared with another module" in reason or isinstance(module, nn.RNNBase):
+            continue
+        by_module.setdefault(mod_name, {})[attr] = pname
+    top: list[str] = []
+    for name in sorted(by_module, key=lambda s: s.count(".")):
+        anc = next((t for t in top if name.startswith(t + ".")), None)
+        if anc is None:
+            top.append(name)
+        else:
+            by_module[anc].update({f"{name[len(anc) + 1:]}.{a}": p for a, p in by_module.pop(name).items()})
+    keep = []
+    for layer in layers:
+        anc = next((t for t in top if layer.name.startswith(t + ".")), None)
+        if anc is None:
+            keep.append(layer)
+        else:
+            by_module[anc].update({f"{layer.name[len(anc) + 1:]}.{a}": p for a, p in layer.roles.items()})
+            for p in layer.roles.values():
+                reasons[p] = f"{layer.name}: inside {anc}, which has no fast rule (replayed with it)"
+    return keep, [Call(t, modules[t], by_module[t]) for t in top]
+
+
+def _graph_nodes(root: Tensor) -> set:
+    seen, stack = {root.grad_fn}, [root.grad_fn]
+    while stack:
+        for nxt, _ in stack.pop().next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _replay_problem(call: Call, uses: dict[int, int], leaves: dict[str, Tensor], n: int) -> str:
+    """Why ``call`` cannot be replayed per sample on its own ('' when it can)."""
+    from torch.utils._pytree import tree_leaves
+
+    if call.calls != 1:
+        return f"no fast rule, and called {call.calls} times in one forward (the replay needs one call)"
+    if call.reason:
+        return f"no fast rule, and {call.reason}"
+    for p in call.roles.values():
+        k = uses.get(id(leaves[p]), 0)
+        if k > 1:
+            return f"no fast rule, and parameter {p} is used by {k} operations"
+    for name, m in call.module.named_modules():
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return "no fast rule, and active dropout inside"
+    if call.out.dim() == 0 or call.out.shape[0] != n:
+        return "no fast rule, and its output's leading dim is not the batch"
+    if not any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in tree_leaves((call.args, call.kwargs))):
+        return "no fast rule, and no input has the batch as its leading dim"
+    return ""
 
 
 class FastJacobian:
@@ -83,11 +149,12 @@ class FastJacobian:
         # code's speed anyway); the params keep the caller's names outside.
         self._inner, self._prefix = _uncompiled(model, params)
         layers, reasons = plan_layers(self._inner, self._strip(params))
-        for layer in layers:
-            layer.roles = {r: self._prefix + p for r, p in layer.roles.items()}
+        layers, calls = _plan_calls(self._inner, layers, reasons)
+        for cap in [*layers, *calls]:
+            cap.roles = {r: self._prefix + p for r, p in cap.roles.items()}
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        handles = [layer.module.register_forward_hook(layer.hook, with_kwargs=True) for layer in layers]
+        handles = [cap.module.register_forward_hook(cap.hook, with_kwargs=True) for cap in [*layers, *calls]]
         try:
             with torch.enable_grad():
                 out = forward(self._inner, self._strip(self._leaves), inputs)
@@ -118,9 +185,24 @@ class FastJacobian:
             if layer.roles:
                 self._layers.append(layer)
             layer.x_ref = None  # only the detached copy is needed from here on
+        self._calls: list[Call] = []
+        nodes = None
+        for call in calls:
+            if call.extra and call.reason.startswith("its output is a tuple") and out.requires_grad:
+                nodes = _graph_nodes(out) if nodes is None else nodes
+                if not any(t.grad_fn in nodes for t in call.extra):
+                    call.reason = ""  # the tuple's other outputs do not reach the logits
+            why = _replay_problem(call, uses, self._leaves, n_batch) if out.requires_grad else "logits do not require grad"
+            if why:
+                for p in call.roles.values():
+                    self.fallback_reasons[p] = f"{call.name}: {why}"
+            else:
+                self._calls.append(call)
         fast = {p: layer.kind for layer in self._layers for p in layer.roles.values()}
+        fast.update({p: "replay" for call in self._calls for p in call.roles.values()})
         self.param_paths = {name: fast.get(name, "vmap") for name in params}
         self.layer_paths = {layer.name: layer.kind for layer in self._layers}
+        self.layer_paths.update({call.name: "replay" for call in self._calls})
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
 
@@ -170,7 +252,7 @@ class FastJacobian:
         """Rows Jz_n^T U_{kn} (K*N of them, k-major) for cotangents (K, N, ...), as FastRows."""
         k = cotangents.shape[0]
         u = cotangents.to(self._out.dtype)
-        targets = [layer.out for layer in self._layers]
+        targets = [layer.out for layer in self._layers] + [call.out for call in self._calls]
         grads: list[list[Tensor]] = [[] for _ in targets]
         if targets:
             with torch.enable_grad():
@@ -180,7 +262,19 @@ class FastJacobian:
                         grads[j].append(torch.zeros_like(targets[j]) if g is None else g.detach())
         shapes = dict(zip(self.layout.names, self.layout.shapes))
         cdt = compute_dtype(self._dtype)
-        blocks = [make_block(layer, gs, shapes, cdt) for layer, gs in zip(self._layers, grads)]
+        nl = len(self._layers)
+        blocks = [make_block(layer, gs, shapes, cdt) for layer, gs in zip(self._layers, grads[:nl])]
+        for call, gs in zip(self._calls, grads[nl:]):  # the per-module fallback: only this module per sample
+            try:
+                blocks.append(replay_block(call, gs, shapes, randomness=self.randomness))
+            except RuntimeError as e:
+                names = list(call.roles.values())
+                err = translate_func_error(e, "the vmap fallback for " + ", ".join(names[:3])
+                                           + (" ..." if len(names) > 3 else "")
+                                           + f" (module {call.name}, {type(call.module).__name__}, replayed alone)")
+                if err is None:
+                    raise
+                raise err from None
         fallback = fb_layout = None
         if self._fallback_names:
             fj = self._fallback_jacobian()

@@ -133,7 +133,7 @@ class Call:
 
     name: str
     module: nn.Module
-    roles: dict[str, str]  # attribute -> qualified name of the module's own trainable parameters
+    roles: dict[str, str]  # attribute (dotted for a submodule's) -> qualified name of the trainable parameter
     calls: int = 0
     args: Any = None
     kwargs: Any = None
@@ -141,9 +141,12 @@ class Call:
     grad: Tensor | None = None
     reason: str = ""
     enabled: bool = True
+    pick: int | None = None  # None: the output is a tensor; i: the replayed output is output[i] of a tuple
+    extra: list | None = None  # the tuple's other differentiable outputs (they must not reach the loss)
 
     def reset(self) -> None:
         self.calls, self.args, self.kwargs, self.out, self.grad, self.reason = 0, None, None, None, None, ""
+        self.pick, self.extra = None, None
 
     def _keep_grad(self, grad: Tensor) -> None:
         self.grad = grad.detach()
@@ -154,14 +157,22 @@ class Call:
         self.calls += 1
         if self.calls > 1:
             return None
-        if not isinstance(output, Tensor) or not output.requires_grad:
+        first = output
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            # e.g. nn.MultiheadAttention's (attn_output, attn_weights or None): the first output is
+            # replayed; other differentiable outputs must not reach the loss (checked by the caller)
+            self.pick, first = 0, output[0]
+            self.extra = [t for t in output[1:] if isinstance(t, Tensor) and t.requires_grad]
+            if self.extra:
+                self.reason = "its output is a tuple whose other tensors are differentiable (attention weights?)"
+        if not isinstance(first, Tensor) or not first.requires_grad:
             self.reason = "its output is not a single differentiable tensor"
             return None
         detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
         self.args, self.kwargs = tree_map(detach, args), tree_map(detach, kwargs)
-        self.out = output
-        output.register_hook(self._keep_grad)
-        return output.clone()
+        self.out = first
+        first.register_hook(self._keep_grad)
+        return first.clone() if self.pick is None else (first.clone(), *output[1:])
 
 
 def plan_layers(model: nn.Module, params) -> tuple[list[Layer], dict[str, str]]:

@@ -48,7 +48,13 @@ class CurvatureOptimizer:
         bg = batch_grads(fn.model, params, batch.inputs, batch.targets, fn.loss_fn,
                          jacobian=c.jacobian, forward=fn.forward, chunk_size=c.chunk_size)
         gen = torch.Generator(device=bg.logits.device).manual_seed(int(key)) if self.method.random else None
-        d, info = compute_direction(c.name, bg, c.damping, generator=gen, options=self.options)
+        rec = _CombineRecorder(bg.rows)
+        bg.rows = rec
+        try:
+            d, info = compute_direction(c.name, bg, c.damping, generator=gen, options=self.options)
+        finally:
+            bg.rows = rec.inner
+        self._last_x = rec.xs[0] if len(rec.xs) == 1 and bg._g is None else None
         m: dict[str, torch.Tensor] = {"loss": bg.loss.mean().detach()}
         m.update(info)
         m.update(batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s))
@@ -57,9 +63,22 @@ class CurvatureOptimizer:
                 -1, bg.targets.unsqueeze(-1)).mean()
         return bg, d, m
 
+    def _grad_stats(self, bg, d: torch.Tensor):
+        """(||g||, <d, g>) from the Gram matrix when d = a R^T x came from ONE combine (ef, ief):
+        <R^T x, g> = x^T G 1 / N, so the diagnostics need no second J^T w for g. Else None."""
+        x = self._last_x
+        if x is None:
+            return None
+        gram = bg.rows.gram()
+        w = gram.sum(dim=1) / bg.rows.n_rows  # G 1 / N
+        gnorm = torch.sqrt((w.sum() / bg.rows.n_rows).clamp_min(0))
+        scale = float(bg.n) ** self.method.direction_power
+        return gnorm, scale * (x.to(torch.float64) @ w)
+
     def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
         c = self.config
         bg, d, metrics = self.direction(params, batch, key)
+        stats = self._grad_stats(bg, d) if c.momentum == 0 and c.weight_decay == 0 else None
         layout = bg.layout
         new_state: State = {}
         if c.momentum > 0:
@@ -69,5 +88,24 @@ class CurvatureOptimizer:
         theta = layout.flatten(params)
         if c.weight_decay > 0:
             d = d + c.weight_decay * theta
-        new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
+        if stats is None:
+            new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
+        else:
+            new_params, metrics = finish_step(layout, theta, theta - lr * d, None, c, metrics,
+                                              grad_norm=stats[0], step_dot_grad=lr * stats[1])
         return new_params, new_state, metrics
+
+
+class _CombineRecorder:
+    """The rows, seen through: records the coefficient vectors of combine (R^T x) calls."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.xs: list[torch.Tensor] = []
+
+    def combine(self, x, *args, **kwargs):
+        self.xs.append(x)
+        return self.inner.combine(x, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -334,7 +334,7 @@ def test_train_mode_batchnorm_refused():
     with pytest.raises(ModelError, match="batch norm"):
         FastJacobian(model.train(), trainable_params(model), x)
     jac = FastJacobian(model.eval(), trainable_params(model), x)
-    assert jac.param_paths["1.weight"] == "replay" and jac.param_paths["0.weight"] == "linear"
+    assert jac.param_paths["1.weight"] == "batchnorm" and jac.param_paths["0.weight"] == "linear"
 
 
 def test_batch_grads_under_no_grad():

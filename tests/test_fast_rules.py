@@ -1,6 +1,7 @@
-"""The per-module fallback of FastJacobian: modules without a rule are replayed per sample ON THEIR OWN
-(only their parameters as variables), never the whole model; everything equals the plain vmap path
-in float64 (Gram, J^T x, J v and the dense rows) on models mixing covered and uncovered modules."""
+"""The layer rules (Conv1d, BatchNorm in eval mode, GroupNorm, RMSNorm) and the per-module fallback of FastJacobian: modules without a rule are replayed per sample ON THEIR OWN
+(only their parameters as variables), never the whole model; everything equals a loop of
+torch.autograd.grad in float64 (Gram, J^T x, J v and the dense rows) on models mixing covered and
+uncovered modules."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from iefcli.core import CrossEntropy, batch_grads, trainable_params
 class Pool(nn.Module):
     def forward(self, x):
         return x.mean(dim=1) if x.dim() == 3 else x.flatten(1)
+
+
+class Scale(nn.Module):
+    """A module without a rule: the per-module fallback replays it alone."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.scale + torch.sin(self.scale)
 
 
 class MHA(nn.Module):
@@ -39,6 +51,19 @@ def _model(name):
     if name == "conv1d":
         m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3))
         x = torch.randn(5, 2, 6)
+    elif name == "conv1d_strided":
+        m = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(12, 3))
+        x = torch.randn(5, 2, 8)
+    elif name == "batchnorm1d_seq":
+        norm = nn.BatchNorm1d(4)
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        m = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), norm, nn.Tanh(), nn.Flatten(), nn.Linear(24, 3))
+        x = torch.randn(5, 2, 6)
+    elif name == "custom":
+        m = nn.Sequential(nn.Linear(4, 6), Scale(6), nn.Tanh(), nn.Linear(6, 3))
+        x = torch.randn(5, 4)
     elif name in ("groupnorm", "batchnorm"):
         norm = nn.GroupNorm(2, 4) if name == "groupnorm" else nn.BatchNorm2d(4)
         m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), norm, nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
@@ -64,34 +89,51 @@ def _model(name):
     return m, x.double(), y
 
 
-REPLAYED = {
-    "conv1d": ["0.weight", "0.bias"],
-    "groupnorm": ["1.weight", "1.bias"],
-    "batchnorm": ["1.weight", "1.bias"],
-    "mha": ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"],
-    "mha_noweights": ["attn.in_proj_weight", "attn.out_proj.weight"],
-    "encoder": ["1.self_attn.in_proj_weight", "1.self_attn.out_proj.weight"],
-    "rmsnorm": ["1.weight"],
+PATHS = {  # parameter -> the path it must take
+    "conv1d": {"0.weight": "conv1d", "0.bias": "conv1d"},
+    "conv1d_strided": {"0.weight": "conv1d", "0.bias": "conv1d"},
+    "groupnorm": {"1.weight": "groupnorm", "1.bias": "groupnorm", "0.weight": "conv2d"},
+    "batchnorm": {"1.weight": "batchnorm", "1.bias": "batchnorm"},
+    "batchnorm1d_seq": {"1.weight": "batchnorm", "1.bias": "batchnorm"},
+    "rmsnorm": {"1.weight": "rmsnorm"},
+    "mha": {p: "replay" for p in ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                                  "attn.out_proj.bias")},
+    "mha_noweights": {"attn.in_proj_weight": "replay", "attn.out_proj.weight": "replay"},
+    "encoder": {"1.self_attn.in_proj_weight": "replay", "1.self_attn.out_proj.weight": "replay",
+                "1.linear1.weight": "linear", "1.norm1.weight": "layernorm"},
+    "custom": {"1.scale": "replay", "0.weight": "linear"},
 }
 
 
-@pytest.mark.parametrize("name", list(REPLAYED))
-def test_per_module_fallback_equals_plain_path(name):
+def _loop_rows(m, x, y):
+    """(N, P) per-sample gradients of the unscaled cross-entropy, one autograd.grad per sample."""
+    ps = [p for p in m.parameters() if p.requires_grad]
+    rows = []
+    for n in range(x.shape[0]):
+        loss = nn.functional.cross_entropy(m(x[n : n + 1]), y[n : n + 1], reduction="sum")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, ps)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", list(PATHS))
+def test_rules_and_per_module_fallback_equal_the_loop(name):
     m, x, y = _model(name)
     params = trainable_params(m)
     bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")
-    bv = batch_grads(m, params, x, y, CrossEntropy(), jacobian="vmap")
     paths = bf.jac.param_paths
-    assert all(paths[p] == "replay" for p in REPLAYED[name]), paths
+    assert all(paths[p] == want for p, want in PATHS[name].items()), paths
     assert "vmap" not in paths.values(), paths  # never the whole model
-    assert any(v not in ("replay", "vmap") for v in paths.values())  # a rule still covers the rest
-    rf, rv = bf.rows, bv.rows
-    assert ref.rel_err(rf.matrix, rv.matrix) < 1e-12
-    assert ref.rel_err(rf.gram(), rv.gram()) < 1e-12
+    rf = bf.rows
+    J = _loop_rows(m, x, y)
+    assert ref.rel_err(rf.matrix, J) < 1e-12
+    assert ref.rel_err(rf.gram(), J @ J.T) < 1e-12
     xs = torch.randn(rf.n_rows, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    assert ref.rel_err(rf.combine(xs), rv.combine(xs)) < 1e-12
-    v = torch.randn(bf.jac.layout.size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert ref.rel_err(rf.dot(v), rv.dot(v)) < 1e-12
+    assert ref.rel_err(rf.combine(xs), J.T @ xs) < 1e-12
+    v = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert ref.rel_err(rf.dot(v), J @ v) < 1e-12
+    for blk in rf.blocks:  # each block's gram equals its dense twin's
+        mat = blk.matrix()
+        assert ref.rel_err(blk.gram(), mat @ mat.T) < 1e-12
 
 
 def test_attention_weights_used_downstream_take_the_whole_model_path():
@@ -112,3 +154,24 @@ def test_float32_replay_close_to_plain():
     bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")
     bv = batch_grads(m, params, x, y, CrossEntropy(), jacobian="vmap")
     assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-5
+
+
+class ScaleOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.s, self.b = nn.Linear(4, 6), Scale(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.s(self.a(x)))) + self.s.scale[:3]  # the module's parameter read outside it
+
+
+def test_parameter_used_outside_its_replayed_module_takes_the_whole_model_path():
+    torch.manual_seed(0)
+    m = ScaleOutside().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["s.scale"] == "vmap"
+    assert "outside the module" in bf.jac.fallback_reasons["s.scale"]
+    J = _loop_rows(m, x, y)
+    assert ref.rel_err(bf.rows.gram(), J @ J.T) < 1e-12

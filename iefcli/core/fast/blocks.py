@@ -295,14 +295,18 @@ class _EmbeddingBlock(Block):
 
 
 def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
-    """xhat (N, T, D) and D, recomputed from the captured input in ``cdt``."""
-    m: nn.LayerNorm = layer.module
+    """xhat (N, T, D) and D, recomputed from the captured input in ``cdt`` (LayerNorm or RMSNorm)."""
+    m = layer.module
     nd = len(m.normalized_shape)
     dims = tuple(range(-nd, 0))
     x = layer.x.to(cdt)
-    mu = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, unbiased=False, keepdim=True)
-    xhat = (x - mu) / torch.sqrt(var + m.eps)
+    if layer.kind == "rmsnorm":
+        eps = m.eps if m.eps is not None else torch.finfo(layer.x.dtype).eps
+        xhat = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    else:
+        mu = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        xhat = (x - mu) / torch.sqrt(var + m.eps)
     d = int(torch.Size(m.normalized_shape).numel())
     return _seq(xhat, x.shape[0], d), d
 
@@ -323,12 +327,36 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
         x = patches.transpose(1, 2)  # (N, L, C_in kh kw), in the order of weight.view(C_out, -1)
         e = _cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
         return _MatmulBlock("conv2d", layer.roles, x, e, k, tuple(m.weight.shape), cdt)
-    if layer.kind == "layernorm":
+    if layer.kind == "conv1d":
+        x = layer.x if layer.x.dim() == 3 else layer.x.unsqueeze(0)
+        (k1,), (d1,), (s1,) = m.kernel_size, m.dilation, m.stride
+        patches = F.unfold(x.unsqueeze(2), (1, k1), dilation=(1, d1), padding=(0, conv_padding(m)[0]), stride=(1, s1))
+        x = patches.transpose(1, 2)  # (N, L_out, C_in k), in the order of weight.view(C_out, -1)
+        e = _cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
+        return _MatmulBlock("conv1d", layer.roles, x, e, k, tuple(m.weight.shape), cdt)
+    if layer.kind in ("batchnorm", "groupnorm"):
+        # per-channel affine after a per-sample normalisation: the features are the channels (dim 1)
+        c = m.num_features if layer.kind == "batchnorm" else m.num_channels
+        x = layer.x.to(cdt)
+        x = x.reshape(n, c, -1) if x.shape[0] == n and x.dim() > 1 else x.reshape(1, c, -1)
+        if layer.kind == "batchnorm":
+            xhat = (x - m.running_mean.to(cdt)[:, None]) / torch.sqrt(m.running_var.to(cdt)[:, None] + m.eps)
+        else:
+            xg = x.reshape(x.shape[0], m.num_groups, -1)
+            mu = xg.mean(dim=-1, keepdim=True)
+            var = xg.var(dim=-1, unbiased=False, keepdim=True)
+            xhat = ((xg - mu) / torch.sqrt(var + m.eps)).reshape(x.shape)
+        xhat = xhat.transpose(1, 2)  # (N, S, C)
+        e = _cat([g.to(cdt).reshape(n, c, -1).transpose(1, 2) for g in grads])  # (M, S, C)
+        xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
+        mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
+        return _DenseBlock(layer.kind, layer.roles, mats, shapes)
+    if layer.kind in ("layernorm", "rmsnorm"):
         xhat, d = _layernorm_features(layer, cdt)
         e = _cat([_seq(g, n, d) for g in grads]).to(cdt)  # (M, T, D)
         xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
         mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
-        return _DenseBlock("layernorm", layer.roles, mats, shapes)
+        return _DenseBlock(layer.kind, layer.roles, mats, shapes)
     if layer.kind == "embedding":
         d = m.embedding_dim
         e = _cat([_seq(g, n, d) for g in grads])

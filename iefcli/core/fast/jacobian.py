@@ -87,6 +87,29 @@ def _graph_nodes(root: Tensor) -> set:
     return seen
 
 
+def _uses_outside(root: Tensor, leaves: dict[str, Tensor], stops: list[Tensor]) -> dict[int, int]:
+    """Leaf id -> edges into it from the graph of ``root`` NOT inside the ``stops`` tensors' graphs
+    (the walk does not enter their grad_fns)."""
+    wanted = {id(t) for t in leaves.values()}
+    stop = {t.grad_fn for t in stops if t.grad_fn is not None}
+    uses: dict[int, int] = {}
+    seen, stack = {root.grad_fn}, [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None or nxt in stop:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                if id(var) in wanted:
+                    uses[id(var)] = uses.get(id(var), 0) + 1
+                continue
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
+
+
 def _replay_problem(call: Call, uses: dict[int, int], leaves: dict[str, Tensor], n: int) -> str:
     """Why ``call`` cannot be replayed per sample on its own ('' when it can)."""
     from torch.utils._pytree import tree_leaves
@@ -97,8 +120,8 @@ def _replay_problem(call: Call, uses: dict[int, int], leaves: dict[str, Tensor],
         return f"no fast rule, and {call.reason}"
     for p in call.roles.values():
         k = uses.get(id(leaves[p]), 0)
-        if k > 1:
-            return f"no fast rule, and parameter {p} is used by {k} operations"
+        if k > 0:
+            return f"no fast rule, and parameter {p} is also used outside the module ({k} operations)"
     for name, m in call.module.named_modules():
         if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return "no fast rule, and active dropout inside"
@@ -114,7 +137,8 @@ class FastJacobian:
 
     Attributes after construction:
       logits (N, ...) detached; layout (all trainable params);
-      param_paths: param name -> "linear" | "layernorm" | "embedding" | "conv2d" | "vmap";
+      param_paths: param name -> a rule kind ("linear", "conv1d", "conv2d", "layernorm", "rmsnorm",
+        "groupnorm", "batchnorm", "embedding"), "replay" (the per-module fallback) or "vmap" (whole model);
       layer_paths: hooked module name -> its kind, for the modules on the fast path;
       fallback_reasons: param name -> why it takes the vmap path.
     """
@@ -187,12 +211,17 @@ class FastJacobian:
             layer.x_ref = None  # only the detached copy is needed from here on
         self._calls: list[Call] = []
         nodes = None
+        # uses of each leaf OUTSIDE the replayed modules (the walk does not enter their outputs' graphs):
+        # a parameter may be used any number of times inside its module, never outside it
+        outside = _uses_outside(out, self._leaves, [c.out for c in calls if c.out is not None]) \
+            if calls and out.requires_grad else {}
         for call in calls:
             if call.extra and call.reason.startswith("its output is a tuple") and out.requires_grad:
                 nodes = _graph_nodes(out) if nodes is None else nodes
                 if not any(t.grad_fn in nodes for t in call.extra):
                     call.reason = ""  # the tuple's other outputs do not reach the logits
-            why = _replay_problem(call, uses, self._leaves, n_batch) if out.requires_grad else "logits do not require grad"
+            why = (_replay_problem(call, outside, self._leaves, n_batch) if out.requires_grad
+                   else "logits do not require grad")
             if why:
                 for p in call.roles.values():
                     self.fallback_reasons[p] = f"{call.name}: {why}"

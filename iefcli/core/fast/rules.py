@@ -1,7 +1,7 @@
 """Layer rules and the capture layer of the fast path.
 
-:func:`rule_for` says which modules have a per-layer rule (Linear, Conv2d,
-LayerNorm, Embedding) and why a module has none. :class:`Layer` is one hooked
+:func:`rule_for` says which modules have a per-layer rule (Linear, Conv1d, Conv2d,
+LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode, Embedding) and why a module has none. :class:`Layer` is one hooked
 module: its forward hook records the input X and keeps the output Z (in the
 graph) so that the output gradients E = dL/dZ can be had either by
 ``torch.autograd.grad`` from the logits (the functional forward of
@@ -61,6 +61,28 @@ def rule_for(module: nn.Module) -> tuple[str | None, str]:
         if conv_padding(module) is None:
             return None, "Conv2d with asymmetric 'same' padding"
         return "conv2d", ""
+    if _stock_forward(module, nn.Conv1d):
+        if module.groups != 1:
+            return None, "grouped Conv1d"
+        if module.padding_mode != "zeros":
+            return None, f"Conv1d with padding_mode={module.padding_mode!r}"
+        if conv_padding(module) is None:
+            return None, "Conv1d with asymmetric 'same' padding"
+        return "conv1d", ""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+        if not module.affine:
+            return None, "BatchNorm without affine parameters"
+        if module.running_mean is None or module.running_var is None:
+            return None, "BatchNorm without running statistics (it normalises with batch statistics)"
+        return "batchnorm", ""  # eval mode only: train mode is refused before any rule is looked at
+    if _stock_forward(module, nn.GroupNorm):
+        if not module.affine:
+            return None, "GroupNorm without affine parameters"
+        return "groupnorm", ""
+    if hasattr(nn, "RMSNorm") and _stock_forward(module, nn.RMSNorm):
+        if not module.elementwise_affine:
+            return None, "RMSNorm without affine parameters"
+        return "rmsnorm", ""
     return None, f"no fast rule for {type(module).__name__}"
 
 

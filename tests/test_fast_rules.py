@@ -175,3 +175,22 @@ def test_parameter_used_outside_its_replayed_module_takes_the_whole_model_path()
     assert "outside the module" in bf.jac.fallback_reasons["s.scale"]
     J = _loop_rows(m, x, y)
     assert ref.rel_err(bf.rows.gram(), J @ J.T) < 1e-12
+
+
+def test_gru_is_named_in_one_line():
+    from iefcli.errors import ModelError
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Last(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(5, 6, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(ModelError, match=r"module 0\.rnn \(GRU\) has no fast rule") as e:
+        batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast").rows.gram()
+    assert "\n" not in str(e.value)

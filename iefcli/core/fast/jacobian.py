@@ -277,6 +277,16 @@ class FastJacobian:
             )
         return self._fallback
 
+    def _recurrent_owner(self) -> str | None:
+        """'name (GRU)' of a recurrent module owning a fallback parameter, or None."""
+        modules = dict(self._inner.named_modules(remove_duplicate=False))
+        k = len(self._prefix)
+        for p in self._fallback_names:
+            mod = modules.get(p[k:].rpartition(".")[0])
+            if isinstance(mod, nn.RNNBase):
+                return f"{p[k:].rpartition('.')[0]} ({type(mod).__name__})"
+        return None
+
     def rows(self, cotangents: Tensor) -> FastRows:
         """Rows Jz_n^T U_{kn} (K*N of them, k-major) for cotangents (K, N, ...), as FastRows."""
         k = cotangents.shape[0]
@@ -313,7 +323,12 @@ class FastJacobian:
                 err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
                                            + (" ..." if len(self._fallback_names) > 3 else ""))
                 if err is None:
-                    raise
+                    rnn = self._recurrent_owner()
+                    if rnn is None:
+                        raise
+                    err = ModelError(f"module {rnn} has no fast rule and torch.func could not run the model per "
+                                     f"sample through it ({str(e).splitlines()[0][:120]}); freeze it, or run it "
+                                     "outside the trainable part of the model")
                 raise err from None
         n = self.logits.shape[0]
         return FastRows(blocks, fallback, fb_layout, self.layout, k * n, self._dtype, self.logits.device)

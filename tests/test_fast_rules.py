@@ -194,3 +194,35 @@ def test_gru_is_named_in_one_line():
     with pytest.raises(ModelError, match=r"module 0\.rnn \(GRU\) has no fast rule") as e:
         batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast").rows.gram()
     assert "\n" not in str(e.value)
+
+
+class PosModel(nn.Module):
+    """Token + position embeddings, the position ids shared by the batch (leading dim 1), as in BERT."""
+
+    def __init__(self, squeeze: bool = False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(11, 6), nn.Embedding(7, 6)
+        self.head = nn.Linear(6, 3)
+        self.squeeze = squeeze
+
+    def forward(self, ids):
+        p = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        if self.squeeze:
+            p = p.reshape(ids.shape[1], 6)  # shape-specific code: the expansion must not break it
+        return self.head(torch.tanh(self.tok(ids) + p).mean(dim=1))
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_broadcast_position_embedding(squeeze):
+    torch.manual_seed(0)
+    m = PosModel(squeeze).double().eval()
+    x = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["pos.weight"] == ("vmap" if squeeze else "embedding"), bf.jac.param_paths
+    J = _loop_rows(m, x, y)
+    rf = bf.rows
+    assert ref.rel_err(rf.matrix, J) < 1e-12
+    assert ref.rel_err(rf.gram(), J @ J.T) < 1e-12
+    v = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert ref.rel_err(rf.dot(v), J @ v) < 1e-12

@@ -179,9 +179,22 @@ class FastJacobian:
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         handles = [cap.module.register_forward_hook(cap.hook, with_kwargs=True) for cap in [*layers, *calls]]
+        n_batch = batch_size_of(inputs)
+        for layer in layers:
+            layer.batch = n_batch if layer.kind == "embedding" else None
         try:
             with torch.enable_grad():
-                out = forward(self._inner, self._strip(self._leaves), inputs)
+                try:
+                    out = forward(self._inner, self._strip(self._leaves), inputs)
+                except Exception:
+                    if not any(layer.expanded for layer in layers):
+                        raise
+                    # the model did not take an expanded position embedding: run it as written
+                    for cap in [*layers, *calls]:
+                        cap.reset()
+                    for layer in layers:
+                        layer.batch, layer.expanded = None, False
+                    out = forward(self._inner, self._strip(self._leaves), inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -189,7 +202,6 @@ class FastJacobian:
         self.logits = out.detach()
 
         uses = leaf_uses(out, self._leaves) if out.requires_grad else {}
-        n_batch = batch_size_of(inputs)
         self._layers: list[Layer] = []
         for layer in layers:
             reasons = (

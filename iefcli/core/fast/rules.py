@@ -103,6 +103,9 @@ class Layer:
     enabled: bool = True  # off: the hook does nothing (a forward that is not recorded, or a replay)
     capture_grad: bool = False  # on: a tensor hook keeps dL/dZ from the next ordinary backward in ``grad``
     grad: Tensor | None = None
+    batch: int | None = None  # set: an Embedding called on ids of leading dim 1 (position ids shared by the
+    # batch) has its ids and output expanded to this batch size, so each sample gets its own output gradient
+    expanded: bool = False
 
     def reset(self) -> None:
         """Forget the last forward (a new one is about to be recorded)."""
@@ -122,6 +125,13 @@ class Layer:
             self.reason = "hook could not see a tensor input and a differentiable output"
             return None
         self.x_ref, self.x_version, self.x = x, x._version, x.detach()
+        if (self.batch is not None and self.batch > 1 and self.kind == "embedding" and x.dim() >= 2
+                and x.shape[0] == 1 and output.dim() >= 2 and output.shape[0] == 1):
+            # a broadcast position embedding: out_n = W[ids] for every n; downstream broadcasting
+            # gives the same values, and E per sample is the gradient of the expanded output
+            self.x = self.x.expand(self.batch, *x.shape[1:])
+            output = output.expand(self.batch, *output.shape[1:])
+            self.expanded = True
         self.out = output
         if self.capture_grad:
             output.register_hook(self._keep_grad)

@@ -212,11 +212,18 @@ class PosModel(nn.Module):
         return self.head(torch.tanh(self.tok(ids) + p).mean(dim=1))
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["unique", "static"])
 @pytest.mark.parametrize("squeeze", [False, True])
-def test_broadcast_position_embedding(squeeze):
+def test_broadcast_position_embedding(squeeze, static, monkeypatch):
+    """Also the embedding Gram's static-shape form (accelerators: no host sync), forced on CPU,
+    with repeated token ids and K = 1."""
+    from iefcli.core.fast import blocks as fastblocks
+
+    monkeypatch.setattr(fastblocks, "EMBEDDING_GRAM_STATIC", static)
+    monkeypatch.setattr(fastblocks, "GHOST_CHUNK_ELEMENTS", 40)  # several row chunks
     torch.manual_seed(0)
     m = PosModel(squeeze).double().eval()
-    x = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(4))
+    x = torch.randint(0, 5, (5, 4), generator=torch.Generator().manual_seed(4))  # ids repeat within and across rows
     y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
     bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
     assert bf.jac.param_paths["pos.weight"] == ("vmap" if squeeze else "embedding"), bf.jac.param_paths
@@ -224,5 +231,8 @@ def test_broadcast_position_embedding(squeeze):
     rf = bf.rows
     assert ref.rel_err(rf.matrix, J) < 1e-12
     assert ref.rel_err(rf.gram(), J @ J.T) < 1e-12
+    for blk in rf.blocks:
+        mat = blk.matrix()
+        assert ref.rel_err(blk.gram(), mat @ mat.T) < 1e-12, blk.kind
     v = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert ref.rel_err(rf.dot(v), J @ v) < 1e-12

@@ -33,6 +33,9 @@ GHOST_CHUNK_ELEMENTS = 1 << 23
 # (CPU: small, for peak memory; other devices: large, since each block is a kernel launch).
 COMBINE_CHUNK_ELEMENTS = 1 << 16
 COMBINE_CHUNK_ELEMENTS_ACCEL = 1 << 22
+# The embedding Gram by unique/argsort (CPU: cheapest) or with static shapes (accelerators: no host
+# sync from data-dependent sizes); tests set this to check the static form on CPU.
+EMBEDDING_GRAM_STATIC = False
 
 
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
@@ -242,6 +245,8 @@ class _EmbeddingBlock(Block):
         self.weight_shape = weight_shape
 
     def gram(self) -> Tensor:
+        if self.e.device.type != "cpu" or EMBEDDING_GRAM_STATIC:
+            return self._gram_static()
         m, t, d = self.e.shape
         dev = self.e.device
         vocab = self.weight_shape[0]
@@ -271,6 +276,20 @@ class _EmbeddingBlock(Block):
             dots = (f[li] * f[ri]).sum(dim=1)
             out.index_add_(0, f_row[li] * m + f_row[ri], dots)
         return out.reshape(m, m)
+
+    def _gram_static(self) -> Tensor:
+        """The same Gram with static shapes and no host sync (accelerators): sum over position pairs
+        (t, t') with equal ids of <E_it, E_jt'>, the (rows_chunk, M, T, T) temporaries chunked."""
+        m, t, _ = self.e.shape
+        ids = self.ids.repeat(self.k, 1)  # (M, T)
+        e = self.e.to(ACC)
+        out = torch.empty(m, m, dtype=ACC, device=e.device)
+        step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m * t * t))
+        for i0 in range(0, m, step):
+            same = ids[i0 : i0 + step, None, :, None] == ids[None, :, None, :]  # (c, M, T, T)
+            ee = torch.einsum("itd,jsd->ijts", e[i0 : i0 + step], e)
+            out[i0 : i0 + step] = (ee * same).sum(dim=(2, 3))
+        return out
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         n = self.ids.shape[0]

@@ -79,6 +79,18 @@ class CurvatureOptimizer:
         c = self.config
         bg, d, metrics = self.direction(params, batch, key)
         stats = self._grad_stats(bg, d) if c.momentum == 0 and c.weight_decay == 0 else None
+        if stats is not None and c.clip_update_norm is None:
+            # the lean tail: theta_k - lr d_k per tensor (one pass, no flat copies), the metrics from
+            # ||d|| and the Gram (update = lr d exactly up to the one rounding of the subtraction)
+            dv = bg.layout.unflatten(d)
+            new_params = {k: torch.add(v, dv[k], alpha=-lr) for k, v in params.items()}
+            acc = d.dtype if d.dtype in (torch.float32, torch.float64) else torch.float32
+            unorm = abs(lr) * torch.linalg.vector_norm(d, dtype=acc).to(torch.float64)
+            gnorm, dot = stats[0], lr * stats[1]
+            metrics["grad_norm"] = gnorm
+            metrics["update_norm"] = unorm
+            metrics["cos_update_grad"] = dot / (unorm * gnorm).clamp_min(1e-300)
+            return new_params, {}, metrics
         layout = bg.layout
         new_state: State = {}
         if c.momentum > 0:

@@ -115,8 +115,17 @@ def _loop_rows(m, x, y):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("unfold", [False, True], ids=["native-conv", "unfold"])
 @pytest.mark.parametrize("name", list(PATHS))
-def test_rules_and_per_module_fallback_equal_the_loop(name):
+def test_rules_and_per_module_fallback_equal_the_loop(name, unfold, monkeypatch):
+    """Convolutions: by torch's weight-gradient kernels (small layers) and by unfolded patches (layers
+    whose per-sample gradients would exceed MATERIALISE_MAX_ELEMENTS; forced here)."""
+    if unfold and "conv" not in name and name not in ("groupnorm", "batchnorm", "batchnorm1d_seq"):
+        pytest.skip("no convolution")
+    from iefcli.core.fast import blocks as fastblocks
+
+    if unfold:
+        monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", 1)
     m, x, y = _model(name)
     params = trainable_params(m)
     bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")
@@ -134,6 +143,8 @@ def test_rules_and_per_module_fallback_equal_the_loop(name):
     for blk in rf.blocks:  # each block's gram equals its dense twin's
         mat = blk.matrix()
         assert ref.rel_err(blk.gram(), mat @ mat.T) < 1e-12
+        if blk.kind.startswith("conv"):
+            assert (blk.strategy == "native") != unfold, blk.strategy
 
 
 def test_attention_weights_used_downstream_take_the_whole_model_path():

@@ -201,6 +201,83 @@ class _MatmulBlock(Block):
         return out
 
 
+class _ConvBlock(Block):
+    """Conv1d / Conv2d by torch's own convolution kernels (no unfolded patches): per-sample weight
+    gradients by ONE grouped weight-gradient convolution (groups = M), J^T x by one weight-gradient
+    convolution with the rows' weights folded into E, J v by one convolution of the inputs."""
+
+    def __init__(self, kind: str, roles: dict[str, str], module: nn.Module, x: Tensor, e: Tensor, k: int, cdt):
+        self.kind, self.roles, self.k, self.cdt, self.strategy = kind, roles, k, cdt, "native"
+        self.m = module
+        self.x = x.to(cdt)  # (N, C_in, *spatial)
+        self.e = e.to(cdt)  # (M, C_out, *spatial_out)
+        self.nd = x.dim() - 2
+        self._g: Tensor | None = None
+
+    def _opts(self) -> dict:
+        m = self.m
+        return {"stride": m.stride, "padding": conv_padding(m), "dilation": m.dilation}
+
+    def _wgrad(self, x: Tensor, e: Tensor, groups: int = 1) -> Tensor:
+        fn = torch.nn.grad.conv1d_weight if self.nd == 1 else torch.nn.grad.conv2d_weight
+        shape = (e.shape[1], x.shape[1] // groups, *self.m.kernel_size)
+        return fn(x, shape, e, groups=groups, **self._opts())
+
+    def _per_sample(self) -> Tensor:
+        """(M, C_out * C_in * k...) per-sample weight gradients, in the compute dtype."""
+        if self._g is None:
+            m = self.e.shape[0]
+            xr = self.x.repeat(self.k, *([1] * (self.nd + 1))) if self.k > 1 else self.x
+            xg = xr.reshape(1, -1, *xr.shape[2:])  # (1, M C_in, ...)
+            eg = self.e.reshape(1, -1, *self.e.shape[2:])  # (1, M C_out, ...)
+            self._g = self._wgrad(xg, eg, groups=m).reshape(m, -1)
+        return self._g
+
+    def _bias_rows(self) -> Tensor:
+        return self.e.reshape(*self.e.shape[:2], -1).sum(dim=2)  # (M, C_out)
+
+    def gram(self) -> Tensor:
+        m = self.e.shape[0]
+        out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
+        if "weight" in self.roles:
+            g = self._per_sample()
+            out += g @ g.T
+        if "bias" in self.roles:
+            eb = self._bias_rows()
+            out += eb @ eb.T
+        return out
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
+        n = self.x.shape[0]
+        ex = self.e.to(dt) * x.to(dt).reshape(-1, *([1] * (self.e.dim() - 1)))
+        if self.k > 1:
+            ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
+        if "weight" in self.roles:
+            w = out[self.roles["weight"]]
+            w.copy_(self._wgrad(self.x.to(dt), ex).reshape(w.shape))
+        if "bias" in self.roles:
+            out[self.roles["bias"]].copy_(ex.reshape(*ex.shape[:2], -1).sum(dim=(0, 2)))
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        m, n = self.e.shape[0], self.x.shape[0]
+        e = self.e.to(ACC).reshape(self.k, n, *self.e.shape[1:])
+        out = torch.zeros(m, dtype=ACC, device=self.e.device)
+        if "weight" in self.roles:
+            conv = F.conv1d if self.nd == 1 else F.conv2d
+            xv = conv(self.x.to(ACC), v[self.roles["weight"]].to(ACC), **self._opts())  # (N, C_out, ...)
+            out += (e * xv).reshape(self.k, n, -1).sum(dim=2).reshape(m)
+        if "bias" in self.roles:
+            out += (self._bias_rows().to(ACC) @ v[self.roles["bias"]].to(ACC))
+        return out
+
+    def matrix(self) -> Tensor:
+        cols = []
+        for role in self.roles:
+            cols.append(self._per_sample().to(ACC) if role == "weight" else self._bias_rows().to(ACC))
+        return torch.cat(cols, dim=1)
+
+
 class _DenseBlock(Block):
     """Layers whose per-sample gradients are small (LayerNorm: M x D): held as matrices."""
 
@@ -335,6 +412,11 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
     k = len(grads)
     m = layer.module
     n = layer.x.shape[0]
+    if layer.kind in ("conv1d", "conv2d"):
+        x = layer.x if layer.x.dim() == (3 if layer.kind == "conv1d" else 4) else layer.x.unsqueeze(0)
+        e = _cat([g.reshape(n, m.out_channels, *g.shape[-x.dim() + 2:]) for g in grads])
+        if k * n * m.weight.numel() <= MATERIALISE_MAX_ELEMENTS:
+            return _ConvBlock(layer.kind, layer.roles, m, x, e, k, cdt)
     if layer.kind == "linear":
         d_in, d_out = m.in_features, m.out_features
         x = _seq(layer.x, n, d_in)

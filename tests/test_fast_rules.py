@@ -61,6 +61,10 @@ def _model(name):
         norm.running_var.uniform_(0.5, 2.0)
         m = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), norm, nn.Tanh(), nn.Flatten(), nn.Linear(24, 3))
         x = torch.randn(5, 2, 6)
+    elif name == "tied":
+        from iefcli.eval.bench import _Tied
+
+        m, x = _Tied(13, 6), torch.randint(0, 13, (5, 4))
     elif name == "custom":
         m = nn.Sequential(nn.Linear(4, 6), Scale(6), nn.Tanh(), nn.Linear(6, 3))
         x = torch.randn(5, 4)
@@ -86,7 +90,7 @@ def _model(name):
         raise AssertionError(name)
     m = m.double().eval()
     y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    return m, x.double(), y
+    return m, (x if name == "tied" else x.double()), y
 
 
 PATHS = {  # parameter -> the path it must take
@@ -102,6 +106,7 @@ PATHS = {  # parameter -> the path it must take
     "encoder": {"1.self_attn.in_proj_weight": "replay", "1.self_attn.out_proj.weight": "replay",
                 "1.linear1.weight": "linear", "1.norm1.weight": "layernorm"},
     "custom": {"1.scale": "replay", "0.weight": "linear"},
+    "tied": {"emb.weight": "tied", "out.bias": "linear", "mix.weight": "linear"},
 }
 
 

@@ -61,8 +61,8 @@ reads without calling it) are replayed with it. A module returning a tuple is
 replayed on its first output when the others do not reach the logits (MHA's
 attention weights). Only what the per-module replay cannot take goes through
 the whole model per sample (:class:`iefcli.core.jacobian.VmapJacobian`
-restricted to those parameters, the others held fixed): tied weights, a root
-module's own parameters, recurrent modules (nn.RNNBase), a module called more
+restricted to those parameters, the others held fixed): tied weights whose
+holders do not all have rules, a root module's own parameters, recurrent modules (nn.RNNBase), a module called more
 or fewer than once, a parameter used outside its module, or a module whose
 input or output does not have the batch as its leading dim. A rule layer falls
 back when its forward is not the stock one (a subclass overriding ``forward``),
@@ -74,6 +74,15 @@ Embedding ``max_norm``, grouped or non-zero-padded convolutions).
 ``FastJacobian.param_paths`` tells which path each parameter took ("replay":
 the per-module fallback, "vmap": the whole model); ``fallback_reasons`` says
 why.
+
+Tied weights (one Parameter held by several modules with rules, e.g. an
+Embedding and the Linear head): each holder's columns are formed by its rule and
+summed, materialised as an M x numel block (``param_paths`` "tied"; above
+``MATERIALISE_MAX_ELEMENTS`` for N x numel it takes the whole-model path, which
+would hold the same N x numel). Broadcast position embeddings (an Embedding on
+ids of leading dim 1 while the batch is N) have their output expanded to the
+batch inside the capture so each sample gets its own output gradient; a model
+whose code rejects the expanded shape is run as written (whole-model path).
 
 Precision (documented choice): each Gram block and each layer's J^T x are
 formed in the compute dtype (float32 for float32/bf16/fp16 parameters, float64

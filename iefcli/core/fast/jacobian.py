@@ -6,7 +6,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp as func_jvp
 
-from iefcli.core.fast.blocks import compute_dtype, make_block, replay_block
+import dataclasses
+
+from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.fast.rules import (
     Call,
@@ -14,6 +16,7 @@ from iefcli.core.fast.rules import (
     active_dropout,
     leaf_uses,
     plan_layers,
+    rule_for,
     train_mode_batchnorm,
     translate_func_error,
 )
@@ -75,6 +78,40 @@ def _plan_calls(model: nn.Module, layers: list[Layer], reasons: dict[str, str]) 
             for p in layer.roles.values():
                 reasons[p] = f"{layer.name}: inside {anc}, which has no fast rule (replayed with it)"
     return keep, [Call(t, modules[t], by_module[t]) for t in top]
+
+
+def _plan_tied(model: nn.Module, layers: list[Layer], reasons: dict[str, str], params, n: int) -> dict[str, int]:
+    """Tied parameters whose every holder has a rule (e.g. an Embedding and the Linear head sharing one
+    weight): added to each holder's roles; their per-sample gradient is the sum of the holders' columns,
+    materialised (M x numel, bounded by MATERIALISE_MAX_ELEMENTS; the vmap path would hold the same).
+    Returns name -> number of holders."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mod_name, module, attr))
+    by_name = {layer.name: layer for layer in layers}
+    out = {}
+    for pname, reason in list(reasons.items()):
+        if "shared with another module" not in reason:
+            continue
+        try:
+            hs = holders.get(id(model.get_parameter(pname)), [])  # the module's Parameter (params are detached)
+        except AttributeError:
+            continue
+        if len(hs) < 2 or n * params[pname].numel() > MATERIALISE_MAX_ELEMENTS:
+            continue
+        kinds = [rule_for(m)[0] for _, m, a in hs]
+        if any(k is None for k in kinds) or any(a not in ("weight", "bias") for _, _, a in hs) \
+                or len({name for name, _, _ in hs}) != len(hs):
+            continue
+        for (name, module, attr), kind in zip(hs, kinds):
+            if name not in by_name:
+                by_name[name] = Layer(name, module, kind, {})
+                layers.append(by_name[name])
+            by_name[name].roles[attr] = pname
+        out[pname] = len(hs)
+    return out
 
 
 def _graph_nodes(root: Tensor) -> set:
@@ -173,7 +210,9 @@ class FastJacobian:
         # code's speed anyway); the params keep the caller's names outside.
         self._inner, self._prefix = _uncompiled(model, params)
         layers, reasons = plan_layers(self._inner, self._strip(params))
+        tied = _plan_tied(self._inner, layers, reasons, self._strip(params), batch_size_of(inputs))
         layers, calls = _plan_calls(self._inner, layers, reasons)
+        self._tied = {self._prefix + p: k for p, k in tied.items()}
         for cap in [*layers, *calls]:
             cap.roles = {r: self._prefix + p for r, p in cap.roles.items()}
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
@@ -203,6 +242,7 @@ class FastJacobian:
 
         uses = leaf_uses(out, self._leaves) if out.requires_grad else {}
         self._layers: list[Layer] = []
+        all_reasons = []
         for layer in layers:
             reasons = (
                 layer.validate(uses, self._leaves) if out.requires_grad
@@ -213,6 +253,19 @@ class FastJacobian:
                 # once and expands it): the per-sample rules need the batch as dim 0.
                 reasons = {p: r or "layer input's leading dim is not the batch (shared across samples)"
                            for p, r in reasons.items()}
+            for p in reasons:
+                # a tied parameter is used once by each of its holders: that is its expected use count
+                if p in self._tied and reasons[p].startswith("parameter used by") \
+                        and uses.get(id(self._leaves[p]), 0) == self._tied[p]:
+                    reasons[p] = ""
+            all_reasons.append(reasons)
+        bad_tied = {p: r for rs in all_reasons for p, r in rs.items() if p in self._tied and r}
+        for p in self._tied:
+            if p not in bad_tied:
+                self.fallback_reasons.pop(p, None)
+        self._tied = {p: k for p, k in self._tied.items() if p not in bad_tied}
+        for layer, reasons in zip(layers, all_reasons):
+            reasons = {p: r or bad_tied.get(p, "") for p, r in reasons.items()}
             for pname, reason in reasons.items():
                 if reason:
                     self.fallback_reasons[pname] = f"{layer.name}: {reason}"
@@ -240,6 +293,7 @@ class FastJacobian:
             else:
                 self._calls.append(call)
         fast = {p: layer.kind for layer in self._layers for p in layer.roles.values()}
+        fast.update({p: "tied" for p in self._tied})
         fast.update({p: "replay" for call in self._calls for p in call.roles.values()})
         self.param_paths = {name: fast.get(name, "vmap") for name in params}
         self.layer_paths = {layer.name: layer.kind for layer in self._layers}
@@ -314,7 +368,17 @@ class FastJacobian:
         shapes = dict(zip(self.layout.names, self.layout.shapes))
         cdt = compute_dtype(self._dtype)
         nl = len(self._layers)
-        blocks = [make_block(layer, gs, shapes, cdt) for layer, gs in zip(self._layers, grads[:nl])]
+        blocks, tied = [], {}
+        for layer, gs in zip(self._layers, grads[:nl]):
+            own = {r: p for r, p in layer.roles.items() if p not in self._tied}
+            if own:
+                blocks.append(make_block(dataclasses.replace(layer, roles=own) if len(own) < len(layer.roles)
+                                         else layer, gs, shapes, cdt))
+            for r, p in layer.roles.items():
+                if p in self._tied:  # this holder's columns of the tied parameter, summed over holders
+                    mat = make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt).matrix()
+                    tied[p] = mat if p not in tied else tied[p] + mat
+        blocks += [_DenseBlock("tied", {"tied": p}, {"tied": mat}, shapes) for p, mat in tied.items()]
         for call, gs in zip(self._calls, grads[nl:]):  # the per-module fallback: only this module per sample
             try:
                 blocks.append(replay_block(call, gs, shapes, randomness=self.randomness))

@@ -80,3 +80,15 @@ def test_gram_diagnostics_equal_gradient_ones(name, jacobian):
     cos = float(step @ g / (step.norm() * g.norm()))
     assert abs(float(m["cos_update_grad"]) - cos) < 1e-10
     assert abs(float(m["update_norm"]) - float(step.norm())) < 1e-12
+
+
+def test_lean_curvature_step_reports_an_overflowing_update_as_non_finite():
+    """The lean tail computes update_norm from ||d||: new params that overflow float32 must still make it
+    non-finite (the loop skips such a step), as the norm of theta - new did."""
+    model, params, batch = _problem(torch.float32, n=6)
+    opt = make_optimizer(_cfg("ef", lr=1.0, damping=1e-3), model=model, loss_fn=CrossEntropy())
+    new, _, m = opt.update(params, opt.init(params), batch, key=0, lr=3.3e38)  # max |d| ~ 3: overflows
+    assert not all(torch.isfinite(v).all() for v in new.values())
+    assert not torch.isfinite(m["update_norm"])
+    _, _, m = opt.update(params, opt.init(params), batch, key=0, lr=1e-3)
+    assert torch.isfinite(m["update_norm"])

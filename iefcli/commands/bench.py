@@ -62,25 +62,46 @@ def render_table(rows: list[dict]):
              f"{first['threads']} thread(s), median of {first['repeats']}")
     t = Table(title=title)
     for col, justify in (("N", "right"), ("optimizer", "left"), ("path", "left"), ("ms (median)", "right"),
-                         ("x SGD", "right"), ("peak MiB", "right"), ("mem x SGD", "right"),
-                         ("fast vs plain", "right")):
+                         ("x SGD", "right"), ("CPU ms", "right"), ("CPU x SGD", "right"), ("peak MiB", "right"),
+                         ("mem x SGD", "right"), ("fast vs plain", "right"), ("vs float64", "right")):
         t.add_column(col, justify=justify)
     partial = sorted({r["check_n"] for r in rows if r.get("check_n") not in (None, r["batch_size"])})
+    notes = []
     if partial:  # a footnote, so the column stays narrow enough for an 80-column terminal
-        t.caption = (f"* fast vs plain checked on the first {', '.join(map(str, partial))} samples "
+        notes.append(f"* fast vs plain checked on the first {', '.join(map(str, partial))} samples "
                      "(the plain path's N x P would exceed 2^26 numbers)")
+    fell = next((r["fallback_params"] for r in rows if r.get("fallback_params")), {})
+    if fell:
+        notes.append(f"{len(fell)} parameter(s) without a layer rule (replay: only their module per sample; "
+                     "vmap: the whole model per sample):")
+        notes.extend(f"  {p} -> {why}" for p, why in fell.items())
+    if notes:
+        t.caption = "\n".join(notes)
     for r in rows:
         diff = _fmt(r["max_rel_diff_fast_vs_plain"], ".1e")
         if r.get("check_n") not in (None, r["batch_size"]):
             diff += "*"
         t.add_row(str(r["batch_size"]), r["optimizer"], r["jacobian"], _fmt(r["ms_median"], ".1f"),
-                  _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r["peak_mb"], ".1f"), _fmt(r["peak_ratio_to_sgd"], ".2f"),
-                  diff)
+                  _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r.get("cpu_ms_median"), ".1f"),
+                  _fmt(r.get("cpu_ratio_to_sgd"), ".2f"), _fmt(r["peak_mb"], ".1f"),
+                  _fmt(r["peak_ratio_to_sgd"], ".2f"), diff, _fmt(r.get("max_rel_diff_vs_float64"), ".1e"))
+    return t
+
+
+def render_loop_table(rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title=f"ief bench --loop: {rows[0]['model']} (the Preconditioner in a plain torch loop)")
+    for col in ("N", "path", "wall ms", "CPU ms", "peak MiB", "wall x SGD", "CPU x SGD"):
+        t.add_column(col, justify="left" if col == "path" else "right")
+    for r in rows:
+        t.add_row(str(r["n"]), r["path"], _fmt(r["wall_ms"], ".1f"), _fmt(r["cpu_ms"], ".1f"),
+                  _fmt(r["peak_mib"], ".1f"), _fmt(r["wall_vs_sgd"], ".2f"), _fmt(r["cpu_vs_sgd"], ".2f"))
     return t
 
 
 def bench(
-    model: Annotated[str, typer.Option(help="Built-in model spec: mlp (64-1024-1024-10), mlp:W0-W1-...-C, or bert-lora (tiny BERT + LoRA, sequence length 64; needs transformers and peft).")] = "mlp",
+    model: Annotated[str, typer.Option(help="Built-in model spec: mlp (64-1024-1024-10), mlp:W0-W1-...-C, bert-lora (tiny BERT + LoRA, sequence length 64; needs transformers and peft), bert (the same BERT, full fine-tuning), or one of mha, encoder, conv1d, cnn-bn, cnn-gn, resnet-gn, resnet-bn, lstm, tied (small models with and without layer rules).")] = "mlp",
     recipe: Annotated[Optional[str], typer.Option(help="Benchmark a training recipe's model and data instead (a YAML file or built-in name); overrides --model.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-n", help="Comma-separated batch sizes N.")] = DEFAULT_BATCH_SIZES,
     methods: Annotated[str, typer.Option(help="Comma-separated optimisers (any of `ief train`'s: sgd, adamw, adafactor, ef, ief, sf, ngd; ratios need sgd).")] = DEFAULT_METHODS,
@@ -95,6 +116,7 @@ def bench(
     check: Annotated[bool, typer.Option(help="Compare fast-path and plain-path directions.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of result objects on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress notes on stderr.")] = False,
+    loop: Annotated[bool, typer.Option("--loop", help="Time the Preconditioner inside a plain torch loop instead (sgd_loop, precond_loop, cli_fast; the first of --methods' curvature methods, default ief).")] = False,
 ) -> None:
     """Time an SGD step and EF / iEF / SF steps on the same model and batch, for each batch size.
 
@@ -110,6 +132,20 @@ def bench(
         note = None if quiet else (lambda msg: err.print(f"ief: note: {msg}", highlight=False))
         if recipe is not None:
             model = f"recipe:{recipe}"
+        if loop:
+            from iefcli.eval.bench import CURVATURE, build_workload
+            from iefcli.precond.bench import bench_loop
+
+            method = next((m for m in method_list if m in CURVATURE), "ief")
+            build_workload(model, 1, seed=seed)  # a bad --model fails here, with one line
+            rows = bench_loop(model=model, batch_sizes=sizes, method=method, repeats=repeats, warmup=warmup,
+                              seed=seed, device=device, memory=memory)
+            if json_out:
+                sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+                sys.stdout.flush()
+                return
+            out.print(render_loop_table(rows))
+            return
         rows = run_bench(model=model, batch_sizes=sizes, methods=method_list, jacobian=jacobian,
                          repeats=repeats, warmup=warmup, threads=threads, device=device, damping=damping,
                          seed=seed, memory=memory, check=check, progress=note)

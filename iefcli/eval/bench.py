@@ -133,6 +133,100 @@ def _mlp(widths: tuple[int, ...], seed: int) -> nn.Module:
         return build_mlp(section, ctx)
 
 
+class _Last(nn.Module):
+    """A recurrent module's last hidden state (its output is a tuple)."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0][:, -1]
+
+
+class _Mean(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.mean(dim=self.dim)
+
+
+class _Attn(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+class _Block(nn.Module):
+    """A ResNet basic block: conv-norm-relu-conv-norm + identity."""
+
+    def __init__(self, c: int, norm: Callable[[int], nn.Module]):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c)
+        self.c2, self.n2 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.n2(self.c2(torch.relu(self.n1(self.c1(x))))))
+
+
+class _Tied(nn.Module):
+    """A token model whose output layer is tied to its embedding (the same Parameter)."""
+
+    def __init__(self, vocab: int, d: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.emb(ids).mean(dim=1))))
+
+
+def _resnet(norm: Callable[[int], nn.Module]) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), norm(16), nn.ReLU(), _Block(16, norm),
+                         _Block(16, norm), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def _zoo(spec: str, n: int, gen: torch.Generator):
+    """(model, inputs, n_classes) of the small models ``ief bench --model`` offers besides mlp / bert-lora
+    (the models of issue 14's table: layers with and without fast rules)."""
+    enc = lambda: nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)  # noqa: E731
+    builders = {
+        "mha": lambda: (nn.Sequential(nn.Linear(32, 64), _Attn(64, 4), _Mean(1), nn.Linear(64, 10)),
+                        torch.randn(n, 16, 32, generator=gen), 10),
+        "encoder": lambda: (nn.Sequential(nn.Linear(32, 64), nn.TransformerEncoder(enc(), 2, enable_nested_tensor=False),
+                                          _Mean(1), nn.Linear(64, 10)), torch.randn(n, 16, 32, generator=gen), 10),
+        "conv1d": lambda: (nn.Sequential(nn.Conv1d(8, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 32, 5, padding=2),
+                                         nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10)),
+                           torch.randn(n, 8, 64, generator=gen), 10),
+        "cnn-bn": lambda: (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(16 * 16 * 16, 10)),
+                           torch.randn(n, 3, 16, 16, generator=gen), 10),
+        "cnn-gn": lambda: (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(16 * 16 * 16, 10)),
+                           torch.randn(n, 3, 16, 16, generator=gen), 10),
+        "resnet-gn": lambda: (_resnet(lambda c: nn.GroupNorm(4, c)), torch.randn(n, 3, 16, 16, generator=gen), 10),
+        "resnet-bn": lambda: (_resnet(nn.BatchNorm2d), torch.randn(n, 3, 16, 16, generator=gen), 10),
+        "lstm": lambda: (nn.Sequential(_Last(nn.LSTM(16, 64, batch_first=True)), nn.Linear(64, 10)),
+                         torch.randn(n, 12, 16, generator=gen), 10),
+        "tied": lambda: (_Tied(100, 64), torch.randint(0, 100, (n, 16), generator=gen), 100),
+    }
+    if spec not in builders:
+        return None
+    model, inputs, classes = builders[spec]()
+    return model, inputs, classes
+
+
+ZOO = ("mha", "encoder", "conv1d", "cnn-bn", "cnn-gn", "resnet-gn", "resnet-bn", "lstm", "tied", "bert")
+"""The extra ``--model`` specs (besides mlp, mlp:W..., bert-lora, recipe:...)."""
+
+
 def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> Workload:
     """The model of ``spec`` and a random batch of ``n`` samples, all from ``seed``."""
@@ -141,16 +235,23 @@ def build_workload(spec: str, n: int, *, seed: int = 0, device: str | torch.devi
     gen = torch.Generator().manual_seed(seed)
     if spec.startswith("recipe:"):
         return _recipe_workload(spec, n, seed=seed, device=device)
-    if spec == "bert-lora":
-        model, forward, n_classes, vocab = _bert_lora(seed)
+    if spec in ("bert-lora", "bert"):
+        model, forward, n_classes, vocab = _bert_lora(seed, lora=spec == "bert-lora")
         inputs = {"input_ids": torch.randint(0, vocab, (n, BERT_SEQ_LEN), generator=gen).to(device)}
+    elif spec in ZOO:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, inputs, n_classes = _zoo(spec, n, gen)
+        forward = default_forward
+        inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
     elif spec.startswith("mlp"):
         widths = _mlp_widths(spec)
         model = _mlp(widths, seed)
         forward, n_classes = default_forward, widths[-1]
         inputs = torch.randn(n, widths[0], generator=gen).to(device=device, dtype=dtype)
     else:
-        raise UsageError(f"--model: unknown model spec {spec!r}; choose mlp, mlp:W0-W1-...-C, bert-lora or --recipe")
+        raise UsageError(f"--model: unknown model spec {spec!r}; choose mlp, mlp:W0-W1-...-C, bert-lora, "
+                         f"{', '.join(ZOO)} or --recipe")
     targets = torch.randint(0, n_classes, (n,), generator=gen).to(device)
     model = model.to(device=device, dtype=dtype).eval()
     return Workload(spec, model, inputs, targets, CrossEntropy(), forward, n)
@@ -171,7 +272,7 @@ def _recipe_workload(spec: str, n: int, *, seed: int, device) -> Workload:
     return Workload(spec, task.model.eval(), batch.inputs, batch.targets, task.loss_fn, task.forward, n)
 
 
-def _bert_lora(seed: int):
+def _bert_lora(seed: int, lora: bool = True):
     try:
         from iefcli.hf.models import build_model
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -184,7 +285,8 @@ def _bert_lora(seed: int):
                            "num_attention_heads": 2, "intermediate_size": 512,
                            "max_position_embeddings": 128},
                 "num_labels": 2,
-                "peft": {"method": "lora", "r": 8, "alpha": 8, "target_modules": ["query", "value"]},
+                **({"peft": {"method": "lora", "r": 8, "alpha": 8, "target_modules": ["query", "value"]}}
+                   if lora else {}),
             },
             seed=seed,
         )
@@ -246,8 +348,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_methods(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int,
-                 device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step for each method, the methods alternating within every round."""
+                 device: torch.device, cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds per step for each method, the methods alternating within every round (paired,
+    interleaved repeats). ``cpu_times``, when given, receives the process CPU seconds of each step."""
     for _ in range(warmup):
         for f in steps.values():
             f()
@@ -256,10 +359,12 @@ def time_methods(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: 
     for _ in range(repeats):
         for m, f in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
             _sync(device)
             out[m].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(m, []).append(time.process_time() - c0)
     return out
 
 
@@ -298,6 +403,46 @@ def check_fast_vs_plain(wl: Workload, methods, *, damping: float, seed: int,
         a, b = d_fast.to(torch.float64), d_plain.to(torch.float64)
         out[m] = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
     return out, n
+
+
+def check_vs_float64(wl: Workload, methods, *, damping: float, seed: int) -> dict[str, float]:
+    """Max relative difference of each curvature method's fast direction in the model's dtype vs the
+    same direction from a float64 copy of the model and batch (the reference), on ALL N rows."""
+    import copy
+
+    from iefcli.core import trainable_params
+
+    if next(wl.model.parameters()).dtype == torch.float64:
+        return {}
+    m64 = copy.deepcopy(wl.model).to(torch.float64)
+    cast = lambda t: t.to(torch.float64) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    ins = wl.inputs
+    ins64 = ({k: cast(v) for k, v in ins.items()} if isinstance(ins, dict)
+             else tuple(cast(v) for v in ins) if isinstance(ins, (tuple, list)) else cast(ins))
+    w64 = Workload(wl.spec, m64, ins64, wl.targets, wl.loss_fn, wl.forward, wl.n)
+    out = {}
+    for m in methods:
+        if m not in CURVATURE:
+            continue
+        d, _ = _direction(m, wl, jacobian="auto", damping=damping, seed=seed, params=trainable_params(wl.model))
+        d64, _ = _direction(m, w64, jacobian="auto", damping=damping, seed=seed, params=trainable_params(m64))
+        a = d.to(torch.float64)
+        out[m] = float(torch.linalg.vector_norm(a - d64) / torch.linalg.vector_norm(d64).clamp_min(1e-300))
+    return out
+
+
+def fallback_params(wl: Workload) -> dict[str, str]:
+    """Parameter -> "replay: why" / "vmap: why" for every trainable parameter the fast path does not
+    cover with a layer rule ("replay": the per-module fallback, "vmap": the whole model per sample)."""
+    from iefcli.core import trainable_params
+    from iefcli.core.fast import FastJacobian
+
+    try:
+        jac = FastJacobian(wl.model, trainable_params(wl.model), wl.inputs, forward=wl.forward)
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the timing says the rest
+        return {"*": f"error: {e}"}
+    return {p: f"{path}: {jac.fallback_reasons.get(p, '')}" for p, path in jac.param_paths.items()
+            if path in ("vmap", "replay")}
 
 
 def _take(inputs: Any, n: int) -> Any:
@@ -445,8 +590,10 @@ def run_bench(
         torch.set_num_threads(threads)
     n_threads = torch.get_num_threads()
     say = progress or (lambda _msg: None)
-    if model == "bert-lora":
+    if model in ("bert-lora", "bert"):
         _bert_lora(seed)  # fail early, with one line, when transformers/peft are missing
+    elif model in ZOO:
+        pass
     elif model.startswith("mlp"):
         _mlp_widths(model)  # fail before the memory worker starts
     elif model.startswith("recipe:"):
@@ -455,7 +602,8 @@ def run_bench(
         with _option("--recipe"):
             load_recipe_file(model.split(":", 1)[1])  # a bad recipe fails here, with its own message
     else:
-        raise UsageError(f"--model: unknown model spec {model!r}; choose mlp, mlp:W0-W1-...-C, bert-lora or --recipe")
+        raise UsageError(f"--model: unknown model spec {model!r}; choose mlp, mlp:W0-W1-...-C, bert-lora, "
+                         f"{', '.join(ZOO)} or --recipe")
 
     cpu_mem = None
     if memory and dev.type == "cpu":
@@ -467,9 +615,11 @@ def run_bench(
     for n in batch_sizes:
         say(f"N={n}: building {model}")
         wl = build_workload(model, n, seed=seed, device=dev)
+        fell_back = fallback_params(wl) if jacobian != "vmap" else {}
         steps = {m: make_step(m, wl, jacobian=jacobian, damping=damping, seed=seed) for m in methods}
         say(f"N={n}: timing {', '.join(methods)} ({warmup} warm-up + {repeats} alternating rounds)")
-        times = time_methods(steps, repeats=repeats, warmup=warmup, device=dev)
+        cpu: dict[str, list[float]] = {}
+        times = time_methods(steps, repeats=repeats, warmup=warmup, device=dev, cpu_times=cpu)
         peaks: dict[str, float | None] = {m: None for m in methods}
         if memory and dev.type == "cuda":
             for m, f in steps.items():
@@ -481,12 +631,22 @@ def run_bench(
         elif cpu_mem is not None:
             peaks = {m: cpu_mem[str(n)][m] for m in methods}
         diffs: dict[str, float] = {}
+        diffs64: dict[str, float] = {}
         check_n = None
         if check and any(m in CURVATURE for m in methods):
+            say(f"N={n}: checking the directions against a float64 reference (all {n} rows)")
+            try:
+                diffs64 = check_vs_float64(wl, methods, damping=damping, seed=seed)
+            except Exception as e:  # noqa: BLE001 - the reference is a check, not the benchmark
+                say(f"N={n}: no float64 reference: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             say(f"N={n}: checking fast vs plain directions")
-            diffs, check_n = check_fast_vs_plain(wl, methods, damping=damping, seed=seed,
-                                                 max_numbers=check_max_numbers)
+            try:
+                diffs, check_n = check_fast_vs_plain(wl, methods, damping=damping, seed=seed,
+                                                     max_numbers=check_max_numbers)
+            except Exception as e:  # noqa: BLE001
+                say(f"N={n}: no fast-vs-plain check: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         med = {m: statistics.median(ts) * 1e3 for m, ts in times.items()}
+        cmed = {m: statistics.median(ts) * 1e3 for m, ts in cpu.items()}
         for m in methods:
             results.append({
                 "model": model,
@@ -500,11 +660,15 @@ def run_bench(
                 "ms_median": med[m],
                 "ms_min": min(times[m]) * 1e3,
                 "ratio_to_sgd": med[m] / med["sgd"] if "sgd" in med else None,
+                "cpu_ms_median": cmed[m],
+                "cpu_ratio_to_sgd": cmed[m] / cmed["sgd"] if "sgd" in cmed and cmed["sgd"] > 0 else None,
                 "peak_mb": peaks[m],
                 "peak_ratio_to_sgd": (peaks[m] / peaks["sgd"]
                                       if peaks[m] is not None and peaks.get("sgd") else None),
                 "max_rel_diff_fast_vs_plain": diffs.get(m),
                 "check_n": check_n if m in diffs else None,
+                "max_rel_diff_vs_float64": diffs64.get(m),
+                "fallback_params": fell_back if m in DIRECTION_METHODS and m != "sgd" else {},
             })
         del wl, steps
         gc.collect()

@@ -101,32 +101,89 @@ class ModelFn:
         return loss, grads
 
 
+_CHUNK = 1 << 20  # float64 temporaries of the norms / dots: at most this many numbers at a time
+
+
+def _norm64(t: Tensor) -> Tensor:
+    t = t.reshape(-1)
+    sq = sum(torch.linalg.vector_norm(t[i : i + _CHUNK], dtype=torch.float64).square()
+             for i in range(0, t.numel(), _CHUNK))
+    return torch.sqrt(sq)
+
+
+def _norm(t: Tensor) -> Tensor:
+    """L2 norm of a tensor as a float64 0-d tensor: accumulated in the tensor's dtype (float32: no
+    float64 copy), and only when that overflows (a huge but finite step) again in float64 over chunks,
+    so a finite vector never reports an infinite norm. The overflow test reads one flag to the host."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t)
+    n = torch.linalg.vector_norm(t, dtype=torch.float32).to(torch.float64)
+    if t.device.type == "cpu" and not bool(torch.isfinite(n)):
+        return _norm64(t)
+    return n
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return a @ b
+    d = (a.float() @ b.float()).to(torch.float64)
+    if a.device.type == "cpu" and not bool(torch.isfinite(d)):
+        d = sum((a[i : i + _CHUNK].to(torch.float64) @ b[i : i + _CHUNK].to(torch.float64))
+                for i in range(0, a.numel(), _CHUNK))
+    return d
+
+
 def finish_step(
     layout: ParamLayout,
     old_flat: Tensor,
     new_flat: Tensor,
-    grad_flat: Tensor,
+    grad_flat: Tensor | None,
     cfg: OptimConfig,
     metrics: dict[str, Tensor],
+    *,
+    grad_norm: Tensor | None = None,
+    step_dot_grad: Tensor | None = None,
 ) -> tuple[Params, dict[str, Tensor]]:
     """Shared tail on flat (P,) vectors: optional update-norm clipping, update/gradient
     norms and their cosine; returns the new params dict (each tensor its own storage).
 
-    All on-device; no host reads.
+    ``grad_norm`` and ``step_dot_grad`` (<old - new, g> of the UNCLIPPED step), when the caller has
+    them cheaper than g itself (e.g. from the Gram matrix), replace ``grad_flat`` (then None).
+    Norms and the dot are accumulated in the vectors' dtype (no float64 copies of P-vectors; float64
+    over chunks only when float32 overflows) and reported as float64 0-d tensors. All on-device; no host reads.
     """
     step = old_flat - new_flat  # the applied update lr*d (+ decay)
-    norm = torch.linalg.vector_norm(step.to(torch.float64))
+    norm = _norm(step)
+    scale = None
     if cfg.clip_update_norm is not None:
-        scale = torch.clamp(cfg.clip_update_norm / norm.clamp_min(1e-300), max=1.0).to(step.dtype)
-        step = step * scale
+        scale = torch.clamp(cfg.clip_update_norm / norm.clamp_min(1e-300), max=1.0)
+        step = step * scale.to(step.dtype)
         new_flat = old_flat - step
         metrics["update_clipped"] = scale < 1
-        norm = torch.linalg.vector_norm(step.to(torch.float64))
-    gnorm = torch.linalg.vector_norm(grad_flat.to(torch.float64))
+        norm = _norm(step)
+    if grad_flat is not None:
+        gnorm, dot = _norm(grad_flat), _dot(step, grad_flat)
+    else:
+        gnorm, dot = grad_norm, step_dot_grad if scale is None else step_dot_grad * scale
     metrics["grad_norm"] = gnorm
     metrics["update_norm"] = norm
-    metrics["cos_update_grad"] = (step.to(torch.float64) @ grad_flat.to(torch.float64)) / (norm * gnorm).clamp_min(1e-300)
+    metrics["cos_update_grad"] = dot / (norm * gnorm).clamp_min(1e-300)
     return {k: v.clone() for k, v in layout.unflatten(new_flat).items()}, metrics
+
+
+def step_metrics(old: list[Tensor], new: list[Tensor], grads: list[Tensor],
+                 metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (float64 0-d
+    results; see :func:`_norm`): :func:`finish_step`'s metrics without its flat copies."""
+    step = torch._foreach_sub(old, new)
+    norm = torch.sqrt(sum(_norm(s).square() for s in step))
+    gnorm = torch.sqrt(sum(_norm(g).square() for g in grads))
+    dot = torch.stack([_dot(s.reshape(-1), g.reshape(-1)) for s, g in zip(step, grads)]).sum()
+    metrics["grad_norm"] = gnorm
+    metrics["update_norm"] = norm
+    metrics["cos_update_grad"] = dot / (norm * gnorm).clamp_min(1e-300)
+    return metrics
 
 
 Factory = Callable[[OptimConfig, ModelFn], Optimizer]

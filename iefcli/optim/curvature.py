@@ -22,7 +22,7 @@ from iefcli.core.jacobian import batch_grads
 from iefcli.core.methods import CURVATURE_METHODS, compute_direction, get_method
 from iefcli.core.params import Params
 from iefcli.core.stats import batch_imbalance
-from iefcli.optim.base import ModelFn, OptimConfig, State, finish_step
+from iefcli.optim.base import ModelFn, OptimConfig, State, _norm, finish_step
 
 
 class CurvatureOptimizer:
@@ -49,7 +49,13 @@ class CurvatureOptimizer:
         bg = getattr(fn, "batch_grads", batch_grads)(fn.model, params, batch.inputs, batch.targets, fn.loss_fn,
                          jacobian=c.jacobian, forward=fn.forward, chunk_size=c.chunk_size)
         gen = torch.Generator(device=bg.logits.device).manual_seed(int(key)) if self.method.random else None
-        d, info = compute_direction(c.name, bg, c.damping, generator=gen, options=self.options)
+        rec = _CombineRecorder(bg.rows)
+        bg.rows = rec
+        try:
+            d, info = compute_direction(c.name, bg, c.damping, generator=gen, options=self.options)
+        finally:
+            bg.rows = rec.inner
+        self._last_x = rec.xs[0] if len(rec.xs) == 1 and bg._g is None else None
         m: dict[str, torch.Tensor] = {"loss": bg.loss.mean().detach()}
         m.update(info)
         m.update(batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s))
@@ -58,9 +64,36 @@ class CurvatureOptimizer:
                 -1, bg.targets.unsqueeze(-1)).mean()
         return bg, d, m
 
+    def _grad_stats(self, bg, d: torch.Tensor):
+        """(||g||, <d, g>) from the Gram matrix when d = a R^T x came from ONE combine (ef, ief):
+        <R^T x, g> = x^T G 1 / N, so the diagnostics need no second J^T w for g. Else None."""
+        x = self._last_x
+        if x is None:
+            return None
+        gram = bg.rows.gram()
+        w = gram.sum(dim=1) / bg.rows.n_rows  # G 1 / N
+        gnorm = torch.sqrt((w.sum() / bg.rows.n_rows).clamp_min(0))
+        scale = float(bg.n) ** self.method.direction_power
+        return gnorm, scale * (x.to(torch.float64) @ w)
+
     def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
         c = self.config
         bg, d, metrics = self.direction(params, batch, key)
+        stats = self._grad_stats(bg, d) if c.momentum == 0 and c.weight_decay == 0 else None
+        if stats is not None and c.clip_update_norm is None:
+            # the lean tail: theta_k - lr d_k per tensor (one pass, no flat copies), the metrics from
+            # ||d|| and the Gram (update = lr d exactly up to the one rounding of the subtraction)
+            dv = bg.layout.unflatten(d)
+            new_params = {k: torch.add(v, dv[k], alpha=-lr) for k, v in params.items()}
+            unorm = abs(lr) * _norm(d)
+            # a step whose new params overflow (inf / nan) must read as non-finite, as theta - new would
+            ext = torch.stack([t for v in new_params.values() for t in (v.amax(), v.amin())]).to(torch.float64)
+            unorm = torch.where(torch.isfinite(ext).all(), unorm, torch.full_like(unorm, float("inf")))
+            gnorm, dot = stats[0], lr * stats[1]
+            metrics["grad_norm"] = gnorm
+            metrics["update_norm"] = unorm
+            metrics["cos_update_grad"] = dot / (unorm * gnorm).clamp_min(1e-300)
+            return new_params, {}, metrics
         layout = bg.layout
         new_state: State = {}
         if c.momentum > 0:
@@ -70,5 +103,24 @@ class CurvatureOptimizer:
         theta = layout.flatten(params)
         if c.weight_decay > 0:
             d = d + c.weight_decay * theta
-        new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
+        if stats is None:
+            new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
+        else:
+            new_params, metrics = finish_step(layout, theta, theta - lr * d, None, c, metrics,
+                                              grad_norm=stats[0], step_dot_grad=lr * stats[1])
         return new_params, new_state, metrics
+
+
+class _CombineRecorder:
+    """The rows, seen through: records the coefficient vectors of combine (R^T x) calls."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.xs: list[torch.Tensor] = []
+
+    def combine(self, x, *args, **kwargs):
+        self.xs.append(x)
+        return self.inner.combine(x, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -51,29 +51,51 @@ automatically; batch norm in train mode is refused. A seq-first layer whose
 sequence length happens to EQUAL N cannot be told apart from shapes: use
 ``jacobian="vmap"`` for models that run layers seq-first.
 
-Fallback: every trainable parameter without such a rule takes the plain
-chunked vmap path (:class:`iefcli.core.jacobian.VmapJacobian` restricted to
-those parameters, the others held fixed), so every model works and the same
-rows come out. A layer falls back when its type has no rule, its forward is
-not the stock one (a subclass overriding ``forward``), it is called more or
-fewer than once, its input is modified in place after the call, a parameter
-is shared (tied) or used by any other operation in the graph (counted on the
-autograd graph: each of the layer's parameters must have exactly one consumer),
-or the rule does not support its options (e.g. Embedding ``max_norm``,
-grouped or non-zero-padded convolutions). ``FastJacobian.param_paths`` tells
-which path each parameter took; ``fallback_reasons`` says why.
+Fallback, per module: a module owning trainable parameters without a rule
+(Conv1d, GroupNorm, BatchNorm in eval mode, RMSNorm, nn.MultiheadAttention's
+in_proj, ...) is replayed per sample ON ITS OWN under vmap, its parameters the
+only variables, from its captured arguments and output gradients
+(:func:`iefcli.core.fast.blocks.replay_block`, the same implementation the
+Preconditioner uses); rule layers below it (MHA's out_proj, whose weight MHA
+reads without calling it) are replayed with it. A module returning a tuple is
+replayed on its first output when the others do not reach the logits (MHA's
+attention weights). Only what the per-module replay cannot take goes through
+the whole model per sample (:class:`iefcli.core.jacobian.VmapJacobian`
+restricted to those parameters, the others held fixed): tied weights whose
+holders do not all have rules, a root module's own parameters, recurrent modules (nn.RNNBase), a module called more
+or fewer than once, a parameter used outside its module, or a module whose
+input or output does not have the batch as its leading dim. A rule layer falls
+back when its forward is not the stock one (a subclass overriding ``forward``),
+it is called more or fewer than once, its input is modified in place after the
+call, a parameter is shared (tied) or used by any other operation in the graph
+(counted on the autograd graph: each of the layer's parameters must have
+exactly one consumer), or the rule does not support its options (e.g.
+Embedding ``max_norm``, grouped or non-zero-padded convolutions).
+``FastJacobian.param_paths`` tells which path each parameter took ("replay":
+the per-module fallback, "vmap": the whole model); ``fallback_reasons`` says
+why.
 
-Precision (documented choice): everything that reaches the solves or the
-direction is accumulated in float64 from the captured X and E (kept in
-float32, or float64 for float64 parameters; bf16/fp16 upcast): each Gram
-block and their sum, ``dot`` (returned in float64) and ``combine`` (formed in
-float64 over blocks of output units, each rounded once into the parameters'
-dtype, so the float64 temporaries stay small). This is the plain path's
-precision (float32 rows, float64 Gram and R^T x); float32 accumulation was
-measurably worse for SF at tiny damping, whose Woodbury form
-(g - Jhat^T x) / lam cancels. On the benchmark MLP the float64 combine costs
-a few per cent of the step. Inputs a layer sees before an autocast cast
-(float32 X, bf16 E) are used as seen.
+Tied weights (one Parameter held by several modules with rules, e.g. an
+Embedding and the Linear head): each holder's columns are formed by its rule and
+summed, materialised as an M x numel block (``param_paths`` "tied"; above
+``MATERIALISE_MAX_ELEMENTS`` for N x numel it takes the whole-model path, which
+would hold the same N x numel). Broadcast position embeddings (an Embedding on
+ids of leading dim 1 while the batch is N) have their output expanded to the
+batch inside the capture so each sample gets its own output gradient; a model
+whose code rejects the expanded shape is run as written (whole-model path).
+
+Precision (documented choice): each Gram block and each layer's J^T x are
+formed in the compute dtype (float32 for float32/bf16/fp16 parameters, float64
+for float64 ones) from the captured X and E; the Gram blocks are summed in
+float64 and the N x N solve is float64. On the bench MLP this changes the iEF
+direction by ~3e-7 relative against a float64 reference (``ief bench`` checks
+it on all N rows). ``dot`` is float64, and ``combine(x, dtype=float64)`` (SF's
+Woodbury subtraction g - Jhat^T x / lam, ngd's residual) is accumulated in
+float64 over blocks of output units, each rounded once, so the float64
+temporaries stay small; SF's iterative refinement
+(``directions.sf(refine=...)``) absorbs the float32 rounding of the Gram.
+Inputs a layer sees before an autocast cast (float32 X, bf16 E) are used as
+seen.
 
 Randomness: the batched forward is an ordinary forward. With
 ``randomness="error"`` (the default, as for vmap) a model in train mode with

@@ -33,6 +33,9 @@ GHOST_CHUNK_ELEMENTS = 1 << 23
 # (CPU: small, for peak memory; other devices: large, since each block is a kernel launch).
 COMBINE_CHUNK_ELEMENTS = 1 << 16
 COMBINE_CHUNK_ELEMENTS_ACCEL = 1 << 22
+# The embedding Gram by unique/argsort (CPU: cheapest) or with static shapes (accelerators: no host
+# sync from data-dependent sizes); tests set this to check the static form on CPU.
+EMBEDDING_GRAM_STATIC = False
 
 
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
@@ -81,7 +84,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
     """sum_{t,t'} (X_i X_j^T)_{tt'} (E_i E_j^T)_{tt'} for X (M,T,a), E (M,T,b), chunked over i. (M, M)."""
     m, t = x.shape[:2]
-    out = torch.empty(m, m, dtype=ACC, device=x.device)
+    out = torch.empty(m, m, dtype=ACC, device=x.device)  # chunks formed in x's dtype, stored in float64
     step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m * t * t))
     for i0 in range(0, m, step):
         xx = torch.einsum("itd,jsd->ijts", x[i0 : i0 + step], x)
@@ -90,15 +93,8 @@ def _gram_weight_ghost(x: Tensor, e: Tensor) -> Tensor:
     return out
 
 
-def _gram_chunked(g: Tensor) -> Tensor:
-    """g g^T in float64 for g (M, D), upcasting D-column chunks so the float64 copy stays small."""
-    m, d = g.shape
-    step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m))
-    out = torch.zeros(m, m, dtype=ACC, device=g.device)
-    for c0 in range(0, d, step):
-        gc = g[:, c0 : c0 + step].to(ACC)
-        out += gc @ gc.T
-    return out
+def _f32_at_least(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _cat(grads: list[Tensor]) -> Tensor:
@@ -127,11 +123,13 @@ class _MatmulBlock(Block):
         return self.x.repeat(self.k, 1, 1) if self.k > 1 else self.x
 
     def gram(self) -> Tensor:
+        # Formed in the compute dtype (float32 for float32 params: the per-block products lose
+        # ~1e-7 relative), each block rounded once into float64, where the blocks are summed.
         m = self.e.shape[0]
         out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
         if "weight" in self.roles:
             if self.x.shape[1] == 1:
-                x, e = self.x[:, 0].to(ACC), self.e[:, 0].to(ACC)
+                x, e = self.x[:, 0], self.e[:, 0]
                 xx = x @ x.T  # (N, N)
                 if self.k > 1:
                     xx = xx.repeat(self.k, self.k)
@@ -139,26 +137,37 @@ class _MatmulBlock(Block):
             elif self.strategy == "materialise":
                 # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
                 g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
-                out += _gram_chunked(g)
+                out += g @ g.T
             else:
-                out += _gram_weight_ghost(self._x_rows().to(ACC), self.e.to(ACC))
+                out += _gram_weight_ghost(self._x_rows(), self.e)
         if "bias" in self.roles:
-            eb = self.e.sum(dim=1).to(ACC)  # (M, d_out)
+            eb = self.e.sum(dim=1)  # (M, d_out)
             out += eb @ eb.T
         return out
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
-        # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X, accumulated in float64
-        # over blocks of output units, each rounded once into the result: the float64 temporaries
-        # stay at X's size plus COMBINE_CHUNK_ELEMENTS.
+        # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X: one matmul per layer.
+        # Formed in the compute dtype when the result is (float32 params: ~1e-7 relative); a float64
+        # result (SF's Woodbury subtraction, ngd's residual) is accumulated in float64 over blocks of
+        # output units, each rounded once, so the float64 temporaries stay at X's size plus a chunk.
         n, _, d_in = self.x.shape
         d_out = self.e.shape[-1]
+        w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
+        b = out[self.roles["bias"]] if "bias" in self.roles else None
+        dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
+        if dt != ACC:
+            ex = self.e * x.to(dt)[:, None, None]  # (M, T, d_out)
+            if self.k > 1:
+                ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
+            if w is not None:
+                w.copy_(ex.reshape(-1, d_out).T @ self.x.reshape(-1, d_in))
+            if b is not None:
+                b.copy_(ex.sum(dim=(0, 1)))
+            return
         x64 = x.to(ACC)[:, None, None]
         xin = self.x.reshape(-1, d_in).to(ACC)
         chunk = COMBINE_CHUNK_ELEMENTS if self.x.device.type == "cpu" else COMBINE_CHUNK_ELEMENTS_ACCEL
         step = max(1, chunk // max(1, d_in, n * self.x.shape[1]))
-        w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
-        b = out[self.roles["bias"]] if "bias" in self.roles else None
         for r0 in range(0, d_out, step):
             ex = self.e[..., r0 : r0 + step].to(ACC) * x64  # (M, T, chunk)
             if self.k > 1:
@@ -192,6 +201,83 @@ class _MatmulBlock(Block):
         return out
 
 
+class _ConvBlock(Block):
+    """Conv1d / Conv2d by torch's own convolution kernels (no unfolded patches): per-sample weight
+    gradients by ONE grouped weight-gradient convolution (groups = M), J^T x by one weight-gradient
+    convolution with the rows' weights folded into E, J v by one convolution of the inputs."""
+
+    def __init__(self, kind: str, roles: dict[str, str], module: nn.Module, x: Tensor, e: Tensor, k: int, cdt):
+        self.kind, self.roles, self.k, self.cdt, self.strategy = kind, roles, k, cdt, "native"
+        self.m = module
+        self.x = x.to(cdt)  # (N, C_in, *spatial)
+        self.e = e.to(cdt)  # (M, C_out, *spatial_out)
+        self.nd = x.dim() - 2
+        self._g: Tensor | None = None
+
+    def _opts(self) -> dict:
+        m = self.m
+        return {"stride": m.stride, "padding": conv_padding(m), "dilation": m.dilation}
+
+    def _wgrad(self, x: Tensor, e: Tensor, groups: int = 1) -> Tensor:
+        fn = torch.nn.grad.conv1d_weight if self.nd == 1 else torch.nn.grad.conv2d_weight
+        shape = (e.shape[1], x.shape[1] // groups, *self.m.kernel_size)
+        return fn(x, shape, e, groups=groups, **self._opts())
+
+    def _per_sample(self) -> Tensor:
+        """(M, C_out * C_in * k...) per-sample weight gradients, in the compute dtype."""
+        if self._g is None:
+            m = self.e.shape[0]
+            xr = self.x.repeat(self.k, *([1] * (self.nd + 1))) if self.k > 1 else self.x
+            xg = xr.reshape(1, -1, *xr.shape[2:])  # (1, M C_in, ...)
+            eg = self.e.reshape(1, -1, *self.e.shape[2:])  # (1, M C_out, ...)
+            self._g = self._wgrad(xg, eg, groups=m).reshape(m, -1)
+        return self._g
+
+    def _bias_rows(self) -> Tensor:
+        return self.e.reshape(*self.e.shape[:2], -1).sum(dim=2)  # (M, C_out)
+
+    def gram(self) -> Tensor:
+        m = self.e.shape[0]
+        out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
+        if "weight" in self.roles:
+            g = self._per_sample()
+            out += g @ g.T
+        if "bias" in self.roles:
+            eb = self._bias_rows()
+            out += eb @ eb.T
+        return out
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
+        n = self.x.shape[0]
+        ex = self.e.to(dt) * x.to(dt).reshape(-1, *([1] * (self.e.dim() - 1)))
+        if self.k > 1:
+            ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
+        if "weight" in self.roles:
+            w = out[self.roles["weight"]]
+            w.copy_(self._wgrad(self.x.to(dt), ex).reshape(w.shape))
+        if "bias" in self.roles:
+            out[self.roles["bias"]].copy_(ex.reshape(*ex.shape[:2], -1).sum(dim=(0, 2)))
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        m, n = self.e.shape[0], self.x.shape[0]
+        e = self.e.to(ACC).reshape(self.k, n, *self.e.shape[1:])
+        out = torch.zeros(m, dtype=ACC, device=self.e.device)
+        if "weight" in self.roles:
+            conv = F.conv1d if self.nd == 1 else F.conv2d
+            xv = conv(self.x.to(ACC), v[self.roles["weight"]].to(ACC), **self._opts())  # (N, C_out, ...)
+            out += (e * xv).reshape(self.k, n, -1).sum(dim=2).reshape(m)
+        if "bias" in self.roles:
+            out += (self._bias_rows().to(ACC) @ v[self.roles["bias"]].to(ACC))
+        return out
+
+    def matrix(self) -> Tensor:
+        cols = []
+        for role in self.roles:
+            cols.append(self._per_sample().to(ACC) if role == "weight" else self._bias_rows().to(ACC))
+        return torch.cat(cols, dim=1)
+
+
 class _DenseBlock(Block):
     """Layers whose per-sample gradients are small (LayerNorm: M x D): held as matrices."""
 
@@ -201,7 +287,8 @@ class _DenseBlock(Block):
         self.shapes = shapes
 
     def gram(self) -> Tensor:
-        return sum(g.to(ACC) @ g.to(ACC).T for g in self.mats.values())
+        # each parameter's block formed in float32/float64 (bf16/fp16 upcast), summed in float64
+        return sum((g @ g.T).to(ACC) for g in map(_f32_at_least, self.mats.values()))
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         for name, g in self.mats.items():
@@ -235,6 +322,8 @@ class _EmbeddingBlock(Block):
         self.weight_shape = weight_shape
 
     def gram(self) -> Tensor:
+        if self.e.device.type != "cpu" or EMBEDDING_GRAM_STATIC:
+            return self._gram_static()
         m, t, d = self.e.shape
         dev = self.e.device
         vocab = self.weight_shape[0]
@@ -265,6 +354,20 @@ class _EmbeddingBlock(Block):
             out.index_add_(0, f_row[li] * m + f_row[ri], dots)
         return out.reshape(m, m)
 
+    def _gram_static(self) -> Tensor:
+        """The same Gram with static shapes and no host sync (accelerators): sum over position pairs
+        (t, t') with equal ids of <E_it, E_jt'>, the (rows_chunk, M, T, T) temporaries chunked."""
+        m, t, _ = self.e.shape
+        ids = self.ids.repeat(self.k, 1)  # (M, T)
+        e = self.e.to(ACC)
+        out = torch.empty(m, m, dtype=ACC, device=e.device)
+        step = max(1, GHOST_CHUNK_ELEMENTS // max(1, m * t * t))
+        for i0 in range(0, m, step):
+            same = ids[i0 : i0 + step, None, :, None] == ids[None, :, None, :]  # (c, M, T, T)
+            ee = torch.einsum("itd,jsd->ijts", e[i0 : i0 + step], e)
+            out[i0 : i0 + step] = (ee * same).sum(dim=(2, 3))
+        return out
+
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         n = self.ids.shape[0]
         ew = (self.e.to(ACC) * x.to(ACC)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
@@ -288,14 +391,18 @@ class _EmbeddingBlock(Block):
 
 
 def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
-    """xhat (N, T, D) and D, recomputed from the captured input in ``cdt``."""
-    m: nn.LayerNorm = layer.module
+    """xhat (N, T, D) and D, recomputed from the captured input in ``cdt`` (LayerNorm or RMSNorm)."""
+    m = layer.module
     nd = len(m.normalized_shape)
     dims = tuple(range(-nd, 0))
     x = layer.x.to(cdt)
-    mu = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, unbiased=False, keepdim=True)
-    xhat = (x - mu) / torch.sqrt(var + m.eps)
+    if layer.kind == "rmsnorm":
+        eps = m.eps if m.eps is not None else torch.finfo(layer.x.dtype).eps
+        xhat = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    else:
+        mu = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        xhat = (x - mu) / torch.sqrt(var + m.eps)
     d = int(torch.Size(m.normalized_shape).numel())
     return _seq(xhat, x.shape[0], d), d
 
@@ -305,6 +412,11 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
     k = len(grads)
     m = layer.module
     n = layer.x.shape[0]
+    if layer.kind in ("conv1d", "conv2d"):
+        x = layer.x if layer.x.dim() == (3 if layer.kind == "conv1d" else 4) else layer.x.unsqueeze(0)
+        e = _cat([g.reshape(n, m.out_channels, *g.shape[-x.dim() + 2:]) for g in grads])
+        if k * n * m.weight.numel() <= MATERIALISE_MAX_ELEMENTS:
+            return _ConvBlock(layer.kind, layer.roles, m, x, e, k, cdt)
     if layer.kind == "linear":
         d_in, d_out = m.in_features, m.out_features
         x = _seq(layer.x, n, d_in)
@@ -316,12 +428,36 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
         x = patches.transpose(1, 2)  # (N, L, C_in kh kw), in the order of weight.view(C_out, -1)
         e = _cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
         return _MatmulBlock("conv2d", layer.roles, x, e, k, tuple(m.weight.shape), cdt)
-    if layer.kind == "layernorm":
+    if layer.kind == "conv1d":
+        x = layer.x if layer.x.dim() == 3 else layer.x.unsqueeze(0)
+        (k1,), (d1,), (s1,) = m.kernel_size, m.dilation, m.stride
+        patches = F.unfold(x.unsqueeze(2), (1, k1), dilation=(1, d1), padding=(0, conv_padding(m)[0]), stride=(1, s1))
+        x = patches.transpose(1, 2)  # (N, L_out, C_in k), in the order of weight.view(C_out, -1)
+        e = _cat([g.reshape(n, m.out_channels, -1).transpose(1, 2) for g in grads])
+        return _MatmulBlock("conv1d", layer.roles, x, e, k, tuple(m.weight.shape), cdt)
+    if layer.kind in ("batchnorm", "groupnorm"):
+        # per-channel affine after a per-sample normalisation: the features are the channels (dim 1)
+        c = m.num_features if layer.kind == "batchnorm" else m.num_channels
+        x = layer.x.to(cdt)
+        x = x.reshape(n, c, -1) if x.shape[0] == n and x.dim() > 1 else x.reshape(1, c, -1)
+        if layer.kind == "batchnorm":
+            xhat = (x - m.running_mean.to(cdt)[:, None]) / torch.sqrt(m.running_var.to(cdt)[:, None] + m.eps)
+        else:
+            xg = x.reshape(x.shape[0], m.num_groups, -1)
+            mu = xg.mean(dim=-1, keepdim=True)
+            var = xg.var(dim=-1, unbiased=False, keepdim=True)
+            xhat = ((xg - mu) / torch.sqrt(var + m.eps)).reshape(x.shape)
+        xhat = xhat.transpose(1, 2)  # (N, S, C)
+        e = _cat([g.to(cdt).reshape(n, c, -1).transpose(1, 2) for g in grads])  # (M, S, C)
+        xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
+        mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
+        return _DenseBlock(layer.kind, layer.roles, mats, shapes)
+    if layer.kind in ("layernorm", "rmsnorm"):
         xhat, d = _layernorm_features(layer, cdt)
         e = _cat([_seq(g, n, d) for g in grads]).to(cdt)  # (M, T, D)
         xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
         mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
-        return _DenseBlock("layernorm", layer.roles, mats, shapes)
+        return _DenseBlock(layer.kind, layer.roles, mats, shapes)
     if layer.kind == "embedding":
         d = m.embedding_dim
         e = _cat([_seq(g, n, d) for g in grads])
@@ -338,7 +474,8 @@ def replay_block(call: Call, grads: list[Tensor], shapes: dict[str, torch.Size],
     rows_{kn} = (d out_n / d theta_module)^T E_kn. Only this module is replayed, never the model.
     The arguments whose leading dim is N are split per sample; others are shared."""
     module = call.module
-    sub = {attr: getattr(module, attr).detach() for attr in call.roles}
+    sub = {attr: module.get_parameter(attr).detach() for attr in call.roles}
+    pick = getattr(call, "pick", None)
     n = grads[0].shape[0]
     flat, spec = tree_flatten((call.args, call.kwargs))
     batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in flat]
@@ -350,7 +487,8 @@ def replay_block(call: Call, grads: list[Tensor], shapes: dict[str, torch.Size],
         args, kwargs = tree_unflatten(leaves, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(module, p, tuple(args), kwargs).squeeze(0)
+            out = functional_call(module, p, tuple(args), kwargs)
+            return (out if pick is None else out[pick]).squeeze(0)
 
         _, vjp_n = vjp(f, sub)
         return vmap(lambda uk: vjp_n(uk)[0])(u_n)  # attr -> (K, *shape)

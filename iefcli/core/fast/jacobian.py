@@ -6,13 +6,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp as func_jvp
 
-from iefcli.core.fast.blocks import compute_dtype, make_block
+import dataclasses
+
+from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.fast.rules import (
+    Call,
     Layer,
     active_dropout,
     leaf_uses,
     plan_layers,
+    rule_for,
     train_mode_batchnorm,
     translate_func_error,
 )
@@ -43,12 +47,135 @@ def _uncompiled(model: nn.Module, params: Params) -> tuple[nn.Module, str]:
     return model, ""
 
 
+def _plan_calls(model: nn.Module, layers: list[Layer], reasons: dict[str, str]) -> tuple[list[Layer], list[Call]]:
+    """The per-module fallback plan: each module owning trainable parameters without a rule becomes a
+    :class:`Call` (replayed per sample on its own, its parameters the only variables), absorbing the
+    rule layers and fallback modules below it (e.g. nn.MultiheadAttention's out_proj, whose weight it
+    uses without calling the module). Tied parameters, the root's own parameters and recurrent modules
+    are left to the whole-model vmap path."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_module: dict[str, dict[str, str]] = {}
+    for pname, reason in reasons.items():
+        mod_name, _, attr = pname.rpartition(".")
+        module = modules.get(mod_name) if mod_name else None
+        if module is None or "shared with another module" in reason or isinstance(module, nn.RNNBase):
+            continue
+        by_module.setdefault(mod_name, {})[attr] = pname
+    top: list[str] = []
+    for name in sorted(by_module, key=lambda s: s.count(".")):
+        anc = next((t for t in top if name.startswith(t + ".")), None)
+        if anc is None:
+            top.append(name)
+        else:
+            by_module[anc].update({f"{name[len(anc) + 1:]}.{a}": p for a, p in by_module.pop(name).items()})
+    keep = []
+    for layer in layers:
+        anc = next((t for t in top if layer.name.startswith(t + ".")), None)
+        if anc is None:
+            keep.append(layer)
+        else:
+            by_module[anc].update({f"{layer.name[len(anc) + 1:]}.{a}": p for a, p in layer.roles.items()})
+            for p in layer.roles.values():
+                reasons[p] = f"{layer.name}: inside {anc}, which has no fast rule (replayed with it)"
+    return keep, [Call(t, modules[t], by_module[t]) for t in top]
+
+
+def _plan_tied(model: nn.Module, layers: list[Layer], reasons: dict[str, str], params, n: int) -> dict[str, int]:
+    """Tied parameters whose every holder has a rule (e.g. an Embedding and the Linear head sharing one
+    weight): added to each holder's roles; their per-sample gradient is the sum of the holders' columns,
+    materialised (M x numel, bounded by MATERIALISE_MAX_ELEMENTS; the vmap path would hold the same).
+    Returns name -> number of holders."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mod_name, module, attr))
+    by_name = {layer.name: layer for layer in layers}
+    out = {}
+    for pname, reason in list(reasons.items()):
+        if "shared with another module" not in reason:
+            continue
+        try:
+            hs = holders.get(id(model.get_parameter(pname)), [])  # the module's Parameter (params are detached)
+        except AttributeError:
+            continue
+        if len(hs) < 2 or n * params[pname].numel() > MATERIALISE_MAX_ELEMENTS:
+            continue
+        kinds = [rule_for(m)[0] for _, m, a in hs]
+        if any(k is None for k in kinds) or any(a not in ("weight", "bias") for _, _, a in hs) \
+                or len({name for name, _, _ in hs}) != len(hs):
+            continue
+        for (name, module, attr), kind in zip(hs, kinds):
+            if name not in by_name:
+                by_name[name] = Layer(name, module, kind, {})
+                layers.append(by_name[name])
+            by_name[name].roles[attr] = pname
+        out[pname] = len(hs)
+    return out
+
+
+def _graph_nodes(root: Tensor) -> set:
+    seen, stack = {root.grad_fn}, [root.grad_fn]
+    while stack:
+        for nxt, _ in stack.pop().next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _uses_outside(root: Tensor, leaves: dict[str, Tensor], stops: list[Tensor]) -> dict[int, int]:
+    """Leaf id -> edges into it from the graph of ``root`` NOT inside the ``stops`` tensors' graphs
+    (the walk does not enter their grad_fns)."""
+    wanted = {id(t) for t in leaves.values()}
+    stop = {t.grad_fn for t in stops if t.grad_fn is not None}
+    uses: dict[int, int] = {}
+    seen, stack = {root.grad_fn}, [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None or nxt in stop:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                if id(var) in wanted:
+                    uses[id(var)] = uses.get(id(var), 0) + 1
+                continue
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
+
+
+def _replay_problem(call: Call, uses: dict[int, int], leaves: dict[str, Tensor], n: int) -> str:
+    """Why ``call`` cannot be replayed per sample on its own ('' when it can)."""
+    from torch.utils._pytree import tree_leaves
+
+    if call.calls != 1:
+        return f"no fast rule, and called {call.calls} times in one forward (the replay needs one call)"
+    if call.reason:
+        return f"no fast rule, and {call.reason}"
+    for p in call.roles.values():
+        k = uses.get(id(leaves[p]), 0)
+        if k > 0:
+            return f"no fast rule, and parameter {p} is also used outside the module ({k} operations)"
+    for name, m in call.module.named_modules():
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return "no fast rule, and active dropout inside"
+    if call.out.dim() == 0 or call.out.shape[0] != n:
+        return "no fast rule, and its output's leading dim is not the batch"
+    if not any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in tree_leaves((call.args, call.kwargs))):
+        return "no fast rule, and no input has the batch as its leading dim"
+    return ""
+
+
 class FastJacobian:
     """The fast OutputJacobian (see the module docstring).
 
     Attributes after construction:
       logits (N, ...) detached; layout (all trainable params);
-      param_paths: param name -> "linear" | "layernorm" | "embedding" | "conv2d" | "vmap";
+      param_paths: param name -> a rule kind ("linear", "conv1d", "conv2d", "layernorm", "rmsnorm",
+        "groupnorm", "batchnorm", "embedding"), "replay" (the per-module fallback) or "vmap" (whole model);
       layer_paths: hooked module name -> its kind, for the modules on the fast path;
       fallback_reasons: param name -> why it takes the vmap path.
     """
@@ -83,14 +210,30 @@ class FastJacobian:
         # code's speed anyway); the params keep the caller's names outside.
         self._inner, self._prefix = _uncompiled(model, params)
         layers, reasons = plan_layers(self._inner, self._strip(params))
-        for layer in layers:
-            layer.roles = {r: self._prefix + p for r, p in layer.roles.items()}
+        tied = _plan_tied(self._inner, layers, reasons, self._strip(params), batch_size_of(inputs))
+        layers, calls = _plan_calls(self._inner, layers, reasons)
+        self._tied = {self._prefix + p: k for p, k in tied.items()}
+        for cap in [*layers, *calls]:
+            cap.roles = {r: self._prefix + p for r, p in cap.roles.items()}
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        handles = [layer.module.register_forward_hook(layer.hook, with_kwargs=True) for layer in layers]
+        handles = [cap.module.register_forward_hook(cap.hook, with_kwargs=True) for cap in [*layers, *calls]]
+        n_batch = batch_size_of(inputs)
+        for layer in layers:
+            layer.batch = n_batch if layer.kind == "embedding" else None
         try:
             with torch.enable_grad():
-                out = forward(self._inner, self._strip(self._leaves), inputs)
+                try:
+                    out = forward(self._inner, self._strip(self._leaves), inputs)
+                except Exception:
+                    if not any(layer.expanded for layer in layers):
+                        raise
+                    # the model did not take an expanded position embedding: run it as written
+                    for cap in [*layers, *calls]:
+                        cap.reset()
+                    for layer in layers:
+                        layer.batch, layer.expanded = None, False
+                    out = forward(self._inner, self._strip(self._leaves), inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -98,8 +241,8 @@ class FastJacobian:
         self.logits = out.detach()
 
         uses = leaf_uses(out, self._leaves) if out.requires_grad else {}
-        n_batch = batch_size_of(inputs)
         self._layers: list[Layer] = []
+        all_reasons = []
         for layer in layers:
             reasons = (
                 layer.validate(uses, self._leaves) if out.requires_grad
@@ -110,6 +253,19 @@ class FastJacobian:
                 # once and expands it): the per-sample rules need the batch as dim 0.
                 reasons = {p: r or "layer input's leading dim is not the batch (shared across samples)"
                            for p, r in reasons.items()}
+            for p in reasons:
+                # a tied parameter is used once by each of its holders: that is its expected use count
+                if p in self._tied and reasons[p].startswith("parameter used by") \
+                        and uses.get(id(self._leaves[p]), 0) == self._tied[p]:
+                    reasons[p] = ""
+            all_reasons.append(reasons)
+        bad_tied = {p: r for rs in all_reasons for p, r in rs.items() if p in self._tied and r}
+        for p in self._tied:
+            if p not in bad_tied:
+                self.fallback_reasons.pop(p, None)
+        self._tied = {p: k for p, k in self._tied.items() if p not in bad_tied}
+        for layer, reasons in zip(layers, all_reasons):
+            reasons = {p: r or bad_tied.get(p, "") for p, r in reasons.items()}
             for pname, reason in reasons.items():
                 if reason:
                     self.fallback_reasons[pname] = f"{layer.name}: {reason}"
@@ -118,9 +274,30 @@ class FastJacobian:
             if layer.roles:
                 self._layers.append(layer)
             layer.x_ref = None  # only the detached copy is needed from here on
+        self._calls: list[Call] = []
+        nodes = None
+        # uses of each leaf OUTSIDE the replayed modules (the walk does not enter their outputs' graphs):
+        # a parameter may be used any number of times inside its module, never outside it
+        outside = _uses_outside(out, self._leaves, [c.out for c in calls if c.out is not None]) \
+            if calls and out.requires_grad else {}
+        for call in calls:
+            if call.extra and call.reason.startswith("its output is a tuple") and out.requires_grad:
+                nodes = _graph_nodes(out) if nodes is None else nodes
+                if not any(t.grad_fn in nodes for t in call.extra):
+                    call.reason = ""  # the tuple's other outputs do not reach the logits
+            why = (_replay_problem(call, outside, self._leaves, n_batch) if out.requires_grad
+                   else "logits do not require grad")
+            if why:
+                for p in call.roles.values():
+                    self.fallback_reasons[p] = f"{call.name}: {why}"
+            else:
+                self._calls.append(call)
         fast = {p: layer.kind for layer in self._layers for p in layer.roles.values()}
+        fast.update({p: "tied" for p in self._tied})
+        fast.update({p: "replay" for call in self._calls for p in call.roles.values()})
         self.param_paths = {name: fast.get(name, "vmap") for name in params}
         self.layer_paths = {layer.name: layer.kind for layer in self._layers}
+        self.layer_paths.update({call.name: "replay" for call in self._calls})
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
 
@@ -166,11 +343,21 @@ class FastJacobian:
             )
         return self._fallback
 
+    def _recurrent_owner(self) -> str | None:
+        """'name (GRU)' of a recurrent module owning a fallback parameter, or None."""
+        modules = dict(self._inner.named_modules(remove_duplicate=False))
+        k = len(self._prefix)
+        for p in self._fallback_names:
+            mod = modules.get(p[k:].rpartition(".")[0])
+            if isinstance(mod, nn.RNNBase):
+                return f"{p[k:].rpartition('.')[0]} ({type(mod).__name__})"
+        return None
+
     def rows(self, cotangents: Tensor) -> FastRows:
         """Rows Jz_n^T U_{kn} (K*N of them, k-major) for cotangents (K, N, ...), as FastRows."""
         k = cotangents.shape[0]
         u = cotangents.to(self._out.dtype)
-        targets = [layer.out for layer in self._layers]
+        targets = [layer.out for layer in self._layers] + [call.out for call in self._calls]
         grads: list[list[Tensor]] = [[] for _ in targets]
         if targets:
             with torch.enable_grad():
@@ -180,7 +367,29 @@ class FastJacobian:
                         grads[j].append(torch.zeros_like(targets[j]) if g is None else g.detach())
         shapes = dict(zip(self.layout.names, self.layout.shapes))
         cdt = compute_dtype(self._dtype)
-        blocks = [make_block(layer, gs, shapes, cdt) for layer, gs in zip(self._layers, grads)]
+        nl = len(self._layers)
+        blocks, tied = [], {}
+        for layer, gs in zip(self._layers, grads[:nl]):
+            own = {r: p for r, p in layer.roles.items() if p not in self._tied}
+            if own:
+                blocks.append(make_block(dataclasses.replace(layer, roles=own) if len(own) < len(layer.roles)
+                                         else layer, gs, shapes, cdt))
+            for r, p in layer.roles.items():
+                if p in self._tied:  # this holder's columns of the tied parameter, summed over holders
+                    mat = make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt).matrix()
+                    tied[p] = mat if p not in tied else tied[p] + mat
+        blocks += [_DenseBlock("tied", {"tied": p}, {"tied": mat}, shapes) for p, mat in tied.items()]
+        for call, gs in zip(self._calls, grads[nl:]):  # the per-module fallback: only this module per sample
+            try:
+                blocks.append(replay_block(call, gs, shapes, randomness=self.randomness))
+            except RuntimeError as e:
+                names = list(call.roles.values())
+                err = translate_func_error(e, "the vmap fallback for " + ", ".join(names[:3])
+                                           + (" ..." if len(names) > 3 else "")
+                                           + f" (module {call.name}, {type(call.module).__name__}, replayed alone)")
+                if err is None:
+                    raise
+                raise err from None
         fallback = fb_layout = None
         if self._fallback_names:
             fj = self._fallback_jacobian()
@@ -190,7 +399,12 @@ class FastJacobian:
                 err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
                                            + (" ..." if len(self._fallback_names) > 3 else ""))
                 if err is None:
-                    raise
+                    rnn = self._recurrent_owner()
+                    if rnn is None:
+                        raise
+                    err = ModelError(f"module {rnn} has no fast rule and torch.func could not run the model per "
+                                     f"sample through it ({str(e).splitlines()[0][:120]}); freeze it, or run it "
+                                     "outside the trainable part of the model")
                 raise err from None
         n = self.logits.shape[0]
         return FastRows(blocks, fallback, fb_layout, self.layout, k * n, self._dtype, self.logits.device)

@@ -1,7 +1,7 @@
 """Layer rules and the capture layer of the fast path.
 
-:func:`rule_for` says which modules have a per-layer rule (Linear, Conv2d,
-LayerNorm, Embedding) and why a module has none. :class:`Layer` is one hooked
+:func:`rule_for` says which modules have a per-layer rule (Linear, Conv1d, Conv2d,
+LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode, Embedding) and why a module has none. :class:`Layer` is one hooked
 module: its forward hook records the input X and keeps the output Z (in the
 graph) so that the output gradients E = dL/dZ can be had either by
 ``torch.autograd.grad`` from the logits (the functional forward of
@@ -61,6 +61,28 @@ def rule_for(module: nn.Module) -> tuple[str | None, str]:
         if conv_padding(module) is None:
             return None, "Conv2d with asymmetric 'same' padding"
         return "conv2d", ""
+    if _stock_forward(module, nn.Conv1d):
+        if module.groups != 1:
+            return None, "grouped Conv1d"
+        if module.padding_mode != "zeros":
+            return None, f"Conv1d with padding_mode={module.padding_mode!r}"
+        if conv_padding(module) is None:
+            return None, "Conv1d with asymmetric 'same' padding"
+        return "conv1d", ""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+        if not module.affine:
+            return None, "BatchNorm without affine parameters"
+        if module.running_mean is None or module.running_var is None:
+            return None, "BatchNorm without running statistics (it normalises with batch statistics)"
+        return "batchnorm", ""  # eval mode only: train mode is refused before any rule is looked at
+    if _stock_forward(module, nn.GroupNorm):
+        if not module.affine:
+            return None, "GroupNorm without affine parameters"
+        return "groupnorm", ""
+    if hasattr(nn, "RMSNorm") and _stock_forward(module, nn.RMSNorm):
+        if not module.elementwise_affine:
+            return None, "RMSNorm without affine parameters"
+        return "rmsnorm", ""
     return None, f"no fast rule for {type(module).__name__}"
 
 
@@ -81,6 +103,9 @@ class Layer:
     enabled: bool = True  # off: the hook does nothing (a forward that is not recorded, or a replay)
     capture_grad: bool = False  # on: a tensor hook keeps dL/dZ from the next ordinary backward in ``grad``
     grad: Tensor | None = None
+    batch: int | None = None  # set: an Embedding called on ids of leading dim 1 (position ids shared by the
+    # batch) has its ids and output expanded to this batch size, so each sample gets its own output gradient
+    expanded: bool = False
 
     def reset(self) -> None:
         """Forget the last forward (a new one is about to be recorded)."""
@@ -100,6 +125,13 @@ class Layer:
             self.reason = "hook could not see a tensor input and a differentiable output"
             return None
         self.x_ref, self.x_version, self.x = x, x._version, x.detach()
+        if (self.batch is not None and self.batch > 1 and self.kind == "embedding" and x.dim() >= 2
+                and x.shape[0] == 1 and output.dim() >= 2 and output.shape[0] == 1):
+            # a broadcast position embedding: out_n = W[ids] for every n; downstream broadcasting
+            # gives the same values, and E per sample is the gradient of the expanded output
+            self.x = self.x.expand(self.batch, *x.shape[1:])
+            output = output.expand(self.batch, *output.shape[1:])
+            self.expanded = True
         self.out = output
         if self.capture_grad:
             output.register_hook(self._keep_grad)
@@ -133,7 +165,7 @@ class Call:
 
     name: str
     module: nn.Module
-    roles: dict[str, str]  # attribute -> qualified name of the module's own trainable parameters
+    roles: dict[str, str]  # attribute (dotted for a submodule's) -> qualified name of the trainable parameter
     calls: int = 0
     args: Any = None
     kwargs: Any = None
@@ -141,9 +173,12 @@ class Call:
     grad: Tensor | None = None
     reason: str = ""
     enabled: bool = True
+    pick: int | None = None  # None: the output is a tensor; i: the replayed output is output[i] of a tuple
+    extra: list | None = None  # the tuple's other differentiable outputs (they must not reach the loss)
 
     def reset(self) -> None:
         self.calls, self.args, self.kwargs, self.out, self.grad, self.reason = 0, None, None, None, None, ""
+        self.pick, self.extra = None, None
 
     def _keep_grad(self, grad: Tensor) -> None:
         self.grad = grad.detach()
@@ -154,14 +189,22 @@ class Call:
         self.calls += 1
         if self.calls > 1:
             return None
-        if not isinstance(output, Tensor) or not output.requires_grad:
+        first = output
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            # e.g. nn.MultiheadAttention's (attn_output, attn_weights or None): the first output is
+            # replayed; other differentiable outputs must not reach the loss (checked by the caller)
+            self.pick, first = 0, output[0]
+            self.extra = [t for t in output[1:] if isinstance(t, Tensor) and t.requires_grad]
+            if self.extra:
+                self.reason = "its output is a tuple whose other tensors are differentiable (attention weights?)"
+        if not isinstance(first, Tensor) or not first.requires_grad:
             self.reason = "its output is not a single differentiable tensor"
             return None
         detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
         self.args, self.kwargs = tree_map(detach, args), tree_map(detach, kwargs)
-        self.out = output
-        output.register_hook(self._keep_grad)
-        return output.clone()
+        self.out = first
+        first.register_hook(self._keep_grad)
+        return first.clone() if self.pick is None else (first.clone(), *output[1:])
 
 
 def plan_layers(model: nn.Module, params) -> tuple[list[Layer], dict[str, str]]:

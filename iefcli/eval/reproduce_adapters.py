@@ -24,17 +24,11 @@ def load_recipe(name: str, overrides: Sequence[str] = (), *, optimizer_from: str
     (an optimiser the task has no recipe for borrows the tuned settings of a sibling task;
     the task's schedule is kept, so all optimisers of a task share it).
     """
-    import yaml
-
-    from iefcli.errors import UsageError
+    from iefcli.train.extends import load_raw
     from iefcli.train.recipe import apply_overrides, recipe_from_dict, resolve_recipe_path
 
-    def raw_of(n: str) -> dict:
-        p = resolve_recipe_path(n)
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise UsageError(f"{p}: a recipe must be a YAML mapping")
-        return raw
+    def raw_of(n: str) -> dict:  # the built-in with its extends: chain merged in
+        return load_raw(resolve_recipe_path(n))
 
     raw = raw_of(name)
     if optimizer_from is not None:

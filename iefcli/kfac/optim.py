@@ -437,16 +437,11 @@ class KFACOptimizer:
                               o.damping_split)
         layout = ParamLayout.of(params)
         d = layout.flatten(d_dict)
-        new_state: State = {"step": torch.tensor(step + 1, dtype=torch.int64), "layers": layers, "fallback": fbd}
-        if c.momentum > 0:
-            buf = c.momentum * layout.flatten(state["momentum"]) + d
-            new_state["momentum"] = {k: v.clone() for k, v in layout.unflatten(buf).items()}
-            d = buf
-        theta = layout.flatten(params)
-        if c.weight_decay > 0:
-            d = d + c.weight_decay * theta
+        from iefcli.optim.base import finish_step, momentum_and_decay
+
+        d, theta, new_state = momentum_and_decay(layout, d, params, state, c)
+        new_state.update({"step": torch.tensor(step + 1, dtype=torch.int64), "layers": layers, "fallback": fbd})
         metrics = {"loss": bc.loss.mean().detach()}
-        from iefcli.optim.base import finish_step
 
         new_params, metrics = finish_step(layout, theta, theta - lr * d, layout.flatten(bc.grads), c, metrics)
         return new_params, new_state, metrics

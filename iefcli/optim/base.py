@@ -134,6 +134,22 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return d
 
 
+def momentum_and_decay(layout: ParamLayout, d: Tensor, params: Params, state: State,
+                       cfg: OptimConfig) -> tuple[Tensor, Tensor, State]:
+    """The shared head of a preconditioned step on flat (P,) vectors: heavy-ball momentum
+    (buf <- momentum * buf + d; d <- buf), then decoupled weight decay (d <- d + wd * theta).
+    Returns (d, theta, the new momentum state: {} without momentum)."""
+    new_state: State = {}
+    if cfg.momentum > 0:
+        buf = cfg.momentum * layout.flatten(state["momentum"]) + d
+        new_state["momentum"] = {k: v.clone() for k, v in layout.unflatten(buf).items()}
+        d = buf
+    theta = layout.flatten(params)
+    if cfg.weight_decay > 0:
+        d = d + cfg.weight_decay * theta
+    return d, theta, new_state
+
+
 def finish_step(
     layout: ParamLayout,
     old_flat: Tensor,

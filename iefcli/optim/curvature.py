@@ -22,7 +22,7 @@ from iefcli.core.jacobian import batch_grads
 from iefcli.core.methods import CURVATURE_METHODS, compute_direction, get_method
 from iefcli.core.params import Params
 from iefcli.core.stats import batch_imbalance
-from iefcli.optim.base import ModelFn, OptimConfig, State, _norm, finish_step
+from iefcli.optim.base import ModelFn, OptimConfig, State, _norm, finish_step, momentum_and_decay
 
 
 class CurvatureOptimizer:
@@ -95,14 +95,7 @@ class CurvatureOptimizer:
             metrics["cos_update_grad"] = dot / (unorm * gnorm).clamp_min(1e-300)
             return new_params, {}, metrics
         layout = bg.layout
-        new_state: State = {}
-        if c.momentum > 0:
-            buf = c.momentum * layout.flatten(state["momentum"]) + d
-            new_state["momentum"] = {k: v.clone() for k, v in layout.unflatten(buf).items()}
-            d = buf
-        theta = layout.flatten(params)
-        if c.weight_decay > 0:
-            d = d + c.weight_decay * theta
+        d, theta, new_state = momentum_and_decay(layout, d, params, state, c)
         if stats is None:
             new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
         else:

@@ -111,4 +111,10 @@ def test_preconditioner_in_a_user_ddp_loop_equals_one_process(tmp_path):
         dt = torch.float64 if dtype == "torch.float64" else torch.float32
         ref = train(method, dt)
         tol = 1e-10 if dt == torch.float64 else 1e-5
+        if method == "ef" and dt == torch.float32:
+            # float32 J^T x is summed per rank then all_reduced: a different summation order than one
+            # process (~1e-7 per step), which EF at damping 1e-6 amplifies through its ill-conditioned
+            # Gram over the 3 steps (measured 2e-4). A lost or doubled rank is O(1) off; float64 above
+            # holds the exact 1e-10.
+            tol = 1e-3
         assert float((ref.double() - theta.double()).norm() / ref.double().norm()) < tol, key

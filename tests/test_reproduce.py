@@ -177,3 +177,17 @@ def test_optimisation_verdicts_follow_the_numbers():
     lossy = task(dict(sgd=0.3, adamw=0.2, adafactor=0.25, ef=0.9, sf=0.4, ief=0.1),
                  dict(sgd=0.9, adamw=0.91, adafactor=0.9, ef=0.5, sf=0.8, ief=0.05), mode="min")
     assert optimisation_claims({"a": lossy})[-1].verdict == HOLDS
+
+
+def test_ng_claim_uses_the_undamped_solve():
+    """Damped NG need not win (at damping 1 it is close to SGD); exact NG (the smallest damping)
+    must beat every method at every damping of its stage."""
+    from iefcli.eval.reproduce import gamma_claims
+
+    base = {"sgd": {1e-12: 1.0, 1.0: 1.0}, "ef": {1e-12: 3.0, 1.0: 0.9}, "sf": {1e-12: 2.0, 1.0: 0.95},
+            "ief": {1e-12: 0.5, 1.0: 0.55}, "ngd": {1e-12: 0.4, 1.0: 0.98}}
+    v = _verdicts(gamma_claims({"small_damping_max": 1e-7, "runs": {"t": {"docs": [_doc(10, base, 2.0)]}}}))
+    assert v["exact NG"] == HOLDS
+    beaten = {**base, "ief": {1e-12: 0.5, 1.0: 0.3}}  # iEF at damping 1 below exact NG
+    v = _verdicts(gamma_claims({"small_damping_max": 1e-7, "runs": {"t": {"docs": [_doc(10, beaten, 2.0)]}}}))
+    assert v["exact NG"] == FAILS

@@ -338,6 +338,18 @@ class Preconditioner:
                     return base * 2.0 ** k, 2.0 ** k
         return c_fit, 1.0
 
+    def _write(self, d: Tensor, bg) -> None:
+        """p.grad <- the direction's part for every trainable p (in p's dtype); count the step."""
+        for name, part in self.layout.unflatten(d).items():
+            p = self.params[name]
+            part = part.to(p.dtype)
+            if p.grad is None:
+                p.grad = part.clone()
+            else:
+                p.grad.copy_(part)
+        self.steps += 1
+        self.last_batch = bg if self.keep_last_batch else None
+
     def step(self) -> dict[str, Tensor]:
         """Write the direction into ``.grad`` of every trainable parameter; return the diagnostics
         (0-d tensors: the table's solve diagnostics and ``loss``, the mean per-sample loss)."""
@@ -376,15 +388,7 @@ class Preconditioner:
         if loss_scale != 1.0:
             self._check_unscaled(bg, c / loss_scale, loss_scale)
         d, info = compute_direction(self.method, bg, self.damping, generator=gen, options=self.options)
-        for name, part in self.layout.unflatten(d).items():
-            p = self.params[name]
-            part = part.to(p.dtype)
-            if p.grad is None:
-                p.grad = part.clone()
-            else:
-                p.grad.copy_(part)
-        self.steps += 1
-        self.last_batch = bg if self.keep_last_batch else None
+        self._write(d, bg)
         self._clear()
         for cap in [*self._layers, *self._calls]:
             cap.reset()  # the captured activations are not needed any more
@@ -463,15 +467,7 @@ class Preconditioner:
         bg = BatchGrads(loss=loss, logits=z, logit_grads=lg, s=lg.reshape(n, -1).pow(2).sum(dim=1), rows=rows,
                         jac=_HookJacobian(z, self.layout, None), targets=y, loss_fn=parts[0][5])
         d, info = compute_direction(self.method, bg, self.damping, options=self.options)
-        for name, part in self.layout.unflatten(d).items():
-            p = self.params[name]
-            part = part.to(p.dtype)
-            if p.grad is None:
-                p.grad = part.clone()
-            else:
-                p.grad.copy_(part)
-        self.steps += 1
-        self.last_batch = bg if self.keep_last_batch else None
+        self._write(d, bg)
         return {"loss": bg.loss.mean().detach(), **info}
 
     def _blocks(self, n: int, c: float):

@@ -53,22 +53,16 @@ def rule_for(module: nn.Module) -> tuple[str | None, str]:
         if module.max_norm is not None or module.scale_grad_by_freq:
             return None, "Embedding with max_norm or scale_grad_by_freq"
         return "embedding", ""
-    if _stock_forward(module, nn.Conv2d):
-        if module.groups != 1:
-            return None, "grouped Conv2d"
-        if module.padding_mode != "zeros":
-            return None, f"Conv2d with padding_mode={module.padding_mode!r}"
-        if conv_padding(module) is None:
-            return None, "Conv2d with asymmetric 'same' padding"
-        return "conv2d", ""
-    if _stock_forward(module, nn.Conv1d):
-        if module.groups != 1:
-            return None, "grouped Conv1d"
-        if module.padding_mode != "zeros":
-            return None, f"Conv1d with padding_mode={module.padding_mode!r}"
-        if conv_padding(module) is None:
-            return None, "Conv1d with asymmetric 'same' padding"
-        return "conv1d", ""
+    for cls, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d")):
+        if _stock_forward(module, cls):
+            what = cls.__name__
+            if module.groups != 1:
+                return None, f"grouped {what}"
+            if module.padding_mode != "zeros":
+                return None, f"{what} with padding_mode={module.padding_mode!r}"
+            if conv_padding(module) is None:
+                return None, f"{what} with asymmetric 'same' padding"
+            return kind, ""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
         if not module.affine:
             return None, "BatchNorm without affine parameters"

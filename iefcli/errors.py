@@ -10,6 +10,20 @@ EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+MAX_ERROR_CHARS = 500
+
+
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` as ONE line of at most ``limit`` characters: line breaks and runs of
+    white space become one space, and the middle of a longer message is cut out (a value
+    echoed in an error may be huge; the start names the file and key, the end the rule).
+    Both stderr's ``ief: error:`` line and the ``--json`` error object use it."""
+    text = " ".join(str(message).split())
+    if len(text) > limit:
+        keep = (limit - 5) // 2
+        text = f"{text[:keep]} ... {text[-keep:]}"
+    return text
+
 
 class IEFError(Exception):
     """Base class: a problem the user can fix, reported in one line."""

@@ -67,3 +67,14 @@ def test_error_object_pure():
     assert obj["error"] == {"type": "KeyboardInterrupt", "message": "KeyboardInterrupt", "exit_code": 130}
     assert stamp({"schema_version": 7})["schema_version"] == 7  # the object's own keys win
     assert json.loads(dumps({"x": float("nan")})) == {"x": None}
+
+
+def test_error_object_message_has_the_stderr_bound():
+    """A huge multi-line message (a value echoed in an error) is one line of at most
+    MAX_ERROR_CHARS in the JSON object too, keeping its start (the key) and its end (the rule)."""
+    from iefcli.errors import MAX_ERROR_CHARS, UsageError
+
+    e = UsageError("r.yaml: data.path: \n" + "x" * 5000 + "\nmust be a file")
+    msg = error_object(e, command="train")["error"]["message"]
+    assert "\n" not in msg and len(msg) <= MAX_ERROR_CHARS
+    assert msg.startswith("r.yaml: data.path:") and msg.endswith("must be a file")

@@ -11,24 +11,10 @@ from typing import Any, Iterator
 import typer
 from rich.console import Console
 
-from iefcli.errors import EXIT_INTERRUPTED, IEFError
+from iefcli.errors import EXIT_INTERRUPTED, MAX_ERROR_CHARS, IEFError, one_line  # noqa: F401 (re-exported)
 
 out = Console()  # stdout: tables, JSON
 err = Console(stderr=True)  # stderr: progress, messages
-
-
-MAX_ERROR_CHARS = 500
-
-
-def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """``message`` as ONE line of at most ``limit`` characters: line breaks and runs of
-    white space become one space, and the middle of a longer message is cut out (a value
-    echoed in an error may be huge; the start names the file and key, the end the rule)."""
-    text = " ".join(str(message).split())
-    if len(text) > limit:
-        keep = (limit - 5) // 2
-        text = f"{text[:keep]} ... {text[-keep:]}"
-    return text
 
 
 def fail(message: str, code: int) -> typer.Exit:

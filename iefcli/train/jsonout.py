@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, TextIO
 
 import iefcli
-from iefcli.errors import EXIT_INTERRUPTED, IEFError
+from iefcli.errors import EXIT_INTERRUPTED, IEFError, one_line
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +45,7 @@ def stamp(obj: Mapping[str, Any]) -> dict[str, Any]:
 def error_object(exc: BaseException, *, command: str, run_dir: Path | str | None = None) -> dict[str, Any]:
     """The JSON object describing a failed command (see the module docstring)."""
     code = getattr(exc, "exit_code", EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1)
-    message = str(exc) or type(exc).__name__
+    message = one_line(str(exc)) or type(exc).__name__  # the same bound as the stderr line
     obj: dict[str, Any] = {"status": "error", "command": command,
                            "error": {"type": type(exc).__name__, "message": message, "exit_code": int(code)}}
     summary = getattr(exc, "summary", None)  # a RunFailed may carry the run's summary

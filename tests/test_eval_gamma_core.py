@@ -170,6 +170,38 @@ def test_same_seed_same_results_other_seed_changes_only_sf():
     assert any(ra["gamma"] != rc["gamma"] for ra, rc in zip(a.rows, c.rows) if ra["method"] == "sf")
 
 
+def test_sf_rows_are_drawn_once_per_batch_for_every_damping(monkeypatch):
+    """The damping sweep reuses one SF draw per batch (one sampled backward), and the
+    directions equal compute_direction's own draw from the same generator state."""
+    import iefcli.core.jacobian as jac_mod
+    from iefcli.core import methods as mt
+
+    calls = []
+    real = jac_mod.sampled_rows
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(jac_mod, "sampled_rows", counting)
+    case = make_case("mlp_ce", torch.float64)
+    x, y = case.inputs, case.targets
+    res = ge.evaluate_gamma(
+        model=case.model, params=case.params, loss_fn=case.loss_fn, batches=[(x, y), (x[:5], y[:5])],
+        methods=("sgd", "ief", "sf"), dampings=DAMPINGS, sf_samples=2, generator=torch.Generator().manual_seed(3),
+    )
+    assert len(calls) == 2  # one draw per batch, not one per damping
+    gen = torch.Generator().manual_seed(3)
+    bg = ge.batch_grads(case.model, case.params, x, y, case.loss_fn)
+    opts = mt.MethodOptions(mc_samples=2)
+    start = gen.get_state()
+    for lam in DAMPINGS:
+        gen.set_state(start)
+        d, _ = mt.compute_direction("sf", bg, lam, generator=gen, options=opts)
+        (row,) = [r for r in res.rows if r["batch"] == 0 and r["method"] == "sf" and r["damping"] == lam]
+        assert row["gamma"] == pytest.approx(float(ge.gamma(bg, d)), rel=1e-12), lam
+
+
 def test_aggregate_matches_numpy():
     rng = np.random.default_rng(0)
     rows = []

@@ -85,6 +85,9 @@ class Method:
     ``needs_damping`` : the user's damping must be > 0 (it divides by it).
     ``random``: the direction draws from ``generator`` (a None generator then uses
     torch's default one).
+    ``draw``: for a random method, draw(bg, generator, options) -> what it drew (SF: the
+    sampled rows); ``fn`` then receives that draw in the generator's place, so that one
+    draw can serve several dampings (:func:`draw_for`, ``compute_direction(draw=...)``).
     """
 
     name: str
@@ -93,6 +96,7 @@ class Method:
     direction_power: int = 0
     needs_damping: bool = False
     random: bool = False
+    draw: Callable[[Any, "torch.Generator | None", MethodOptions], Any] | None = None
 
 
 def _solve_diag(info) -> dict[str, Tensor]:
@@ -118,15 +122,20 @@ def _ief(bg, damping, generator, options):
     return d, _solve_diag(info)
 
 
-def _sf(bg, damping, generator, options):
-    from iefcli import directions
+def _sf_draw(bg, generator, options):
+    """SF's randomness: the k sampled-label rows of the batch (one backward)."""
     from iefcli.core.jacobian import sampled_rows
 
     # A diverged step leaves NaN/Inf logits, on which sampling would raise; sample from
     # finite stand-ins instead (the caller rejects the step: its loss is not finite).
     safe = SimpleNamespace(logits=torch.nan_to_num(bg.logits, nan=0.0, posinf=0.0, neginf=0.0),
                            targets=bg.targets, loss_fn=bg.loss_fn, jac=bg.jac)
-    rows = sampled_rows(safe, options.mc_samples, generator)
+    return sampled_rows(safe, options.mc_samples, generator)
+
+
+def _sf(bg, damping, rows, options):
+    from iefcli import directions
+
     d, info = directions.sf(rows, bg.g, damping, return_info=True)
     return d, _solve_diag(info)
 
@@ -147,7 +156,7 @@ METHODS: dict[str, Method] = {
     "sgd": Method("sgd", _sgd),
     "ef": Method("ef", _ef, damping_power=2, direction_power=2),
     "ief": Method("ief", _ief, damping_power=2, direction_power=0),
-    "sf": Method("sf", _sf, damping_power=2, direction_power=2, needs_damping=True, random=True),
+    "sf": Method("sf", _sf, damping_power=2, direction_power=2, needs_damping=True, random=True, draw=_sf_draw),
     "ngd": Method("ngd", _ngd, damping_power=2, direction_power=2),
 }
 
@@ -185,6 +194,17 @@ def internal_damping(name: str, damping: float, n: int) -> float:
     return float(damping) * float(n) ** get_method(name).damping_power
 
 
+def draw_for(name: str, bg, *, generator: torch.Generator | None = None,
+             options: MethodOptions | None = None) -> Any:
+    """Method ``name``'s random draw on the batch ``bg`` (None for a method without one),
+    to pass as ``compute_direction(..., draw=...)`` at several dampings: the same draw,
+    made once (eval-gamma's damping sweep)."""
+    m = get_method(name)
+    if m.draw is None:
+        return None
+    return m.draw(bg, generator, options if options is not None else MethodOptions())
+
+
 def compute_direction(
     name: str,
     bg,
@@ -192,12 +212,15 @@ def compute_direction(
     *,
     generator: torch.Generator | None = None,
     options: MethodOptions | None = None,
+    draw: Any = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The (P,) direction of method ``name`` on the batch ``bg`` at the user's (paper-scale)
     ``damping``, and its diagnostics (0-d device tensors; nothing is read to the host here).
 
     ``bg``: a :class:`iefcli.core.jacobian.BatchGrads` (or anything with its attributes).
     ``generator``: the randomness of ``sf``'s label draws (pass one for reproducible steps).
+    ``draw``: a :func:`draw_for` result of the same method and batch to reuse instead of
+    drawing from ``generator``.
     """
     m = get_method(name)
     damping = float(damping)
@@ -207,7 +230,11 @@ def compute_direction(
         raise ValueError(f"{name} needs damping > 0 (it divides by it), got {damping}")
     opts = options if options is not None else MethodOptions()
     n = float(bg.n)
-    d, info = m.fn(bg, damping * n ** m.damping_power, generator, opts)
+    if m.draw is not None:
+        third = draw if draw is not None else m.draw(bg, generator, opts)
+    else:
+        third = generator
+    d, info = m.fn(bg, damping * n ** m.damping_power, third, opts)
     if m.direction_power:
         d = d * (n ** m.direction_power)
     return d, info
@@ -215,4 +242,4 @@ def compute_direction(
 
 __all__ = ["DUP_THRESHOLD", "CG_MAXITER", "MethodOptions", "Method", "METHODS", "CURVATURE_METHODS",
            "GRAM_METHODS", "BENCH_METHODS", "EVAL_METHODS", "register_method", "get_method",
-           "internal_damping", "compute_direction"]
+           "internal_damping", "draw_for", "compute_direction"]

@@ -267,16 +267,23 @@ def _one_batch(
     gamma_sgd = float(gamma(bg, bg.g))  # damping-independent: computed once
     dirs: dict[tuple[str, float], Tensor] = {}
     ngd_info: list[dict[str, Any]] = []
-    # A random method (SF) sees the SAME label draw at every damping: the generator is
-    # rewound to this batch's state before each call, and left after one draw.
+    # A random method (SF) sees the SAME label draw at every damping: a method with a
+    # separate draw (SF's sampled rows) draws once and reuses it; any other random method
+    # gets the generator rewound to this batch's state before each call. Either way the
+    # generator is left after one draw.
     start = generator.get_state() if generator is not None else None
     end = None
+    draws = {m: method_table.draw_for(m, bg, generator=generator, options=options)
+             for m in methods if method_table.get_method(m).draw is not None}
+    if draws:
+        end = generator.get_state() if generator is not None else None
     for lam in dampings:
         for m in methods:
-            if method_table.get_method(m).random:
+            meth = method_table.get_method(m)
+            if meth.random and meth.draw is None:
                 generator.set_state(start)
-            d, info = _direction(m, bg, lam, generator=generator, options=options)
-            if method_table.get_method(m).random:
+            d, info = _direction(m, bg, lam, generator=generator, options=options, draw=draws.get(m))
+            if meth.random and meth.draw is None:
                 end = generator.get_state()
             dirs[(m, lam)] = d
             if m == "ngd" and "cg_iterations" in info:  # by CG (an exact solve reports no CG)
@@ -305,9 +312,9 @@ def _one_batch(
     return out, ngd_info
 
 
-def _direction(m: str, bg: BatchGrads, lam: float, *, generator, options) -> tuple[Tensor, dict[str, Tensor]]:
+def _direction(m: str, bg: BatchGrads, lam: float, *, generator, options, draw=None) -> tuple[Tensor, dict[str, Tensor]]:
     """Method m's direction at the paper-scale damping lam, and its diagnostics: the one table."""
-    return method_table.compute_direction(m, bg, lam, generator=generator, options=options)
+    return method_table.compute_direction(m, bg, lam, generator=generator, options=options, draw=draw)
 
 
 def _quantile(sorted_x: list[float], q: float) -> float:

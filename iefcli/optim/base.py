@@ -188,14 +188,28 @@ def finish_step(
     return {k: v.clone() for k, v in layout.unflatten(new_flat).items()}, metrics
 
 
+def _parts(parts: list[Tensor]) -> Tensor:
+    """A list of 0-d per-tensor results -> one float64 vector (one stack when the dtypes agree)."""
+    if len({p.dtype for p in parts}) == 1:
+        return torch.stack(parts).to(torch.float64)
+    return torch.stack([p.to(torch.float64) for p in parts])
+
+
 def step_metrics(old: list[Tensor], new: list[Tensor], grads: list[Tensor],
                  metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (float64 0-d
-    results; see :func:`_norm`): :func:`finish_step`'s metrics without its flat copies."""
+    results): :func:`finish_step`'s metrics without its flat copies. The per-tensor norms come from
+    one foreach kernel each and the dots in the tensors' dtype, combined in float64; only when one of
+    them overflows (a huge but finite step; on CPU one host read for all three) again in float64 over
+    chunks, as :func:`_norm` / :func:`_dot` do."""
     step = torch._foreach_sub(old, new)
-    norm = torch.sqrt(sum(_norm(s).square() for s in step))
-    gnorm = torch.sqrt(sum(_norm(g).square() for g in grads))
-    dot = torch.stack([_dot(s.reshape(-1), g.reshape(-1)) for s, g in zip(step, grads)]).sum()
+    norm = torch.linalg.vector_norm(_parts(torch._foreach_norm(step)))
+    gnorm = torch.linalg.vector_norm(_parts(torch._foreach_norm(grads)))
+    dot = _parts([torch.dot(s.reshape(-1), g.reshape(-1)) for s, g in zip(step, grads)]).sum()
+    if step and step[0].device.type == "cpu" and not bool(torch.isfinite(torch.stack([norm, gnorm, dot])).all()):
+        norm = torch.sqrt(sum(_norm(s).square() for s in step))
+        gnorm = torch.sqrt(sum(_norm(g).square() for g in grads))
+        dot = torch.stack([_dot(s.reshape(-1), g.reshape(-1)) for s, g in zip(step, grads)]).sum()
     metrics["grad_norm"] = gnorm
     metrics["update_norm"] = norm
     metrics["cos_update_grad"] = dot / (norm * gnorm).clamp_min(1e-300)

@@ -56,37 +56,44 @@ class TorchOptimizer:
             group["lr"] = lr
         return self._opt, self._leaves
 
+    def _mean_loss_and_grads(self, leaves: list[Tensor], names: list[str], batch: Any) -> tuple[Tensor, list[Tensor]]:
+        """(mean loss, its gradient per leaf) by ordinary autograd through the leaves (no torch.func
+        transform: the same backward a plain torch loop runs). An unused leaf gets zeros."""
+        fn = self.fn
+        with torch.enable_grad():
+            z = fn.forward(fn.model, dict(zip(names, leaves)), batch.inputs)
+            loss = fn.loss_fn.per_sample(z, batch.targets).mean()
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        return loss.detach(), list(grads)
+
     def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
-        loss, grads = self.fn.mean_loss_and_grad(params, batch.inputs, batch.targets)
         names = list(params)
         opt, leaves = self._instance(params, lr)
-        with torch.no_grad():
-            torch._foreach_copy_(leaves, [params[n].detach() for n in names])
-        for leaf, n in zip(leaves, names):
-            leaf.grad = grads[n].detach()  # a fresh tensor from torch.func.grad: no copy needed
+        old = [params[n].detach() for n in names]
+        # The leaves read the INPUT tensors for the forward/backward (``.data`` swaps storage, no copy;
+        # nothing writes to them), then take ONE fresh copy each, which torch.optim steps in place and
+        # which are returned: the inputs stay untouched and nothing is copied twice.
+        for leaf, t in zip(leaves, old):
+            leaf.data = t
+        loss, grads = self._mean_loss_and_grads(leaves, names, batch)
+        new = [t.clone() for t in old]
+        for leaf, t, g, n in zip(leaves, new, grads, names):
+            leaf.data = t
+            leaf.grad = g
             saved = state.get(n)
-            if not saved:
-                opt.state.pop(leaf, None)
-                continue
-            mine = opt.state.get(leaf)
-            if mine is not None and mine.keys() == saved.keys() and all(
-                    isinstance(mine[k], Tensor) and mine[k].shape == saved[k].shape and mine[k].dtype == saved[k].dtype
-                    for k in saved):
-                for k, v in saved.items():
-                    mine[k].copy_(v)
+            if saved:  # one copy of the incoming state, stepped in place and returned
+                opt.state[leaf] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved.items()}
             else:
-                opt.state[leaf] = {k: v.clone() for k, v in saved.items()}
+                opt.state.pop(leaf, None)
         opt.step()
         for leaf in leaves:
             leaf.grad = None
-        new_params = {n: leaf.detach().clone() for n, leaf in zip(names, leaves)}
-        new_state = {n: {k: v.detach().clone() for k, v in opt.state[leaf].items() if isinstance(v, Tensor)}
+        new_params = dict(zip(names, new))
+        new_state = {n: {k: v for k, v in opt.state[leaf].items() if isinstance(v, Tensor)}
                      for n, leaf in zip(names, leaves)}
         if self.config.clip_update_norm is None:  # the metrics per tensor: no flat copies
-            old = [params[n].detach() for n in names]
-            new = [new_params[n] for n in names]
-            return new_params, new_state, step_metrics(old, new, [grads[n] for n in names], {"loss": loss})
+            return new_params, new_state, step_metrics(old, new, grads, {"loss": loss})
         layout = ParamLayout.of(params)
         new_params, metrics = finish_step(layout, layout.flatten(params), layout.flatten(new_params),
-                                          layout.flatten(grads), self.config, {"loss": loss})
+                                          layout.flatten(dict(zip(names, grads))), self.config, {"loss": loss})
         return new_params, new_state, metrics

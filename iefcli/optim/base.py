@@ -91,14 +91,14 @@ class ModelFn:
     forward: Forward = default_forward
 
     def mean_loss_and_grad(self, params: Params, inputs: Any, targets: Tensor) -> tuple[Tensor, Params]:
-        """(mean loss, its gradient dict) by torch.func.grad: one backward, no per-sample rows."""
-
-        def f(p: Params) -> tuple[Tensor, Tensor]:
-            loss = self.loss_fn.per_sample(self.forward(self.model, p, inputs), targets).mean()
-            return loss, loss.detach()
-
-        grads, loss = torch.func.grad(f, has_aux=True)(params)
-        return loss, grads
+        """(mean loss, its gradient dict): one backward by ordinary autograd through leaf aliases of
+        ``params`` (``detach()``: no copy; nothing writes to them), no per-sample rows and no torch.func
+        transform (the same backward a plain torch loop runs). An unused parameter gets zeros."""
+        live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss = self.loss_fn.per_sample(self.forward(self.model, live, inputs), targets).mean()
+            grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True, materialize_grads=True)
+        return loss.detach(), dict(zip(live, grads))
 
 
 _CHUNK = 1 << 20  # float64 temporaries of the norms / dots: at most this many numbers at a time

@@ -1,12 +1,14 @@
 """sgd, adamw, adafactor: torch.optim's own implementations, driven from a pure step.
 
 The torch.optim instance is built ONCE (per optimiser object, on the first update) over its own
-leaf tensors, and stepped in place: each ``update`` copies the incoming params into those leaves
-and the incoming state into the instance's state tensors (``copy_``, no new allocations), sets
-the mean-loss gradient as ``.grad``, calls ``step()`` and returns CLONES of the new params and
-state. Inputs are never modified, so the step stays a pure function of (params, state, batch, lr)
-and --resume is exact (the state round-trips through safetensors); the cost is one copy in and
-one out per tensor, with torch's foreach kernels.
+leaf tensors, and stepped in place: each ``update`` takes the mean-loss gradient by ordinary
+autograd (:meth:`iefcli.optim.base.ModelFn.mean_loss_and_grad`), gives each leaf ONE fresh copy of
+the incoming param (``leaf.data = param.clone()``: the leaf object, and so the optimiser's state
+key, stays) and the instance ONE copy of the incoming state, sets the gradient as ``.grad``, calls
+``step()`` and returns those very tensors. Inputs are never modified, so the step stays a pure
+function of (params, state, batch, lr) and --resume is exact (the state round-trips through
+safetensors); the cost over a plain torch loop is one copy of params and state per step and the
+step's diagnostics (:func:`iefcli.optim.base.step_metrics`).
 """
 
 from __future__ import annotations
@@ -56,26 +58,15 @@ class TorchOptimizer:
             group["lr"] = lr
         return self._opt, self._leaves
 
-    def _mean_loss_and_grads(self, leaves: list[Tensor], names: list[str], batch: Any) -> tuple[Tensor, list[Tensor]]:
-        """(mean loss, its gradient per leaf) by ordinary autograd through the leaves (no torch.func
-        transform: the same backward a plain torch loop runs). An unused leaf gets zeros."""
-        fn = self.fn
-        with torch.enable_grad():
-            z = fn.forward(fn.model, dict(zip(names, leaves)), batch.inputs)
-            loss = fn.loss_fn.per_sample(z, batch.targets).mean()
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-        return loss.detach(), list(grads)
-
     def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
         names = list(params)
         opt, leaves = self._instance(params, lr)
         old = [params[n].detach() for n in names]
-        # The leaves read the INPUT tensors for the forward/backward (``.data`` swaps storage, no copy;
-        # nothing writes to them), then take ONE fresh copy each, which torch.optim steps in place and
-        # which are returned: the inputs stay untouched and nothing is copied twice.
-        for leaf, t in zip(leaves, old):
-            leaf.data = t
-        loss, grads = self._mean_loss_and_grads(leaves, names, batch)
+        loss, gd = self.fn.mean_loss_and_grad(params, batch.inputs, batch.targets)
+        grads = [gd[n] for n in names]
+        # The leaves take ONE fresh copy of the input params each (``.data`` swaps their storage, so the
+        # torch.optim state keyed by them stays), which torch.optim steps in place and which are
+        # returned: the inputs stay untouched and nothing is copied twice.
         new = [t.clone() for t in old]
         for leaf, t, g, n in zip(leaves, new, grads, names):
             leaf.data = t

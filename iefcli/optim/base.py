@@ -15,6 +15,11 @@
 - ``metrics``: dict of 0-d tensors (loss = mean batch loss BEFORE the step,
   grad_norm, update_norm, and for ef/sf/ief/ngd the solve diagnostics and
   cos_update_grad). The shell reads them back to the host when it logs.
+- ``diagnostics`` (optional keyword, only for an ``update`` that declares it;
+  call through :func:`update_step`): False skips what only a log line
+  reads (grad_norm, cos_update_grad, the imbalance, mean_target_prob): metrics
+  then hold loss, update_norm and the solve's own info. The new params and
+  state are bitwise the same either way.
 
 Scale: the loss is the MEAN per-sample loss; curvature directions come from
 the method table :func:`iefcli.core.methods.compute_direction`, so ``damping``
@@ -71,6 +76,21 @@ class OptimConfig:
         """The direction options of :mod:`iefcli.core.methods` this config sets."""
         return MethodOptions(dup_threshold=self.dup_threshold, mc_samples=self.mc_samples,
                              cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter)
+
+
+def update_step(opt: Any, params: Params, state: State, batch: Any, *, key: int, lr: float,
+                diagnostics: bool = True) -> tuple[Params, State, dict[str, Tensor]]:
+    """``opt.update``, asking for the diagnostics only when ``diagnostics`` (the training loop: on
+    logging steps); an ``update`` without a ``diagnostics`` keyword (the K-FAC family, a wrapper)
+    always computes them."""
+    if not diagnostics and _takes_diagnostics(opt.update):
+        return opt.update(params, state, batch, key=key, lr=lr, diagnostics=False)
+    return opt.update(params, state, batch, key=key, lr=lr)
+
+
+def _takes_diagnostics(update: Callable) -> bool:
+    code = getattr(getattr(update, "__func__", update), "__code__", None)
+    return code is not None and "diagnostics" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
 
 
 class Optimizer(Protocol):
@@ -165,7 +185,8 @@ def finish_step(
     norms and their cosine; returns the new params dict (each tensor its own storage).
 
     ``grad_norm`` and ``step_dot_grad`` (<old - new, g> of the UNCLIPPED step), when the caller has
-    them cheaper than g itself (e.g. from the Gram matrix), replace ``grad_flat`` (then None).
+    them cheaper than g itself (e.g. from the Gram matrix), replace ``grad_flat`` (then None). With
+    none of the three (no diagnostics wanted) only update_norm is reported.
     Norms and the dot are accumulated in the vectors' dtype (no float64 copies of P-vectors; float64
     over chunks only when float32 overflows) and reported as float64 0-d tensors. All on-device; no host reads.
     """
@@ -178,13 +199,14 @@ def finish_step(
         new_flat = old_flat - step
         metrics["update_clipped"] = scale < 1
         norm = _norm(step)
-    if grad_flat is not None:
-        gnorm, dot = _norm(grad_flat), _dot(step, grad_flat)
-    else:
-        gnorm, dot = grad_norm, step_dot_grad if scale is None else step_dot_grad * scale
-    metrics["grad_norm"] = gnorm
     metrics["update_norm"] = norm
-    metrics["cos_update_grad"] = dot / (norm * gnorm).clamp_min(1e-300)
+    if grad_flat is not None or grad_norm is not None:
+        if grad_flat is not None:
+            gnorm, dot = _norm(grad_flat), _dot(step, grad_flat)
+        else:
+            gnorm, dot = grad_norm, step_dot_grad if scale is None else step_dot_grad * scale
+        metrics["grad_norm"] = gnorm
+        metrics["cos_update_grad"] = dot / (norm * gnorm).clamp_min(1e-300)
     return {k: v.clone() for k, v in layout.unflatten(new_flat).items()}, metrics
 
 
@@ -195,15 +217,20 @@ def _parts(parts: list[Tensor]) -> Tensor:
     return torch.stack([p.to(torch.float64) for p in parts])
 
 
-def step_metrics(old: list[Tensor], new: list[Tensor], grads: list[Tensor],
+def step_metrics(old: list[Tensor], new: list[Tensor], grads: list[Tensor] | None,
                  metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     """grad_norm, update_norm and cos_update_grad of an unclipped step, per tensor (float64 0-d
-    results): :func:`finish_step`'s metrics without its flat copies. The per-tensor norms come from
-    one foreach kernel each and the dots in the tensors' dtype, combined in float64; only when one of
-    them overflows (a huge but finite step; on CPU one host read for all three) again in float64 over
-    chunks, as :func:`_norm` / :func:`_dot` do."""
+    results): :func:`finish_step`'s metrics without its flat copies; ``grads`` None: update_norm only.
+    The per-tensor norms come from one foreach kernel each and the dots in the tensors' dtype, combined
+    in float64; only when one of them overflows (a huge but finite step; on CPU one host read for all)
+    again in float64 over chunks, as :func:`_norm` / :func:`_dot` do."""
     step = torch._foreach_sub(old, new)
     norm = torch.linalg.vector_norm(_parts(torch._foreach_norm(step)))
+    if grads is None:
+        if step and step[0].device.type == "cpu" and not bool(torch.isfinite(norm)):
+            norm = torch.sqrt(sum(_norm(s).square() for s in step))
+        metrics["update_norm"] = norm
+        return metrics
     gnorm = torch.linalg.vector_norm(_parts(torch._foreach_norm(grads)))
     dot = _parts([torch.dot(s.reshape(-1), g.reshape(-1)) for s, g in zip(step, grads)]).sum()
     if step and step[0].device.type == "cpu" and not bool(torch.isfinite(torch.stack([norm, gnorm, dot])).all()):

@@ -58,7 +58,7 @@ class TorchOptimizer:
             group["lr"] = lr
         return self._opt, self._leaves
 
-    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
+    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float, diagnostics: bool = True):
         names = list(params)
         opt, leaves = self._instance(params, lr)
         old = [params[n].detach() for n in names]
@@ -83,8 +83,9 @@ class TorchOptimizer:
         new_state = {n: {k: v for k, v in opt.state[leaf].items() if isinstance(v, Tensor)}
                      for n, leaf in zip(names, leaves)}
         if self.config.clip_update_norm is None:  # the metrics per tensor: no flat copies
-            return new_params, new_state, step_metrics(old, new, grads, {"loss": loss})
+            return new_params, new_state, step_metrics(old, new, grads if diagnostics else None, {"loss": loss})
         layout = ParamLayout.of(params)
         new_params, metrics = finish_step(layout, layout.flatten(params), layout.flatten(new_params),
-                                          layout.flatten(dict(zip(names, grads))), self.config, {"loss": loss})
+                                          layout.flatten(dict(zip(names, grads))) if diagnostics else None,
+                                          self.config, {"loss": loss})
         return new_params, new_state, metrics

@@ -106,3 +106,46 @@ def test_host_reads_of_one_update_are_the_cpu_only_ones(name, monkeypatch):
     monkeypatch.undo()
     assert set(seen) <= CPU_ONLY, seen
     assert sum(seen.values()) <= ALLOWED[name], seen
+
+
+def _forward_by_functional_call(model, params, inputs):
+    from iefcli.core.jacobian import default_forward
+
+    return default_forward(model, params, inputs)  # not `default_forward` itself: the functional path
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_module_call_gradient_equals_the_functional_one_and_leaves_the_module_alone(dtype):
+    """With the default forward the module's own Parameters read the params for the call: the same loss
+    and gradient, bit for bit, as functional_call, and afterwards the module holds its own tensors."""
+    from iefcli.optim.base import ModelFn
+
+    model, params, batch = _problem(dtype)
+    params = {k: v + 0.25 for k, v in params.items()}  # not the module's values
+    own = {k: (p, p.data_ptr(), p.detach().clone()) for k, p in model.named_parameters()}
+    fast = ModelFn(model, CrossEntropy())
+    loss, g = fast.mean_loss_and_grad(params, batch.inputs, batch.targets)
+    assert fast._held(params) is not None  # the module-call path ran
+    loss_f, g_f = ModelFn(model, CrossEntropy(), _forward_by_functional_call).mean_loss_and_grad(
+        params, batch.inputs, batch.targets)
+    assert torch.equal(loss, loss_f) and all(torch.equal(g[k], g_f[k]) for k in g)
+    for k, p in model.named_parameters():
+        assert p is own[k][0] and p.data_ptr() == own[k][1] and torch.equal(p.detach(), own[k][2])
+    with pytest.raises(RuntimeError):  # a failing forward: the module gets its tensors back all the same
+        fast.mean_loss_and_grad(params, batch.inputs[:, :3], batch.targets)
+    assert all(p.data_ptr() == own[k][1] for k, p in model.named_parameters())
+
+
+def test_module_call_path_falls_back_for_names_the_module_does_not_hold():
+    from iefcli.optim.base import ModelFn
+
+    model, params, batch = _problem(torch.float64)
+    fn = ModelFn(model, CrossEntropy())
+    partial = {k: v for k, v in list(params.items())[:2]}  # a subset: the rest are the module's own
+    assert fn._held(partial) is not None
+    _, g = fn.mean_loss_and_grad(partial, batch.inputs, batch.targets)
+    _, g_f = ModelFn(model, CrossEntropy(), _forward_by_functional_call).mean_loss_and_grad(
+        partial, batch.inputs, batch.targets)
+    assert set(g) == set(partial) and all(torch.equal(g[k], g_f[k]) for k in g)
+    assert fn._held({"no.such": params["0.weight"]}) is None
+    assert fn._held({"0.weight": params["0.weight"].float()}) is None  # another dtype

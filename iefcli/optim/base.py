@@ -111,14 +111,53 @@ class ModelFn:
     forward: Forward = default_forward
 
     def mean_loss_and_grad(self, params: Params, inputs: Any, targets: Tensor) -> tuple[Tensor, Params]:
-        """(mean loss, its gradient dict): one backward by ordinary autograd through leaf aliases of
-        ``params`` (``detach()``: no copy; nothing writes to them), no per-sample rows and no torch.func
-        transform (the same backward a plain torch loop runs). An unused parameter gets zeros."""
+        """(mean loss, its gradient dict): one backward by ordinary autograd, no per-sample rows and no
+        torch.func transform (the same backward a plain torch loop runs). An unused parameter gets zeros.
+
+        With the default forward the module itself is called, its own trainable Parameters reading
+        ``params`` for the call (``.data`` aliases, no copy, restored after; nothing writes to them):
+        what a plain loop's ``model(x)`` costs, without functional_call's per-call module walk. Any
+        other forward (or a name the module does not hold) gets leaf aliases and ``forward``."""
+        held = self._held(params) if self.forward is default_forward else None
+        if held is not None:
+            saved = [h.data for h in held]
+            try:
+                for h, v in zip(held, params.values()):
+                    h.data = v.detach()
+                with torch.enable_grad():
+                    out = _call(self.model, inputs)
+                    loss = self.loss_fn.per_sample(out.logits if hasattr(out, "logits") else out, targets).mean()
+                    grads = torch.autograd.grad(loss, held, allow_unused=True, materialize_grads=True)
+            finally:
+                for h, d in zip(held, saved):
+                    h.data = d
+            return loss.detach(), dict(zip(params, grads))
         live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
             loss = self.loss_fn.per_sample(self.forward(self.model, live, inputs), targets).mean()
             grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True, materialize_grads=True)
         return loss.detach(), dict(zip(live, grads))
+
+    def _held(self, params: Params) -> list[nn.Parameter] | None:
+        """The module's own trainable Parameters for ``params``' names, in order, when each matches its
+        value's shape, dtype and device (else None: the functional path)."""
+        named = getattr(self, "_named", None)
+        if named is None or named[0] is not self.model:
+            named = (self.model, dict(self.model.named_parameters()))
+            self._named = named
+        held = [named[1].get(k) for k in params]
+        ok = all(h is not None and h.requires_grad and h.shape == v.shape and h.dtype == v.dtype
+                 and h.device == v.device for h, v in zip(held, params.values()))
+        return held if ok and len({id(h) for h in held}) == len(held) else None
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """``model`` called on ``inputs`` as :func:`iefcli.core.jacobian.default_forward` calls it."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
 
 
 _CHUNK = 1 << 20  # float64 temporaries of the norms / dots: at most this many numbers at a time

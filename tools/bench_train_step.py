@@ -70,7 +70,7 @@ def _plain_step(task, cfg, batch):
     return step
 
 
-def measure(recipe_name: str, optimizer: str, *, steps: int, skip: int) -> dict:
+def measure(recipe_name: str, optimizer: str, *, steps: int, skip: int, tensorboard: str = "auto") -> dict:
     from iefcli.eval.bench import Step, Workload
     from iefcli.train import loop
     from iefcli.train.extends import load_recipe
@@ -79,7 +79,7 @@ def measure(recipe_name: str, optimizer: str, *, steps: int, skip: int) -> dict:
     base, sets = RECIPES.get(recipe_name, (recipe_name, []))
     total = steps + skip + 1
     sets = [*sets, f"optimizer.name={optimizer}", f"train.steps={total}", f"train.eval_every={total}",
-            f"train.checkpoint_every={total}"]
+            f"train.checkpoint_every={total}", f"output.tensorboard={tensorboard}"]
     recipe = load_recipe(base, sets, notes=[])
     task = build_task(recipe, "cpu")
     plan = loop.plan_run(recipe, task)
@@ -117,7 +117,7 @@ def measure(recipe_name: str, optimizer: str, *, steps: int, skip: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         loop.train(recipe=recipe, run_dir=Path(tmp) / "run", plan=timed)
     kept = rows[skip:-1]  # the last step validates and checkpoints
-    out = {"recipe": recipe_name, "optimizer": optimizer, "batch_size": bs, "steps": len(kept),
+    out = {"recipe": recipe_name, "optimizer": optimizer, "batch_size": bs, "steps": len(kept), "tensorboard": tensorboard,
            "n_params": wl.n_params, "threads": torch.get_num_threads(), "log_every": recipe["train"]["log_every"]}
     for k in kept[0]:
         xs = [r[k] * 1e3 for r in kept]
@@ -141,10 +141,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="timed steps per run")
     ap.add_argument("--skip", type=int, default=3, help="untimed first steps (warm-up)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tensorboard", default="auto", choices=("auto", "on", "off"),
+                    help="the recipes' output.tensorboard (auto: on when the package is installed, as in ief train)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    results = [measure(r, o, steps=a.steps, skip=a.skip)
+    results = [measure(r, o, steps=a.steps, skip=a.skip, tensorboard=a.tensorboard)
                for r in a.recipes.split(",") for o in a.optimizers.split(",")]
     if a.json:
         print(json.dumps(results, indent=2))

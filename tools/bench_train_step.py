@@ -118,6 +118,7 @@ def measure(recipe_name: str, optimizer: str, *, steps: int, skip: int, tensorbo
         loop.train(recipe=recipe, run_dir=Path(tmp) / "run", plan=timed)
     kept = rows[skip:-1]  # the last step validates and checkpoints
     out = {"recipe": recipe_name, "optimizer": optimizer, "batch_size": bs, "steps": len(kept), "tensorboard": tensorboard,
+           "loop_steps": len(rows), "bench_steps": bench.steps,
            "n_params": wl.n_params, "threads": torch.get_num_threads(), "log_every": recipe["train"]["log_every"]}
     for k in kept[0]:
         xs = [r[k] * 1e3 for r in kept]

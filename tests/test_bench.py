@@ -152,3 +152,34 @@ def test_without_sgd_no_ratios():
     rows = bench.run_bench(model=TINY, batch_sizes=[4], methods=["ief"], repeats=1, warmup=0, memory=False,
                            check=False)
     assert rows[0]["ratio_to_sgd"] is None and rows[0]["max_rel_diff_fast_vs_plain"] is None
+
+
+def test_cli_table_fits_80_columns_and_wide_keeps_the_checks():
+    """The default output fits an 80-column terminal without rich squeezing it (rendered 200 wide, no
+    line is longer than 80): the timing table, then the direction checks; --wide puts them in one table."""
+    args = ["bench", "--model", TINY, "-n", "4,128", "--repeats", "1", "--warmup", "0", "--no-memory", "-q",
+            "--methods", "sgd,adafactor,ief"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert any("CPU ms" in line for line in lines) and any("vs float64" in line for line in lines)
+    checks = [line for line in lines if line.startswith("│") and "ief" in line and "e-" in line]
+    assert len(checks) == 2  # N = 4 and 128, in the check table
+    wide = runner.invoke(app, [*args, "--wide"], env={"COLUMNS": "200"})
+    assert wide.exit_code == 0, wide.output
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80
+    assert sum("direction check" in line for line in wide.stdout.splitlines()) == 0
+    header = next(line for line in wide.stdout.splitlines() if "optimizer" in line)
+    assert "fast vs plain" in header and "vs float64" in header and "CPU ms" in header
+
+
+def test_cli_json_is_complete():
+    res = runner.invoke(app, ["bench", "--model", TINY, "-n", "4", "--repeats", "1", "--warmup", "0",
+                              "--no-memory", "--json", "-q", "--methods", "sgd,ief"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)[1]
+    for k in ("ms_median", "ratio_to_sgd", "cpu_ms_median", "cpu_ratio_to_sgd", "peak_mb", "peak_ratio_to_sgd",
+              "max_rel_diff_fast_vs_plain", "check_n", "max_rel_diff_vs_float64", "fallback_params"):
+        assert k in row, k
+    assert row["max_rel_diff_vs_float64"] < 1e-5 and row["check_n"] == 4

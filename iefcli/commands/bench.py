@@ -54,20 +54,11 @@ def _fmt(x: Any, spec: str) -> str:
     return format(x, spec)
 
 
-def render_table(rows: list[dict]):
-    from rich.table import Table
-
-    first = rows[0]
-    title = (f"ief bench: {first['model']} (P = {first['n_params']:,}), {first['device']}, "
-             f"{first['threads']} thread(s), median of {first['repeats']}")
-    t = Table(title=title)
-    for col, justify in (("N", "right"), ("optimizer", "left"), ("path", "left"), ("ms (median)", "right"),
-                         ("x SGD", "right"), ("CPU ms", "right"), ("CPU x SGD", "right"), ("peak MiB", "right"),
-                         ("mem x SGD", "right"), ("fast vs plain", "right"), ("vs float64", "right")):
-        t.add_column(col, justify=justify)
+def _notes(rows: list[dict]) -> list[str]:
+    """The footnotes under the table: a prefix-only fast-vs-plain check, the parameters without a rule."""
     partial = sorted({r["check_n"] for r in rows if r.get("check_n") not in (None, r["batch_size"])})
     notes = []
-    if partial:  # a footnote, so the column stays narrow enough for an 80-column terminal
+    if partial:
         notes.append(f"* fast vs plain checked on the first {', '.join(map(str, partial))} samples "
                      "(the plain path's N x P would exceed 2^26 numbers)")
     fell = next((r["fallback_params"] for r in rows if r.get("fallback_params")), {})
@@ -75,16 +66,61 @@ def render_table(rows: list[dict]):
         notes.append(f"{len(fell)} parameter(s) without a layer rule (replay: only their module per sample; "
                      "vmap: the whole model per sample):")
         notes.extend(f"  {p} -> {why}" for p, why in fell.items())
-    if notes:
+    return notes
+
+
+def _diff(r: dict) -> str:
+    diff = _fmt(r["max_rel_diff_fast_vs_plain"], ".1e")
+    return diff + "*" if r.get("check_n") not in (None, r["batch_size"]) else diff
+
+
+def render_table(rows: list[dict], *, wide: bool = False):
+    """The timing table, within 80 columns: wall and CPU ms and peak MiB with their ratios to SGD; the
+    direction checks follow in a second table (:func:`render_check_table`). ``wide``: one table."""
+    from rich.table import Table
+
+    first = rows[0]
+    title = (f"ief bench: {first['model']} (P = {first['n_params']:,}), {first['device']}, "
+             f"{first['threads']} thread(s), median of {first['repeats']}")
+    t = Table(title=title)
+    cols = [("N", "right"), ("optimizer", "left"), ("path", "left"), ("wall ms", "right"), ("xSGD", "right"),
+            ("CPU ms", "right"), ("xSGD", "right"), ("MiB", "right"), ("xSGD", "right")]
+    if wide:
+        cols += [("fast vs plain", "right"), ("vs float64", "right")]
+    for col, justify in cols:
+        t.add_column(col, justify=justify)
+    notes = _notes(rows)
+    if notes and wide:
         t.caption = "\n".join(notes)
+    elif notes:  # the fallback list stays under the timing table; the prefix footnote under the checks
+        t.caption = "\n".join(n for n in notes if not n.startswith("* "))
     for r in rows:
-        diff = _fmt(r["max_rel_diff_fast_vs_plain"], ".1e")
-        if r.get("check_n") not in (None, r["batch_size"]):
-            diff += "*"
-        t.add_row(str(r["batch_size"]), r["optimizer"], r["jacobian"], _fmt(r["ms_median"], ".1f"),
-                  _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r.get("cpu_ms_median"), ".1f"),
-                  _fmt(r.get("cpu_ratio_to_sgd"), ".2f"), _fmt(r["peak_mb"], ".1f"),
-                  _fmt(r["peak_ratio_to_sgd"], ".2f"), diff, _fmt(r.get("max_rel_diff_vs_float64"), ".1e"))
+        cells = [str(r["batch_size"]), r["optimizer"], r["jacobian"], _fmt(r["ms_median"], ".1f"),
+                 _fmt(r["ratio_to_sgd"], ".2f"), _fmt(r.get("cpu_ms_median"), ".1f"),
+                 _fmt(r.get("cpu_ratio_to_sgd"), ".2f"), _fmt(r["peak_mb"], ".1f"), _fmt(r["peak_ratio_to_sgd"], ".2f")]
+        if wide:
+            cells += [_diff(r), _fmt(r.get("max_rel_diff_vs_float64"), ".1e")]
+        t.add_row(*cells)
+    return t
+
+
+def render_check_table(rows: list[dict]):
+    """The direction checks (max relative difference, fast vs plain path and vs a float64 reference on
+    all N rows) of the rows that have one; None when no check ran."""
+    from rich.table import Table
+
+    checked = [r for r in rows if r.get("max_rel_diff_fast_vs_plain") is not None
+               or r.get("max_rel_diff_vs_float64") is not None]
+    if not checked:
+        return None
+    t = Table(title="direction check: max relative difference")
+    for col in ("N", "optimizer", "fast vs plain", "vs float64 (all N)"):
+        t.add_column(col, justify="left" if col == "optimizer" else "right")
+    for r in checked:
+        t.add_row(str(r["batch_size"]), r["optimizer"], _diff(r), _fmt(r.get("max_rel_diff_vs_float64"), ".1e"))
+    partial = [n for n in _notes(rows) if n.startswith("* ")]
+    if partial:
+        t.caption = partial[0]
     return t
 
 
@@ -116,6 +152,7 @@ def bench(
     check: Annotated[bool, typer.Option(help="Compare fast-path and plain-path directions.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of result objects on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress notes on stderr.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="One table with the direction checks as columns (wider than 80 columns).")] = False,
     loop: Annotated[bool, typer.Option("--loop", help="Time the Preconditioner inside a plain torch loop instead (sgd_loop, precond_loop, cli_fast; the first of --methods' curvature methods, default ief).")] = False,
 ) -> None:
     """Time an SGD step and EF / iEF / SF steps on the same model and batch, for each batch size.
@@ -155,7 +192,10 @@ def bench(
             sys.stdout.write(json.dumps([stamp(r) for r in rows], indent=2) + "\n")
             sys.stdout.flush()
             return
-        out.print(render_table(rows))
+        out.print(render_table(rows, wide=wide))
+        check_table = None if wide else render_check_table(rows)
+        if check_table is not None:
+            out.print(check_table)
 
 
 def register(app: typer.Typer) -> None:

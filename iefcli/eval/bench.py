@@ -315,11 +315,17 @@ class Step:
     call's ``params`` and ``state`` (held here; the module's own tensors are not touched)."""
 
     def __init__(self, method: str, wl: Workload, *, jacobian: str = "auto", damping: float = 1e-4,
-                 lr: float | None = None, seed: int = 0):
+                 lr: float | None = None, seed: int = 0, config=None):
         from iefcli.core import trainable_params
         from iefcli.train.task import Batch
 
-        self.opt = _optimizer(method, wl, jacobian=jacobian, damping=damping)
+        if config is not None:  # a recipe's resolved OptimConfig (tools/bench_train_step.py): its lr too
+            from iefcli.optim import make_optimizer
+
+            self.opt = make_optimizer(config, model=wl.model, loss_fn=wl.loss_fn, forward=wl.forward)
+            lr = config.lr if lr is None else lr
+        else:
+            self.opt = _optimizer(method, wl, jacobian=jacobian, damping=damping)
         self.batch = Batch(wl.inputs, wl.targets)
         # ef/sf/ngd directions are N^2 longer on the paper scale: the same small move per step for all.
         power = DIRECTION_METHODS[method].direction_power if method in DIRECTION_METHODS else 0

@@ -42,8 +42,9 @@ class CurvatureOptimizer:
             return {"momentum": {k: torch.zeros_like(v) for k, v in params.items()}}
         return {}
 
-    def direction(self, params: Params, batch: Any, key: int):
-        """(bg, d (P,), metrics) for one batch: the raw direction (paper scale), before momentum."""
+    def direction(self, params: Params, batch: Any, key: int, diagnostics: bool = True):
+        """(bg, d (P,), metrics) for one batch: the raw direction (paper scale), before momentum.
+        ``diagnostics`` False: metrics hold the loss and the solve's info only."""
         c, fn = self.config, self.fn
         # hook: a ModelFn with its own batch_grads (iefcli.dist: ranks / micro-batches) serves the global batch
         bg = getattr(fn, "batch_grads", batch_grads)(fn.model, params, batch.inputs, batch.targets, fn.loss_fn,
@@ -58,6 +59,8 @@ class CurvatureOptimizer:
         self._last_x = rec.xs[0] if len(rec.xs) == 1 and bg._g is None else None
         m: dict[str, torch.Tensor] = {"loss": bg.loss.mean().detach()}
         m.update(info)
+        if not diagnostics:
+            return bg, d, m
         m.update(batch_imbalance(torch.diagonal(bg.rows.gram()), bg.s))
         if bg.loss_fn.name == "cross_entropy":  # the paper also logs the mean target probability
             m["mean_target_prob"] = torch.softmax(bg.logits.to(torch.float64), -1).gather(
@@ -76,11 +79,15 @@ class CurvatureOptimizer:
         scale = float(bg.n) ** self.method.direction_power
         return gnorm, scale * (x.to(torch.float64) @ w)
 
-    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
+    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float, diagnostics: bool = True):
         c = self.config
-        bg, d, metrics = self.direction(params, batch, key)
-        stats = self._grad_stats(bg, d) if c.momentum == 0 and c.weight_decay == 0 else None
-        if stats is not None and c.clip_update_norm is None:
+        bg, d, metrics = self.direction(params, batch, key, diagnostics)
+        plain = c.momentum == 0 and c.weight_decay == 0
+        # which tail runs depends on the config and the method only, never on ``diagnostics``: the new
+        # params are bitwise the same on logging and other steps
+        lean = plain and self._last_x is not None and c.clip_update_norm is None
+        stats = self._grad_stats(bg, d) if plain and diagnostics else None
+        if lean:
             # the lean tail: theta_k - lr d_k per tensor (one pass, no flat copies), the metrics from
             # ||d|| and the Gram (update = lr d exactly up to the one rounding of the subtraction)
             dv = bg.layout.unflatten(d)
@@ -89,18 +96,19 @@ class CurvatureOptimizer:
             # a step whose new params overflow (inf / nan) must read as non-finite, as theta - new would
             ext = torch.stack([t for v in new_params.values() for t in (v.amax(), v.amin())]).to(torch.float64)
             unorm = torch.where(torch.isfinite(ext).all(), unorm, torch.full_like(unorm, float("inf")))
-            gnorm, dot = stats[0], lr * stats[1]
-            metrics["grad_norm"] = gnorm
             metrics["update_norm"] = unorm
-            metrics["cos_update_grad"] = dot / (unorm * gnorm).clamp_min(1e-300)
+            if stats is not None:
+                gnorm, dot = stats[0], lr * stats[1]
+                metrics["grad_norm"] = gnorm
+                metrics["cos_update_grad"] = dot / (unorm * gnorm).clamp_min(1e-300)
             return new_params, {}, metrics
         layout = bg.layout
         d, theta, new_state = momentum_and_decay(layout, d, params, state, c)
-        if stats is None:
-            new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g, c, metrics)
-        else:
+        if stats is not None:
             new_params, metrics = finish_step(layout, theta, theta - lr * d, None, c, metrics,
                                               grad_norm=stats[0], step_dot_grad=lr * stats[1])
+        else:  # g (a second J^T w unless the direction formed it) only when the diagnostics are wanted
+            new_params, metrics = finish_step(layout, theta, theta - lr * d, bg.g if diagnostics else None, c, metrics)
         return new_params, new_state, metrics
 
 

@@ -1,12 +1,14 @@
 """sgd, adamw, adafactor: torch.optim's own implementations, driven from a pure step.
 
 The torch.optim instance is built ONCE (per optimiser object, on the first update) over its own
-leaf tensors, and stepped in place: each ``update`` copies the incoming params into those leaves
-and the incoming state into the instance's state tensors (``copy_``, no new allocations), sets
-the mean-loss gradient as ``.grad``, calls ``step()`` and returns CLONES of the new params and
-state. Inputs are never modified, so the step stays a pure function of (params, state, batch, lr)
-and --resume is exact (the state round-trips through safetensors); the cost is one copy in and
-one out per tensor, with torch's foreach kernels.
+leaf tensors, and stepped in place: each ``update`` takes the mean-loss gradient by ordinary
+autograd (:meth:`iefcli.optim.base.ModelFn.mean_loss_and_grad`), gives each leaf ONE fresh copy of
+the incoming param (``leaf.data = param.clone()``: the leaf object, and so the optimiser's state
+key, stays) and the instance ONE copy of the incoming state, sets the gradient as ``.grad``, calls
+``step()`` and returns those very tensors. Inputs are never modified, so the step stays a pure
+function of (params, state, batch, lr) and --resume is exact (the state round-trips through
+safetensors); the cost over a plain torch loop is one copy of params and state per step and the
+step's diagnostics (:func:`iefcli.optim.base.step_metrics`).
 """
 
 from __future__ import annotations
@@ -56,37 +58,34 @@ class TorchOptimizer:
             group["lr"] = lr
         return self._opt, self._leaves
 
-    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
-        loss, grads = self.fn.mean_loss_and_grad(params, batch.inputs, batch.targets)
+    def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float, diagnostics: bool = True):
         names = list(params)
         opt, leaves = self._instance(params, lr)
-        with torch.no_grad():
-            torch._foreach_copy_(leaves, [params[n].detach() for n in names])
-        for leaf, n in zip(leaves, names):
-            leaf.grad = grads[n].detach()  # a fresh tensor from torch.func.grad: no copy needed
+        old = [params[n].detach() for n in names]
+        loss, gd = self.fn.mean_loss_and_grad(params, batch.inputs, batch.targets)
+        grads = [gd[n] for n in names]
+        # The leaves take ONE fresh copy of the input params each (``.data`` swaps their storage, so the
+        # torch.optim state keyed by them stays), which torch.optim steps in place and which are
+        # returned: the inputs stay untouched and nothing is copied twice.
+        new = [t.clone() for t in old]
+        for leaf, t, g, n in zip(leaves, new, grads, names):
+            leaf.data = t
+            leaf.grad = g
             saved = state.get(n)
-            if not saved:
-                opt.state.pop(leaf, None)
-                continue
-            mine = opt.state.get(leaf)
-            if mine is not None and mine.keys() == saved.keys() and all(
-                    isinstance(mine[k], Tensor) and mine[k].shape == saved[k].shape and mine[k].dtype == saved[k].dtype
-                    for k in saved):
-                for k, v in saved.items():
-                    mine[k].copy_(v)
+            if saved:  # one copy of the incoming state, stepped in place and returned
+                opt.state[leaf] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved.items()}
             else:
-                opt.state[leaf] = {k: v.clone() for k, v in saved.items()}
+                opt.state.pop(leaf, None)
         opt.step()
         for leaf in leaves:
             leaf.grad = None
-        new_params = {n: leaf.detach().clone() for n, leaf in zip(names, leaves)}
-        new_state = {n: {k: v.detach().clone() for k, v in opt.state[leaf].items() if isinstance(v, Tensor)}
+        new_params = dict(zip(names, new))
+        new_state = {n: {k: v for k, v in opt.state[leaf].items() if isinstance(v, Tensor)}
                      for n, leaf in zip(names, leaves)}
         if self.config.clip_update_norm is None:  # the metrics per tensor: no flat copies
-            old = [params[n].detach() for n in names]
-            new = [new_params[n] for n in names]
-            return new_params, new_state, step_metrics(old, new, [grads[n] for n in names], {"loss": loss})
+            return new_params, new_state, step_metrics(old, new, grads if diagnostics else None, {"loss": loss})
         layout = ParamLayout.of(params)
         new_params, metrics = finish_step(layout, layout.flatten(params), layout.flatten(new_params),
-                                          layout.flatten(grads), self.config, {"loss": loss})
+                                          layout.flatten(dict(zip(names, grads))) if diagnostics else None,
+                                          self.config, {"loss": loss})
         return new_params, new_state, metrics

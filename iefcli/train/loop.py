@@ -36,7 +36,7 @@ from iefcli.core.jacobian import check_all_params_used
 from iefcli.core.params import Params
 from iefcli.errors import Interrupted, RunFailed, UsageError
 from iefcli.optim import CURVATURE, config_from_recipe, make_optimizer
-from iefcli.optim.base import OptimConfig, Optimizer
+from iefcli.optim.base import OptimConfig, Optimizer, update_step
 from iefcli.train import rundir
 from iefcli.train.recipe import Recipe
 from iefcli.train.schedule import lr_at
@@ -359,8 +359,10 @@ def train(
         for batch in plan.batches_from(st.step):
             t0 = time.perf_counter()
             lr = plan.lr(st.step)
-            new_params, new_opt_state, m = plan.opt.update(st.params, st.opt_state, batch,
-                                                           key=step_key(plan.seed, st.step), lr=lr)
+            # the diagnostics (grad norm, cosine, imbalance, ...) only for a step that writes a log line
+            logs = (st.step + 1) % tr["log_every"] == 0 or st.step + 1 == total
+            new_params, new_opt_state, m = update_step(plan.opt, st.params, st.opt_state, batch,
+                                                       key=step_key(plan.seed, st.step), lr=lr, diagnostics=logs)
             # The one host read of an ordinary step: the loss and the update norm.
             loss, update_norm = torch.stack([m["loss"].to(torch.float64), m["update_norm"].to(torch.float64)]).tolist()
             if math.isfinite(loss) and math.isfinite(update_norm):

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from iefcli.kfac.factors import with_bias_column
 
-__all__ = ["LayerRule", "find_layers", "Capture"]
+__all__ = ["LayerRule", "find_layers", "Capture", "linear_a", "linear_e"]
 
 
 @dataclass(frozen=True)
@@ -180,32 +180,39 @@ class Capture:
                 bad[r.name] = "its input's leading dim is not the batch"
         return bad
 
-    def _cast(self, t: Tensor) -> Tensor:
-        return t if self.dtype is None else t.to(self.dtype)
-
     def a(self, rule: LayerRule) -> Tensor:
         """The layer's input rows in linear form, (N, T, d_in [+1])."""
-        x = self.recs[rule.name].inputs[0]
-        x = x if rule.kind == "embedding" else self._cast(x)  # ids stay integers
-        m = self.modules[rule.name]
-        n = x.shape[0]
-        if rule.kind == "linear":
-            a = x.reshape(n, -1, x.shape[-1])
-        elif rule.kind == "conv2d":
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
-            a = a.transpose(1, 2)  # (N, L, C_in*kh*kw)
-        else:  # embedding: one-hot rows (N, T, V)
-            ids = x.reshape(n, -1)
-            a = F.one_hot(ids, m.num_embeddings).to(self.dtype or m.weight.dtype)
-        return with_bias_column(a) if rule.bias is not None else a
+        return linear_a(rule, self.modules[rule.name], self.recs[rule.name].inputs[0], self.dtype)
 
     def e(self, rule: LayerRule, k: int = 0) -> Tensor:
         """The k-th recorded output gradient in linear form, (N, T, d_out)."""
-        g = self._cast(self.recs[rule.name].grads[k]) * self.grad_scale
-        n = g.shape[0]
-        if rule.kind == "conv2d":
-            return g.reshape(n, g.shape[1], -1).transpose(1, 2)
-        return g.reshape(n, -1, g.shape[-1])
+        return linear_e(rule, self.recs[rule.name].grads[k], self.dtype, self.grad_scale)
 
     def n_grads(self, rule: LayerRule) -> int:
         return len(self.recs[rule.name].grads)
+
+
+def linear_a(rule: LayerRule, module: nn.Module, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A rule layer's input ``x`` (as the module received it) in linear form, (N, T, d_in [+1]),
+    cast to ``dtype`` (None: as is). Embedding ids become one-hot rows."""
+    n = x.shape[0]
+    if rule.kind == "embedding":  # one-hot rows (N, T, V); ids stay integers until then
+        ids = x.reshape(n, -1)
+        return F.one_hot(ids, module.num_embeddings).to(dtype or module.weight.dtype)
+    x = x if dtype is None else x.to(dtype)
+    if rule.kind == "linear":
+        a = x.reshape(n, -1, x.shape[-1])
+    else:  # conv2d
+        a = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
+                     stride=module.stride)
+        a = a.transpose(1, 2)  # (N, L, C_in*kh*kw)
+    return with_bias_column(a) if rule.bias is not None else a
+
+
+def linear_e(rule: LayerRule, g: Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> Tensor:
+    """A rule layer's output gradient ``g`` in linear form, (N, T, d_out), times ``scale``."""
+    g = (g if dtype is None else g.to(dtype)) * scale
+    n = g.shape[0]
+    if rule.kind == "conv2d":
+        return g.reshape(n, g.shape[1], -1).transpose(1, 2)
+    return g.reshape(n, -1, g.shape[-1])

@@ -389,7 +389,7 @@ def advance(method: str, o: KFACOptions, rules: list[LayerRule], fb_names: list[
         new = new.to(old.dtype)
         if beta == 0:
             return new.clone()
-        b = torch.where(old.any(), beta, 0.0).to(old.dtype)
+        b = old.any().to(old.dtype) * beta  # beta in old's dtype (a where on a Python float rounds to float32)
         return b * old + (1 - b) * new
 
     if do_stats:

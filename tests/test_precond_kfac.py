@@ -366,11 +366,13 @@ def test_batch_of_one_direction_is_the_damped_exact_block(method, lam):
 
 
 def test_running_averages_and_intervals_against_explicit_sums():
-    """The first layer's A (its input does not depend on the parameters) after 4 steps with
-    stat_interval 2 and decay 0.8 is 0.8 A(b0) + 0.2 A(b2), and its basis is A's at inv_interval 3."""
+    """At fixed parameters (lr 0), true labels: after 4 steps with stat_interval 2 and decay 0.8 the first
+    layer's A is 0.8 A(b0) + 0.2 A(b2) and the last layer's G likewise (A(b) = 1/N sum [x 1][x 1]^T,
+    G(b) = 1/N sum (p - y)(p - y)^T); the basis is A's eigenbasis from step 3 (inv_interval 3)."""
     model, x, y, _ = _case("mlp", n=16)
-    pre = Preconditioner(model, method="ekfac", damping=1e-3, stat_interval=2, inv_interval=3, stat_decay=0.8)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    pre = Preconditioner(model, method="ekfac", damping=1e-3, stat_interval=2, inv_interval=3, stat_decay=0.8,
+                         fisher_type="empirical")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     xb = [torch.cat([x[4 * i:4 * i + 4], torch.ones(4, 1, dtype=DT)], 1) for i in range(4)]
     bases = []
     for i in range(4):
@@ -382,6 +384,9 @@ def test_running_averages_and_intervals_against_explicit_sums():
         bases.append(pre.kfac_state["layers"]["l1"]["UA"].clone())
     A = lambda b: b.T @ b / 4  # noqa: E731
     torch.testing.assert_close(pre.kfac_state["layers"]["l1"]["A"], 0.8 * A(xb[0]) + 0.2 * A(xb[2]), rtol=1e-12, atol=0)
+    with torch.no_grad():
+        r = [torch.softmax(model(x[4 * i:4 * i + 4]), 1) - nn.functional.one_hot(y[4 * i:4 * i + 4], 3) for i in (0, 2)]
+    torch.testing.assert_close(pre.kfac_state["layers"]["l2"]["G"], 0.8 * A(r[0]) + 0.2 * A(r[1]), rtol=1e-12, atol=0)
     assert torch.equal(bases[0], bases[2]) and not torch.equal(bases[2], bases[3])
     lam, U = torch.linalg.eigh(0.8 * A(xb[0]) + 0.2 * A(xb[2]))
     torch.testing.assert_close(bases[3].abs(), U.abs(), rtol=1e-8, atol=1e-10)  # eigenvectors up to sign

@@ -20,6 +20,7 @@ from iefcli.core.losses import CrossEntropy, TokenCrossEntropy
 from iefcli.errors import ModelError
 from iefcli.optim import OptimConfig, make_optimizer
 from iefcli.precond import IEF, KFAC, KFACPreconditioner, Preconditioner
+from test_kfac import ConvNet
 
 DT = torch.float64
 
@@ -51,16 +52,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.l2(self.scale(torch.tanh(self.norm(self.l1(x)))))
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
-        self.fc = nn.Linear(3 * 3 * 3, 4)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
 class EmbSeq(nn.Module):

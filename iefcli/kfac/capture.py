@@ -8,9 +8,11 @@ documented FALLBACK: a diagonal preconditioner whose entries are the diagonal
 of the same matrix (per-sample gradients of just those parameters, by vmap;
 see :mod:`iefcli.kfac.optim`).
 
-:class:`Capture` is a context manager: a forward hook on each rule layer
-records its input (detached) and puts a tensor hook on its output, which
-records the output gradient every time one flows back: an ordinary
+:class:`Capture` is a context manager over the fast path's capture layer
+(:class:`iefcli.core.fast.rules.Layer`, the one the drop-in preconditioner's
+hooks use too: one capture layer for iEF and K-FAC): a forward hook on each
+rule layer records its input (detached) and puts a tensor hook on its output,
+which records the output gradient every time one flows back: an ordinary
 ``loss.backward()`` or ``torch.autograd.grad`` both fire it, once per backward.
 So one forward followed by K backward passes (true labels, sampled labels)
 gives K output gradients per layer. Nothing is kept after the context exits.
@@ -21,8 +23,9 @@ carries: the optimiser back-propagates per-sample LOGIT gradients of the
 unscaled per-sample losses (cotangent dl_n/dz_n), so e_nt = d l_n / d z_nt.
 A user's ``mean loss .backward()`` gives e / N instead (``grad_scale``).
 
-A layer called more than once per forward, or whose input's leading dim is not
-the batch size, is refused by :meth:`Capture.check` (it would mix samples);
+A layer called more than once per forward, whose input was modified in place
+after the call, or whose input's leading dim is not the batch size, is refused
+by :meth:`Capture.check` (it would mix samples or read the wrong input);
 the optimiser moves it to the fallback at its first step.
 """
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iefcli.core.fast.rules import Layer
 from iefcli.kfac.factors import with_bias_column
 
 __all__ = ["LayerRule", "find_layers", "Capture", "linear_a", "linear_e"]
@@ -123,14 +127,25 @@ def find_layers(model: nn.Module, param_names) -> tuple[list[LayerRule], dict[st
 
 
 @dataclass
-class _Rec:
-    inputs: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    calls: int = 0
+class _Recorded(Layer):
+    """The fast path's capture layer, keeping EVERY output gradient (one per backward) in ``grads``."""
+
+    grads: list = field(default_factory=list)
+
+    def reset(self) -> None:
+        super().reset()
+        self.grads = []
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
+        self.grads.append(self.grad)
 
 
 class Capture:
-    """Forward/tensor hooks on ``rules``' modules for the duration of a ``with`` block.
+    """Hooks on ``rules``' modules for the duration of a ``with`` block: a thin adapter over the fast
+    path's capture layer (:class:`iefcli.core.fast.rules.Layer`, the same one the drop-in
+    preconditioner hooks), which records each module's input and output and keeps every output
+    gradient that flows back.
 
     After ``forward`` and K backward passes: ``a(rule)`` (N, T, d_in[+1]) and
     ``e(rule, k)`` (N, T, d_out), the k-th output gradient in backward order,
@@ -145,29 +160,21 @@ class Capture:
         self.grad_scale = grad_scale
         mods = dict(model.named_modules())
         self.modules = {r.name: mods[r.name] for r in rules}
-        self.recs: dict[str, _Rec] = {r.name: _Rec() for r in rules}
+        self.recs: dict[str, _Recorded] = {}
+        for r in rules:
+            roles = {"weight": r.weight, **({"bias": r.bias} if r.bias is not None else {})}
+            self.recs[r.name] = _Recorded(r.name, self.modules[r.name], r.kind, roles, capture_grad=True)
         self._handles: list = []
 
     def __enter__(self) -> "Capture":
         for r in self.rules:
-            self._handles.append(self.modules[r.name].register_forward_hook(self._hook(r.name)))
+            self._handles.append(self.modules[r.name].register_forward_hook(self.recs[r.name].hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def _hook(self, name: str):
-        rec = self.recs[name]
-
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            rec.calls += 1
-            rec.inputs.append(args[0].detach())
-            if output.requires_grad:
-                output.register_hook(lambda g: rec.grads.append(g.detach()))
-
-        return hook
 
     def check(self, n: int) -> dict[str, str]:
         """{layer name: reason} for layers this forward cannot be captured for."""
@@ -176,13 +183,17 @@ class Capture:
             rec = self.recs[r.name]
             if rec.calls != 1:
                 bad[r.name] = f"called {rec.calls} times in one forward"
-            elif rec.inputs[0].dim() < 1 or rec.inputs[0].shape[0] != n:
+            elif rec.reason:
+                bad[r.name] = rec.reason
+            elif rec.x_ref._version != rec.x_version:
+                bad[r.name] = "its input was modified in place after the call"
+            elif rec.x.dim() < 1 or rec.x.shape[0] != n:
                 bad[r.name] = "its input's leading dim is not the batch"
         return bad
 
     def a(self, rule: LayerRule) -> Tensor:
         """The layer's input rows in linear form, (N, T, d_in [+1])."""
-        return linear_a(rule, self.modules[rule.name], self.recs[rule.name].inputs[0], self.dtype)
+        return linear_a(rule, self.modules[rule.name], self.recs[rule.name].x, self.dtype)
 
     def e(self, rule: LayerRule, k: int = 0) -> Tensor:
         """The k-th recorded output gradient in linear form, (N, T, d_out)."""

@@ -381,3 +381,20 @@ def test_running_averages_and_intervals_against_explicit_sums():
     assert torch.equal(bases[0], bases[2]) and not torch.equal(bases[2], bases[3])
     lam, U = torch.linalg.eigh(0.8 * A(xb[0]) + 0.2 * A(xb[2]))
     torch.testing.assert_close(bases[3].abs(), U.abs(), rtol=1e-8, atol=1e-10)  # eigenvectors up to sign
+
+
+def test_a_scaled_loss_needs_unscaled_gradients_and_then_gives_the_same_direction():
+    """GradScaler's contract: a loss multiplied by 2^k is recognised (the direction is scale-free), and
+    pre.step() on still-scaled .grad is refused (scaler.step would divide the direction afterwards)."""
+    model, x, y, _ = _case("mlp")
+    twin = copy.deepcopy(model)
+    ref, _ = _pre_direction(Preconditioner(twin, method="iekfac", damping=1e-3), twin, x, y)
+    pre = Preconditioner(model, method="iekfac", damping=1e-3)
+    (1024.0 * pre.loss(model(x), y)).backward()
+    with pytest.raises(ModelError, match="loss scale"):
+        pre.step()
+    for p in model.parameters():
+        p.grad /= 1024.0  # scaler.unscale_(opt)
+    pre.step()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], rtol=1e-10, atol=1e-13)

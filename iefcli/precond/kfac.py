@@ -252,9 +252,14 @@ class KFACPreconditioner(Preconditioner):
         self._step_gen = None
         curv = self._curvature(parts)
         flat_g = self.layout.flatten(curv.grads)
-        for p in parts:
-            if p["loss_scale"] != 1.0:
-                self._check_unscaled(SimpleNamespace(g=flat_g, n=curv.n), p["c"] / p["loss_scale"], p["loss_scale"])
+        try:
+            for p in parts:
+                if p["loss_scale"] != 1.0:
+                    self._check_unscaled(SimpleNamespace(g=flat_g, n=curv.n), p["c"] / p["loss_scale"],
+                                         p["loss_scale"])
+        except ModelError:
+            self._parts = parts  # kept: unscale .grad and call step() again
+            raise
         step = self.steps
         layers, fbd, d = advance(self.method, self.kfac_options, self.rules, self._fb_names, self.kfac_state, curv,
                                  step, self.damping)

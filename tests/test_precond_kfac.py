@@ -398,3 +398,21 @@ def test_a_scaled_loss_needs_unscaled_gradients_and_then_gives_the_same_directio
     pre.step()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[k], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize("method", ["ekfac", "iekfac"])
+def test_diagonal_is_the_projected_second_moment_from_a_loop(kind, method):
+    """The preconditioner's S (first step) = 1/N sum_n w_n (U_G^T J_n U_A)^2, J_n from a loop of
+    torch.autograd.grad (tests/test_kfac.py's reference), w_n = 1 (ekfac) or 1/s_n (iekfac), true labels."""
+    from test_kfac import _projected_ref
+
+    model, x, y, loss = _case(kind)
+    loss_fn = _loss_fn_for(model)
+    pre = Preconditioner(model, method=method, damping=1e-3, loss=loss, fisher_type="empirical")
+    _pre_direction(pre, model, x, y)
+    s = loss_fn.s(model(x).detach(), y)
+    for r in pre.rules:
+        st = pre.kfac_state["layers"][r.name]
+        ref = _projected_ref(model, x, y, loss_fn, r, st.get("UA"), st["UG"], weights=1 / s if method == "iekfac" else None)
+        torch.testing.assert_close(st["S"], ref, rtol=1e-9, atol=1e-13, msg=r.name)

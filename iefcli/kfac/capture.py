@@ -205,11 +205,14 @@ class Capture:
 
 def linear_a(rule: LayerRule, module: nn.Module, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A rule layer's input ``x`` (as the module received it) in linear form, (N, T, d_in [+1]),
-    cast to ``dtype`` (None: as is). Embedding ids become one-hot rows."""
+    cast to ``dtype`` (None: as is). Embedding ids become one-hot rows (0 at ``padding_idx``)."""
     n = x.shape[0]
     if rule.kind == "embedding":  # one-hot rows (N, T, V); ids stay integers until then
         ids = x.reshape(n, -1)
-        return F.one_hot(ids, module.num_embeddings).to(dtype or module.weight.dtype)
+        a = F.one_hot(ids, module.num_embeddings).to(dtype or module.weight.dtype)
+        if module.padding_idx is not None:
+            a[..., module.padding_idx] = 0  # torch gives the padding row no gradient: J_n's column is 0
+        return a
     x = x if dtype is None else x.to(dtype)
     if rule.kind == "linear":
         a = x.reshape(n, -1, x.shape[-1])

@@ -213,9 +213,6 @@ class KFACPreconditioner(Preconditioner):
         grads: dict[str, Tensor] = {}
         for r in self.rules:
             g = torch.einsum("nto,nti->oi", e_true[r.name], a[r.name]) / n  # the layer's mean-loss gradient
-            m = self._rule_layers[r.name].module
-            if r.kind == "embedding" and m.padding_idx is not None:
-                g[:, m.padding_idx] = 0  # torch gives the padding row no gradient
             grads.update(_split(r, g, shapes, self._dtype))
         for k in self._fb_names:
             grads[k] = fb_true[k].mean(dim=0).to(self._dtype)

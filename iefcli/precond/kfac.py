@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from iefcli.errors import ModelError
 from iefcli.kfac import DEFAULTS
 from iefcli.kfac.capture import find_layers, linear_a, linear_e
-from iefcli.kfac.optim import METHODS, Curvature, KFACOptions, advance, fisher_for, init_state, options_from, schedule
+from iefcli.kfac.optim import (METHODS, Curvature, KFACOptions, _split_layer, advance, fisher_for, init_state,
+                               options_from, schedule)
 from iefcli.precond.optim import IEF
 from iefcli.precond.preconditioner import Preconditioner
 
@@ -213,7 +214,7 @@ class KFACPreconditioner(Preconditioner):
         grads: dict[str, Tensor] = {}
         for r in self.rules:
             g = torch.einsum("nto,nti->oi", e_true[r.name], a[r.name]) / n  # the layer's mean-loss gradient
-            grads.update(_split(r, g, shapes, self._dtype))
+            grads.update(_split_layer(r, g, shapes, self._dtype))
         for k in self._fb_names:
             grads[k] = fb_true[k].mean(dim=0).to(self._dtype)
         return Curvature.of(rules=self.rules, fallback=self._fb_names, n=n,
@@ -291,12 +292,6 @@ class KFACPreconditioner(Preconditioner):
     def __repr__(self) -> str:
         return (f"KFACPreconditioner(method={self.method!r}, damping={self.damping:g}, layers={len(self.rules)}, "
                 f"fallback={len(self.fallback)}, params={self.layout.size})")
-
-
-def _split(rule, g: Tensor, shapes: dict[str, torch.Size], dtype: torch.dtype) -> dict[str, Tensor]:
-    from iefcli.kfac.optim import _split_layer
-
-    return _split_layer(rule, g, shapes, dtype)
 
 
 def _tree_clone(tree: Any, device: torch.device | None = None) -> Any:

@@ -6,11 +6,11 @@ use, so that ``import iefcli`` (and the CLI's start-up) stays light.
 
 __version__ = "0.1.0"
 
-__all__ = ["IEF", "Preconditioner", "__version__"]
+__all__ = ["IEF", "Preconditioner", "__version__", "KFAC"]
 
 
 def __getattr__(name: str):
-    if name in ("Preconditioner", "IEF"):
+    if name in ("Preconditioner", "IEF", "KFAC"):
         from iefcli import precond
 
         return getattr(precond, name)

@@ -215,4 +215,18 @@ def test_shortened_builtins_resolve_as_before(name, tmp_path):
         pytest.skip(f"recipes/{name}.yaml at {BEFORE_EXTENDS[:7]} not readable (no git history, or a newer recipe)")
     p = tmp_path / f"{name}.yaml"
     p.write_text(old)
-    assert load_recipe_file(name).plain() == load_recipe_file(p).plain()
+    want = load_recipe_file(p).plain()
+    for key, value in RETUNED.get(name, {}).items():  # deliberate changes since, and only those
+        *path, last = key.split(".")
+        node = want
+        for k in path:
+            node = node[k]
+        node[last] = value
+    assert load_recipe_file(name).plain() == want
+
+
+# Built-ins retuned on purpose after they were shortened: dotted key -> the new value.
+RETUNED = {
+    "minilm-lora-kfac": {"optimizer.lr": 6.0e-3},  # issue 16: 20-step lr sweep (docs/kfac.md)
+    "minilm-lora-iekfac": {"optimizer.inv_interval": 2},  # issue 16: the same sweep
+}

@@ -8,9 +8,11 @@ documented FALLBACK: a diagonal preconditioner whose entries are the diagonal
 of the same matrix (per-sample gradients of just those parameters, by vmap;
 see :mod:`iefcli.kfac.optim`).
 
-:class:`Capture` is a context manager: a forward hook on each rule layer
-records its input (detached) and puts a tensor hook on its output, which
-records the output gradient every time one flows back: an ordinary
+:class:`Capture` is a context manager over the fast path's capture layer
+(:class:`iefcli.core.fast.rules.Layer`, the one the drop-in preconditioner's
+hooks use too: one capture layer for iEF and K-FAC): a forward hook on each
+rule layer records its input (detached) and puts a tensor hook on its output,
+which records the output gradient every time one flows back: an ordinary
 ``loss.backward()`` or ``torch.autograd.grad`` both fire it, once per backward.
 So one forward followed by K backward passes (true labels, sampled labels)
 gives K output gradients per layer. Nothing is kept after the context exits.
@@ -21,8 +23,9 @@ carries: the optimiser back-propagates per-sample LOGIT gradients of the
 unscaled per-sample losses (cotangent dl_n/dz_n), so e_nt = d l_n / d z_nt.
 A user's ``mean loss .backward()`` gives e / N instead (``grad_scale``).
 
-A layer called more than once per forward, or whose input's leading dim is not
-the batch size, is refused by :meth:`Capture.check` (it would mix samples);
+A layer called more than once per forward, whose input was modified in place
+after the call, or whose input's leading dim is not the batch size, is refused
+by :meth:`Capture.check` (it would mix samples or read the wrong input);
 the optimiser moves it to the fallback at its first step.
 """
 
@@ -34,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iefcli.core.fast.rules import Layer
 from iefcli.kfac.factors import with_bias_column
 
-__all__ = ["LayerRule", "find_layers", "Capture"]
+__all__ = ["LayerRule", "find_layers", "Capture", "linear_a", "linear_e"]
 
 
 @dataclass(frozen=True)
@@ -123,14 +127,25 @@ def find_layers(model: nn.Module, param_names) -> tuple[list[LayerRule], dict[st
 
 
 @dataclass
-class _Rec:
-    inputs: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    calls: int = 0
+class _Recorded(Layer):
+    """The fast path's capture layer, keeping EVERY output gradient (one per backward) in ``grads``."""
+
+    grads: list = field(default_factory=list)
+
+    def reset(self) -> None:
+        super().reset()
+        self.grads = []
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
+        self.grads.append(self.grad)
 
 
 class Capture:
-    """Forward/tensor hooks on ``rules``' modules for the duration of a ``with`` block.
+    """Hooks on ``rules``' modules for the duration of a ``with`` block: a thin adapter over the fast
+    path's capture layer (:class:`iefcli.core.fast.rules.Layer`, the same one the drop-in
+    preconditioner hooks), which records each module's input and output and keeps every output
+    gradient that flows back.
 
     After ``forward`` and K backward passes: ``a(rule)`` (N, T, d_in[+1]) and
     ``e(rule, k)`` (N, T, d_out), the k-th output gradient in backward order,
@@ -145,29 +160,21 @@ class Capture:
         self.grad_scale = grad_scale
         mods = dict(model.named_modules())
         self.modules = {r.name: mods[r.name] for r in rules}
-        self.recs: dict[str, _Rec] = {r.name: _Rec() for r in rules}
+        self.recs: dict[str, _Recorded] = {}
+        for r in rules:
+            roles = {"weight": r.weight, **({"bias": r.bias} if r.bias is not None else {})}
+            self.recs[r.name] = _Recorded(r.name, self.modules[r.name], r.kind, roles, capture_grad=True)
         self._handles: list = []
 
     def __enter__(self) -> "Capture":
         for r in self.rules:
-            self._handles.append(self.modules[r.name].register_forward_hook(self._hook(r.name)))
+            self._handles.append(self.modules[r.name].register_forward_hook(self.recs[r.name].hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def _hook(self, name: str):
-        rec = self.recs[name]
-
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            rec.calls += 1
-            rec.inputs.append(args[0].detach())
-            if output.requires_grad:
-                output.register_hook(lambda g: rec.grads.append(g.detach()))
-
-        return hook
 
     def check(self, n: int) -> dict[str, str]:
         """{layer name: reason} for layers this forward cannot be captured for."""
@@ -176,36 +183,50 @@ class Capture:
             rec = self.recs[r.name]
             if rec.calls != 1:
                 bad[r.name] = f"called {rec.calls} times in one forward"
-            elif rec.inputs[0].dim() < 1 or rec.inputs[0].shape[0] != n:
+            elif rec.reason:
+                bad[r.name] = rec.reason
+            elif rec.x_ref._version != rec.x_version:
+                bad[r.name] = "its input was modified in place after the call"
+            elif rec.x.dim() < 1 or rec.x.shape[0] != n:
                 bad[r.name] = "its input's leading dim is not the batch"
         return bad
 
-    def _cast(self, t: Tensor) -> Tensor:
-        return t if self.dtype is None else t.to(self.dtype)
-
     def a(self, rule: LayerRule) -> Tensor:
         """The layer's input rows in linear form, (N, T, d_in [+1])."""
-        x = self.recs[rule.name].inputs[0]
-        x = x if rule.kind == "embedding" else self._cast(x)  # ids stay integers
-        m = self.modules[rule.name]
-        n = x.shape[0]
-        if rule.kind == "linear":
-            a = x.reshape(n, -1, x.shape[-1])
-        elif rule.kind == "conv2d":
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
-            a = a.transpose(1, 2)  # (N, L, C_in*kh*kw)
-        else:  # embedding: one-hot rows (N, T, V)
-            ids = x.reshape(n, -1)
-            a = F.one_hot(ids, m.num_embeddings).to(self.dtype or m.weight.dtype)
-        return with_bias_column(a) if rule.bias is not None else a
+        return linear_a(rule, self.modules[rule.name], self.recs[rule.name].x, self.dtype)
 
     def e(self, rule: LayerRule, k: int = 0) -> Tensor:
         """The k-th recorded output gradient in linear form, (N, T, d_out)."""
-        g = self._cast(self.recs[rule.name].grads[k]) * self.grad_scale
-        n = g.shape[0]
-        if rule.kind == "conv2d":
-            return g.reshape(n, g.shape[1], -1).transpose(1, 2)
-        return g.reshape(n, -1, g.shape[-1])
+        return linear_e(rule, self.recs[rule.name].grads[k], self.dtype, self.grad_scale)
 
     def n_grads(self, rule: LayerRule) -> int:
         return len(self.recs[rule.name].grads)
+
+
+def linear_a(rule: LayerRule, module: nn.Module, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A rule layer's input ``x`` (as the module received it) in linear form, (N, T, d_in [+1]),
+    cast to ``dtype`` (None: as is). Embedding ids become one-hot rows (0 at ``padding_idx``)."""
+    n = x.shape[0]
+    if rule.kind == "embedding":  # one-hot rows (N, T, V); ids stay integers until then
+        ids = x.reshape(n, -1)
+        a = F.one_hot(ids, module.num_embeddings).to(dtype or module.weight.dtype)
+        if module.padding_idx is not None:
+            a[..., module.padding_idx] = 0  # torch gives the padding row no gradient: J_n's column is 0
+        return a
+    x = x if dtype is None else x.to(dtype)
+    if rule.kind == "linear":
+        a = x.reshape(n, -1, x.shape[-1])
+    else:  # conv2d
+        a = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
+                     stride=module.stride)
+        a = a.transpose(1, 2)  # (N, L, C_in*kh*kw)
+    return with_bias_column(a) if rule.bias is not None else a
+
+
+def linear_e(rule: LayerRule, g: Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> Tensor:
+    """A rule layer's output gradient ``g`` in linear form, (N, T, d_out), times ``scale``."""
+    g = (g if dtype is None else g.to(dtype)) * scale
+    n = g.shape[0]
+    if rule.kind == "conv2d":
+        return g.reshape(n, g.shape[1], -1).transpose(1, 2)
+    return g.reshape(n, -1, g.shape[-1])

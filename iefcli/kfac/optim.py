@@ -128,7 +128,53 @@ def _split_layer(rule: LayerRule, d: Tensor, shapes: dict[str, torch.Size], dtyp
 # ----------------------------------------------------------------------------- one batch
 
 
-class BatchCurvature:
+class Curvature:
+    """What one batch gives K-FAC, however it was captured: ``n``, per-sample losses ``loss`` and
+    ``s`` (N,), the mean-loss gradient ``grads`` (name -> tensor), each rule layer's ``a`` /
+    ``e_true`` / ``e_fac`` (N, T, d) in linear form (empty dicts on a step without statistics),
+    and the fallback parameters' per-sample gradients ``fb_true`` / ``fb_fac`` (N, *shape).
+    :class:`BatchCurvature` fills it from a functional forward (the registry optimiser);
+    :class:`iefcli.precond.kfac.KFACPreconditioner` from the hooks on the user's own forward."""
+
+    rules: list[LayerRule]
+    fallback: list[str]
+    n: int
+    s: Tensor
+    loss: Tensor
+    grads: Params
+    a: dict[str, Tensor]
+    e_true: dict[str, Tensor]
+    e_fac: dict[str, Tensor]
+    fb_true: Params
+    fb_fac: Params
+
+    @classmethod
+    def of(cls, **fields) -> "Curvature":
+        self = cls.__new__(cls)
+        for k, v in fields.items():
+            setattr(self, k, v)
+        return self
+
+    def factors(self, rule: LayerRule, seq_mode: str) -> tuple[Tensor, Tensor]:
+        mode = "expand" if rule.kind == "embedding" else seq_mode
+        return kf.kronecker_factors(self.a[rule.name], self.e_fac[rule.name], mode, diag_a=rule.kind == "embedding")
+
+    def diag_S(self, rule: LayerRule, UA, UG, method: str) -> Tensor:
+        """This batch's eK-FAC (from e_fac) or ieK-FAC (from e_true, weights 1/s_n) diagonal, mean form."""
+        if method == "iekfac":
+            return kf.projected_second_moment(self.a[rule.name], self.e_true[rule.name], UA, UG, _inv_s(self.s))
+        return kf.projected_second_moment(self.a[rule.name], self.e_fac[rule.name], UA, UG)
+
+    def fallback_diag(self, name: str, method: str) -> Tensor:
+        """Mean form of the fallback diagonal: 1/N sum_n j_n^2 (fac labels), or with weights 1/s_n (iekfac)."""
+        if method == "iekfac":
+            j = self.fb_true[name]
+            w = _inv_s(self.s).to(j.dtype).reshape(-1, *([1] * (j.dim() - 1)))
+            return (w * j.pow(2)).mean(dim=0)
+        return self.fb_fac[name].pow(2).mean(dim=0)
+
+
+class BatchCurvature(Curvature):
     """Everything one batch gives K-FAC: per-sample losses, s, the mean-loss gradient,
     each layer's a / e_true / e_fac, and the fallback parameters' per-sample gradients.
 
@@ -178,24 +224,6 @@ class BatchCurvature:
         if capture and fallback:
             self.fb_true = _fallback_rows(fn, params, fallback, inputs, targets)
             self.fb_fac = _fallback_rows(fn, params, fallback, inputs, yhat) if yhat is not None else self.fb_true
-
-    def factors(self, rule: LayerRule, seq_mode: str) -> tuple[Tensor, Tensor]:
-        mode = "expand" if rule.kind == "embedding" else seq_mode
-        return kf.kronecker_factors(self.a[rule.name], self.e_fac[rule.name], mode, diag_a=rule.kind == "embedding")
-
-    def diag_S(self, rule: LayerRule, UA, UG, method: str) -> Tensor:
-        """This batch's eK-FAC (from e_fac) or ieK-FAC (from e_true, weights 1/s_n) diagonal, mean form."""
-        if method == "iekfac":
-            return kf.projected_second_moment(self.a[rule.name], self.e_true[rule.name], UA, UG, _inv_s(self.s))
-        return kf.projected_second_moment(self.a[rule.name], self.e_fac[rule.name], UA, UG)
-
-    def fallback_diag(self, name: str, method: str) -> Tensor:
-        """Mean form of the fallback diagonal: 1/N sum_n j_n^2 (fac labels), or with weights 1/s_n (iekfac)."""
-        if method == "iekfac":
-            j = self.fb_true[name]
-            w = _inv_s(self.s).to(j.dtype).reshape(-1, *([1] * (j.dim() - 1)))
-            return (w * j.pow(2)).mean(dim=0)
-        return self.fb_fac[name].pow(2).mean(dim=0)
 
 
 def _inv_s(s: Tensor) -> Tensor:
@@ -310,6 +338,94 @@ def _demote(rules: list[LayerRule], fb: dict[str, str], bad: dict[str, str]) -> 
     return keep, names
 
 
+def init_state(method: str, rules: list[LayerRule], fallback, params: Params) -> State:
+    """The curvature state before the first step: step 0, zero factors, identity bases, zero S and D."""
+    fdt = _fac_dtype(params)
+    dev = next(iter(params.values())).device
+    e64 = dict(dtype=torch.float64, device=dev)
+    layers = {}
+    for r in rules:
+        w = params[r.weight]
+        if r.kind == "embedding":
+            d_in, d_out = w.shape
+        else:
+            d_out, d_in = w.shape[0], w[0].numel() + (r.bias is not None)
+        st = {"G": torch.zeros(d_out, d_out, dtype=fdt, device=dev),
+              "UG": torch.eye(d_out, **e64), "lamG": torch.zeros(d_out, **e64),
+              "lamA": torch.zeros(d_in, **e64)}
+        if r.kind == "embedding":
+            st["A"] = torch.zeros(d_in, dtype=fdt, device=dev)
+        else:
+            st["A"] = torch.zeros(d_in, d_in, dtype=fdt, device=dev)
+            st["UA"] = torch.eye(d_in, **e64)
+        if method != "kfac":
+            st["S"] = torch.zeros(d_out, d_in, dtype=fdt, device=dev)
+        layers[r.name] = st
+    return {"step": torch.zeros((), dtype=torch.int64), "layers": layers,
+            "fallback": {k: torch.zeros_like(params[k], dtype=fdt) for k in fallback}}
+
+
+def schedule(opts: KFACOptions, step: int) -> tuple[bool, bool]:
+    """(statistics step, inverse step) for step number ``step`` (0-based)."""
+    return step % opts.stat_interval == 0, step % opts.inv_interval == 0
+
+
+def advance(method: str, o: KFACOptions, rules: list[LayerRule], fb_names: list[str], state: State,
+            bc: Curvature, step: int, damping: float) -> tuple[dict, dict, Params]:
+    """One step of the curvature state and the direction, shared by the registry optimiser and the
+    drop-in preconditioner: running averages of A, G, D (and S) on a statistics step, float64
+    eigendecompositions on an inverse step (and for layers with no curvature seen yet), then the
+    paper-scale direction from ``bc.grads``. Returns (layers, fallback diagonals, direction dict);
+    ``state`` is not modified."""
+    do_stats, do_inv = schedule(o, step)
+    first = step == 0
+    beta = 0.0 if first else o.stat_decay
+    layers = {k: dict(v) for k, v in state.get("layers", {}).items()}  # empty dicts do not survive safetensors
+    fbd = dict(state.get("fallback", {}))
+
+    def ema(old: Tensor, new: Tensor) -> Tensor:
+        # An all-zero running value (a layer that had no gradient yet, e.g. LoRA's A while B = 0)
+        # takes the new value instead of averaging it with zeros (no host read: a device where).
+        new = new.to(old.dtype)
+        if beta == 0:
+            return new.clone()
+        b = old.any().to(old.dtype) * beta  # beta in old's dtype (a where on a Python float rounds to float32)
+        return b * old + (1 - b) * new
+
+    if do_stats:
+        for r in rules:
+            A, G = bc.factors(r, o.seq_mode)
+            layers[r.name]["A"] = ema(layers[r.name]["A"], A)
+            layers[r.name]["G"] = ema(layers[r.name]["G"], G)
+        for k in fb_names:
+            fbd[k] = ema(fbd[k], bc.fallback_diag(k, method))
+    # Layers to (re)decompose: all on an inverse step; on other statistics steps those whose
+    # basis came from an all-zero factor (no curvature seen yet: LoRA's A at B = 0), found with
+    # ONE host read, so that they do not keep a meaningless basis for inv_interval steps.
+    if do_inv:
+        fresh = {r.name for r in rules}
+    elif do_stats and rules:
+        dead = torch.stack([~(layers[r.name]["lamA"].any() & layers[r.name]["lamG"].any()) for r in rules])
+        fresh = {r.name for r, flag in zip(rules, dead.tolist()) if flag}
+    else:
+        fresh = set()
+    for r in rules:
+        if r.name in fresh:
+            st = layers[r.name]
+            UA, st["lamA"] = kf.eigh_factor(st["A"])
+            if UA is not None:
+                st["UA"] = UA
+            st["UG"], st["lamG"] = kf.eigh_factor(st["G"])
+    if method != "kfac" and (do_stats or do_inv):
+        for r in rules:
+            st = layers[r.name]
+            S = bc.diag_S(r, st.get("UA"), st["UG"], method)
+            st["S"] = S.to(st["S"].dtype).clone() if r.name in fresh else ema(st["S"], S)
+    d_dict = precondition(method, rules, fb_names, layers, fbd, bc.grads, bc.n, damping,
+                          o.damping_split)
+    return layers, fbd, d_dict
+
+
 # ----------------------------------------------------------------------------- the optimiser
 
 
@@ -341,29 +457,7 @@ class KFACOptimizer:
         return lines + [f"{k}: diagonal fallback ({why})" for k, why in self.fallback.items()]
 
     def init(self, params: Params) -> State:
-        fdt = _fac_dtype(params)
-        dev = next(iter(params.values())).device
-        e64 = dict(dtype=torch.float64, device=dev)
-        layers = {}
-        for r in self.rules:
-            w = params[r.weight]
-            if r.kind == "embedding":
-                d_in, d_out = w.shape
-            else:
-                d_out, d_in = w.shape[0], w[0].numel() + (r.bias is not None)
-            st = {"G": torch.zeros(d_out, d_out, dtype=fdt, device=dev),
-                  "UG": torch.eye(d_out, **e64), "lamG": torch.zeros(d_out, **e64),
-                  "lamA": torch.zeros(d_in, **e64)}
-            if r.kind == "embedding":
-                st["A"] = torch.zeros(d_in, dtype=fdt, device=dev)
-            else:
-                st["A"] = torch.zeros(d_in, d_in, dtype=fdt, device=dev)
-                st["UA"] = torch.eye(d_in, **e64)
-            if self.name != "kfac":
-                st["S"] = torch.zeros(d_out, d_in, dtype=fdt, device=dev)
-            layers[r.name] = st
-        state: State = {"step": torch.zeros((), dtype=torch.int64), "layers": layers,
-                        "fallback": {k: torch.zeros_like(params[k], dtype=fdt) for k in self.fallback}}
+        state = init_state(self.name, self.rules, self.fallback, params)
         if self.config.momentum > 0:
             state["momentum"] = {k: torch.zeros_like(v) for k, v in params.items()}
         return state
@@ -371,8 +465,7 @@ class KFACOptimizer:
     def update(self, params: Params, state: State, batch: Any, *, key: int, lr: float):
         c, o = self.config, self.options
         step = int(state["step"])
-        do_stats = step % o.stat_interval == 0
-        do_inv = step % o.inv_interval == 0
+        do_stats, do_inv = schedule(o, step)
         dev = next(iter(params.values())).device
         gen = torch.Generator(device=dev).manual_seed(int(key))
         fb_names = list(self.fallback)
@@ -390,51 +483,7 @@ class KFACOptimizer:
             bc = BatchCurvature(self.fn, params, batch.inputs, batch.targets, self.rules, fb_names,
                                 fisher_type=fisher_for(self.name, o), generator=gen.manual_seed(int(key)),
                                 capture=do_stats or do_inv)
-        first = step == 0
-        beta = 0.0 if first else o.stat_decay
-        layers = {k: dict(v) for k, v in state.get("layers", {}).items()}  # empty dicts do not survive safetensors
-        fbd = dict(state.get("fallback", {}))
-
-        def ema(old: Tensor, new: Tensor) -> Tensor:
-            # An all-zero running value (a layer that had no gradient yet, e.g. LoRA's A while B = 0)
-            # takes the new value instead of averaging it with zeros (no host read: a device where).
-            new = new.to(old.dtype)
-            if beta == 0:
-                return new.clone()
-            b = torch.where(old.any(), beta, 0.0).to(old.dtype)
-            return b * old + (1 - b) * new
-
-        if do_stats:
-            for r in self.rules:
-                A, G = bc.factors(r, o.seq_mode)
-                layers[r.name]["A"] = ema(layers[r.name]["A"], A)
-                layers[r.name]["G"] = ema(layers[r.name]["G"], G)
-            for k in fb_names:
-                fbd[k] = ema(fbd[k], bc.fallback_diag(k, self.name))
-        # Layers to (re)decompose: all on an inverse step; on other statistics steps those whose
-        # basis came from an all-zero factor (no curvature seen yet: LoRA's A at B = 0), found with
-        # ONE host read, so that they do not keep a meaningless basis for inv_interval steps.
-        if do_inv:
-            fresh = {r.name for r in self.rules}
-        elif do_stats and self.rules:
-            dead = torch.stack([~(layers[r.name]["lamA"].any() & layers[r.name]["lamG"].any()) for r in self.rules])
-            fresh = {r.name for r, flag in zip(self.rules, dead.tolist()) if flag}
-        else:
-            fresh = set()
-        for r in self.rules:
-            if r.name in fresh:
-                st = layers[r.name]
-                UA, st["lamA"] = kf.eigh_factor(st["A"])
-                if UA is not None:
-                    st["UA"] = UA
-                st["UG"], st["lamG"] = kf.eigh_factor(st["G"])
-        if self.name != "kfac" and (do_stats or do_inv):
-            for r in self.rules:
-                st = layers[r.name]
-                S = bc.diag_S(r, st.get("UA"), st["UG"], self.name)
-                st["S"] = S.to(st["S"].dtype).clone() if r.name in fresh else ema(st["S"], S)
-        d_dict = precondition(self.name, self.rules, fb_names, layers, fbd, bc.grads, bc.n, c.damping,
-                              o.damping_split)
+        layers, fbd, d_dict = advance(self.name, o, self.rules, fb_names, state, bc, step, c.damping)
         layout = ParamLayout.of(params)
         d = layout.flatten(d_dict)
         from iefcli.optim.base import finish_step, momentum_and_decay

@@ -5,8 +5,9 @@ See docs/library.md. The Hugging Face Trainer callback is :class:`iefcli.hf.trai
 from iefcli.precond.losses import resolve_loss
 from iefcli.precond.optim import IEF
 from iefcli.precond.preconditioner import SUPPORTED_METHODS, Preconditioner
+from iefcli.precond.kfac import KFAC, KFACPreconditioner  # noqa: E402  (method="kfac"|"ekfac"|"iekfac")
 
-__all__ = ["Preconditioner", "IEF", "SUPPORTED_METHODS", "resolve_loss", "bench_loop"]
+__all__ = ["Preconditioner", "IEF", "SUPPORTED_METHODS", "resolve_loss", "bench_loop", "KFAC", "KFACPreconditioner"]
 
 
 def __getattr__(name):

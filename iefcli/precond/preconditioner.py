@@ -119,6 +119,15 @@ class Preconditioner:
                the captured activations until the next step, so it is off by default).
     """
 
+    def __new__(cls, *args, **kwargs):
+        """``method`` kfac / ekfac / iekfac gives an :class:`iefcli.precond.kfac.KFACPreconditioner`."""
+        method = kwargs.get("method", args[1] if len(args) > 1 else None)
+        if cls is Preconditioner and isinstance(method, str) and method in ("kfac", "ekfac", "iekfac"):
+            from iefcli.precond.kfac import KFACPreconditioner
+
+            return super().__new__(KFACPreconditioner)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, method: str = "ief", damping: float = 1e-7, loss: Any = "cross_entropy",
                  *, options: Any = None, seed: int = 0, keep_last_batch: bool = False,
                  distributed: bool | None = None):

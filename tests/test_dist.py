@@ -277,26 +277,55 @@ FAILING_RANK = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("how", ["raise", "hang"])
-def test_a_failing_rank_stops_the_job_with_one_error(tmp_path, how):
-    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK)
-    env = {**_env(), "IEF_DIST_TIMEOUT_S": "5", "IEF_TEST_HOW": how}
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+def _wrapped(tmp_path, sets: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "iefcli", "train", "quickstart", "--nproc", "2", "-q", "--out", str(tmp_path / "run"),
-           *[a for s in [*SETS, "train.steps=20"]
-             for a in ("--set", s)]]
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**_env(), "TMPDIR": str(tmp_path), **(env or {})}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    took = time.perf_counter() - t0
+    return proc, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("how", ["raise", "hang"])
+def test_a_failing_rank_stops_the_job_with_one_error(tmp_path, how):
+    """`ief train --nproc 2`: exactly one line on stderr (the failing rank's own error and where the
+    ranks' logs are), exit 1, no traceback and none of torchrun's failure summary."""
+    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK)
+    env = {"IEF_DIST_TIMEOUT_S": "5", "IEF_TEST_HOW": how}
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + _env()["PYTHONPATH"]
+    proc, took = _wrapped(tmp_path, [*SETS, "train.steps=20"], env)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ief: error: rank") and "of 2 stopped with exit code 1" in last, proc.stderr[-3000:]
-    if how == "raise":
-        assert "simulated failure on rank 1" in proc.stderr
-    else:  # rank 0 timed out waiting for rank 1: one line, no traceback
-        assert "ief: error: rank 0: all_gather failed: another rank crashed or did not answer" in proc.stderr
-        assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    logs = sorted(tmp_path.glob("ief-nproc-*"))
+    assert len(logs) == 1 and f"(every rank's log: {logs[0]}); the job was stopped" in lines[0]
+    if how == "raise":  # the root cause, from rank 1's traceback; rank 0 only saw rank 1 vanish
+        assert lines[0].startswith("ief: error: rank 1 of 2 failed: RuntimeError: simulated failure on rank 1 ")
+        assert "Traceback" in (logs[0] / "rank-1.log").read_text()
+    else:  # rank 0 timed out waiting for rank 1 (which the agent then stopped)
+        assert lines[0].startswith("ief: error: rank 0 of 2 failed: rank 0: all_gather failed: another rank "
+                                   "crashed or did not answer"), lines[0]
     assert took < 90
+
+
+def test_a_usage_error_under_nproc_is_one_line_and_exit_2(tmp_path):
+    proc, _ = _wrapped(tmp_path, [*SETS, "train.accumulate=64"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "ief: error: rank 0 of 2 failed: train.batch_size: must be >= ranks x train.accumulate = 2 x 64"), lines
+
+
+def test_root_error_prefers_the_rank_that_failed_first(tmp_path):
+    from iefcli.dist.launch import root_error
+
+    (tmp_path / "rank-0.log").write_text("ief: error: rank 0: all_gather failed: another rank crashed or did not "
+                                         "answer within IEF_DIST_TIMEOUT_S (x)\n")
+    (tmp_path / "rank-2.log").write_text("[rank2]: Traceback (most recent call last):\n[rank2]:   File x\n"
+                                         "[rank2]: ValueError: bad shard\n")
+    assert root_error([(0, 1), (1, -15), (2, 1)], tmp_path) == (2, 1, "ValueError: bad shard")
+    assert root_error([(0, 1), (1, -15)], tmp_path)[2].startswith("rank 0: all_gather failed")
+    assert root_error([(3, 1)], tmp_path) == (3, 1, "exit code 1 (no error output)")
 
 
 TOKEN_WORKER = textwrap.dedent('''

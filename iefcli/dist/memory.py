@@ -27,6 +27,7 @@ import gc
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -136,10 +137,11 @@ def _worker(cfg: dict) -> dict:
 
 
 def measure(*, splits=SPLITS, batch: int = 512, seq: int = 128, cap_mb: float | None = None,
-            timeout_s: float = 900) -> list[dict]:
+            reference: torch.Tensor | None = None, timeout_s: float = 900) -> tuple[list[dict], torch.Tensor | None]:
     """One row per (micro-batches, size): peak MB (or the error under the cap) and the direction's
-    relative difference from the first split's (the one batch)."""
-    rows, ref = [], None
+    relative difference from ``reference`` (default: the first split's direction, the one batch).
+    Returns (rows, the reference)."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for acc, micro in splits:
             out = os.path.join(tmp, f"d{acc}.pt")
@@ -155,20 +157,25 @@ def measure(*, splits=SPLITS, batch: int = 512, seq: int = 128, cap_mb: float | 
             row = {"micro_batches": acc, "micro_batch": micro, **res}
             if res["ok"]:
                 d = torch.load(out)
-                if ref is None and acc == splits[0][0]:
-                    ref = d
-                if ref is not None:
-                    row["rel_diff_vs_one_batch"] = float((d - ref).norm() / ref.norm())
+                if reference is None:
+                    reference = d
+                row["rel_diff_vs_one_batch"] = float((d - reference).norm() / reference.norm())
             rows.append(row)
-    return rows
+    return rows, reference
+
+
+def _short(error: str) -> str:
+    m = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", error)
+    return f"out of memory (allocating {int(m.group(1)) / 2**20:.0f} MB)" if m else error
 
 
 def format_table(rows: list[dict], cap_mb: float | None = None) -> str:
     head = "| global batch 512 as | peak MB" + (f" (cap {cap_mb:g} MB)" if cap_mb else "") + " | direction vs 1 x 512 |"
     lines = [head, "|---|---:|---:|"]
     for r in rows:
-        peak = f"{r['peak_mb']:.0f}" if r["ok"] else f"fails: {r['error']}"
+        peak = f"{r['peak_mb']:.0f}" if r["ok"] else f"fails: {_short(r['error'])}"
         diff = f"{r['rel_diff_vs_one_batch']:.1e}" if "rel_diff_vs_one_batch" in r else "-"
+        diff = "(reference)" if diff == "0.0e+00" and r["micro_batches"] == 1 else diff
         lines.append(f"| {r['micro_batches']} x {r['micro_batch']} | {peak} | {diff} |")
     return "\n".join(lines)
 

@@ -312,8 +312,8 @@ def test_a_usage_error_under_nproc_is_one_line_and_exit_2(tmp_path):
     proc, _ = _wrapped(tmp_path, [*SETS, "train.accumulate=64"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        "ief: error: rank 0 of 2 failed: train.batch_size: must be >= ranks x train.accumulate = 2 x 64"), lines
+    assert len(lines) == 1 and lines[0].startswith("ief: error: rank 0 of 2 failed: "), lines
+    assert "quickstart.yaml: train.batch_size: must be >= ranks x train.accumulate = 2 x 64" in lines[0]
 
 
 def test_root_error_prefers_the_rank_that_failed_first(tmp_path):
@@ -324,6 +324,7 @@ def test_root_error_prefers_the_rank_that_failed_first(tmp_path):
     (tmp_path / "rank-2.log").write_text("[rank2]: Traceback (most recent call last):\n[rank2]:   File x\n"
                                          "[rank2]: ValueError: bad shard\n")
     assert root_error([(0, 1), (1, -15), (2, 1)], tmp_path) == (2, 1, "ValueError: bad shard")
+    assert root_error([(0, 1), (2, -15)], tmp_path) == (2, -15, "ValueError: bad shard")  # stopped while exiting
     assert root_error([(0, 1), (1, -15)], tmp_path)[2].startswith("rank 0: all_gather failed")
     assert root_error([(3, 1)], tmp_path) == (3, 1, "exit code 1 (no error output)")
 

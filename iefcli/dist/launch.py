@@ -82,7 +82,7 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> None:
         failed = sorted((r, f.exitcode) for r, f in e.failures.items())
         rank, code, msg = root_error(failed, logs)
         line = (f"rank {rank} of {nproc} failed: {msg} (every rank's log: {logs}); the job was stopped")
-        if code == 2:
+        if code == 2:  # (a rank stopped by a signal, code < 0, counts as a failed run: exit 1)
             raise _ChildUsageError(line) from None
         raise RunFailed(line) from None
     shutil.rmtree(logs, ignore_errors=True)
@@ -108,18 +108,19 @@ def _last_error(log: Path) -> str | None:
 
 
 def root_error(failed: list[tuple[int, int]], logs: Path) -> tuple[int, int, str]:
-    """(rank, exit code, message) of the error to show, from the failed ranks' (rank, exit code) and
-    their logs: the first rank (in rank order) that exited with a code > 0 and whose error is not
-    only that another rank vanished; else the first one with a message; else the first failure."""
-    exited = [(r, c) for r, c in failed if c > 0] or failed
-    found = [(r, c, _last_error(logs / f"rank-{r}.log")) for r, c in exited]
+    """(rank, exit code, message) of the error to show, from the failed ranks' (rank, exit code; a
+    negative code: stopped by that signal) and their logs: the first rank (in rank order) whose
+    error is not only that another rank vanished (it may have been stopped by the agent while it
+    was still exiting, so any code counts); else the first one with a message; else the first
+    failure."""
+    found = [(r, c, _last_error(logs / f"rank-{r}.log")) for r, c in failed]
     for r, c, msg in found:
         if msg and _SECONDARY not in msg:
             return r, c, msg
     for r, c, msg in found:
         if msg:
             return r, c, msg
-    r, c = exited[0]
+    r, c = next(((r, c) for r, c in failed if c > 0), failed[0])
     return r, c, f"exit code {c} (no error output)"
 
 

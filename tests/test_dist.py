@@ -316,6 +316,15 @@ def test_a_usage_error_under_nproc_is_one_line_and_exit_2(tmp_path):
     assert "quickstart.yaml: train.batch_size: must be >= ranks x train.accumulate = 2 x 64" in lines[0]
 
 
+def test_nproc_success_prints_rank_0_only_and_removes_the_logs(tmp_path):
+    proc, _ = _wrapped(tmp_path, [*SETS, "train.steps=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and " 2 steps in " in lines[0] and "run dir" in lines[0], lines  # the summary, once
+    assert not list(tmp_path.glob("ief-nproc-*"))
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
 def test_root_error_prefers_the_rank_that_failed_first(tmp_path):
     from iefcli.dist.launch import root_error
 
@@ -371,3 +380,104 @@ def test_token_model_on_two_ranks_equals_one_process(tmp_path):
     ref = token_case(Comm.local())
     for method in ("ief", "sf"):
         assert float((got[method] - ref[method]).norm() / ref[method].norm()) < 1e-10, method
+
+
+# ----------------------------------------------------------------------------- traffic: one P-sized all_reduce
+
+
+@pytest.mark.parametrize("momentum,decay,clip", [(0.9, 0.0, None), (0.9, 0.01, None), (0.0, 0.0, 1e-3)])
+@pytest.mark.parametrize("method", ["ief", "ef"])
+def test_step_metrics_without_g_equal_one_batch(method, momentum, decay, clip):
+    """With momentum / weight decay / clipping the loop's grad_norm and cos_update_grad come from the
+    Gram and R d (no P-sized g over ranks): the same numbers as the single-batch optimiser's."""
+    from iefcli.optim import OptimConfig, make_optimizer
+    from iefcli.train.task import Batch
+
+    model = _mlp(torch.float64)
+    p = trainable_params(model)
+    g = torch.Generator().manual_seed(3)
+    batches = [Batch(torch.randn(12, 6, dtype=torch.float64, generator=g), torch.randint(0, 4, (12,), generator=g))
+               for _ in range(3)]
+    cfg = OptimConfig(name=method, lr=0.3, damping=1e-4, momentum=momentum, weight_decay=decay, clip_update_norm=clip)
+    runs = []
+    for acc in (1, 3):
+        opt = make_optimizer(cfg, model=model, loss_fn=CrossEntropy())
+        if acc > 1:
+            opt.fn = DistModelFn(model, CrossEntropy(), accumulate=acc)
+        params, state, ms = dict(p), opt.init(p), []
+        for i, b in enumerate(batches):
+            params, state, m = opt.update(params, state, b, key=i, lr=0.3)
+            ms.append({k: float(m[k]) for k in ("grad_norm", "update_norm", "cos_update_grad")})
+        runs.append((params, ms))
+    (p1, m1), (p3, m3) = runs
+    assert _rel(p1, p3) < 1e-10
+    for a, b in zip(m1, m3):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-10 * abs(a[k]), (k, a[k], b[k])
+
+
+BENCH_WORKER = textwrap.dedent('''
+    import json, sys
+    from iefcli.dist.bench import main
+    out = {name: main(args.split()) for name, args in json.loads(sys.argv[2]).items()}
+    if out["ief"]["ranks"] == 2 and __import__("torch.distributed").distributed.get_rank() == 0:
+        open(sys.argv[1], "w").write(json.dumps(out))
+''')
+
+
+def test_one_p_sized_all_reduce_per_step_on_two_ranks(tmp_path):
+    """The training step's traffic under torchrun (iefcli.dist.bench runs the optimiser's own update):
+    ONE all_reduce of P numbers (DDP's gradient all-reduce) and ONE all_gather of the predicted factor
+    bytes (with momentum also R d, M numbers), for ief / ef with and without momentum and micro-batches;
+    sgd: one all_reduce of P + 1."""
+    import json
+
+    configs = {"ief": "--method ief", "ef": "--method ef", "ief-mom": "--method ief --momentum 0.9",
+               "ief-acc": "--method ief --accumulate 2", "ief-wide": "--method ief --hidden 200 --batch 30",
+               "sgd": "--method sgd"}
+    configs = {k: v + " --steps 2" for k, v in configs.items()}
+    (tmp_path / "worker.py").write_text(BENCH_WORKER)
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json"), json.dumps(configs)],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for name in ("ief", "ef", "ief-mom", "ief-acc", "ief-wide"):
+        r = out[name]
+        assert r["all_reduce_calls_per_step"] == 1 and r["reduced_bytes_per_step"] == 4 * r["P"], (name, r)
+        # with momentum, <update, g> for the metrics is 1^T R d / M: R d gathered (n_local float64 numbers)
+        extra = 8 * r["batch"] // 2 if name == "ief-mom" else 0
+        assert r["all_gather_calls_per_step"] == 1 + (extra > 0), (name, r)
+        assert r["gathered_bytes_per_step"] == r["predicted_fast_gather_bytes"] + extra > 0, (name, r)
+    assert out["ief-wide"]["P"] != out["ief"]["P"]
+    assert out["sgd"]["all_reduce_calls_per_step"] == 1 and out["sgd"]["reduced_bytes_per_step"] == 4 * (out["sgd"]["P"] + 1)
+    assert out["sgd"]["gathered_bytes_per_step"] == 0
+
+
+# ----------------------------------------------------------------------------- memory: what micro-batches keep
+
+
+def test_attention_model_micro_batches_equal_one_batch_in_float64():
+    """The memory benchmark's model (iefcli.dist.memory.AttnNet, eager softmax attention), small: 4
+    micro-batches give the one-batch direction (float64, 1e-10), and what they keep of each sequence
+    Linear is its per-sample gradient (d_out x d_in + d_out numbers), not its factors (T x (d_in + d_out))."""
+    from iefcli.dist.memory import AttnNet, make_batch
+    from iefcli.dist.rows import _DenseBlock, _MatmulBlock
+
+    torch.manual_seed(0)
+    model = AttnNet(vocab=50, d=8, heads=2, ff=16, layers=2, train_embedding=True).double()
+    p = trainable_params(model)
+    ids, y = make_batch(12, 16, vocab=50)
+    lf = CrossEntropy()
+    one = batch_grads(model, p, ids, y, lf)
+    acc = global_batch_grads(model, p, ids, y, lf, comm=Comm.local(), accumulate=4)
+    for method in ("ief", "ef"):
+        d1, _ = compute_direction(method, one, 1e-6)
+        d2, _ = compute_direction(method, acc, 1e-6)
+        assert float((d1 - d2).norm() / d1.norm()) < 1e-10, method
+    kept = {b.names[0]: b for b in acc.rows.local_rows.blocks}
+    for name in ("layers.0.q.weight", "layers.1.f1.weight", "layers.1.f2.weight"):
+        assert isinstance(kept[name], _DenseBlock), name
+        w = p[name]
+        assert kept[name].mats[name].shape == (12, w.numel())
+    assert isinstance(kept["head.weight"], _MatmulBlock)  # T = 1: its factors are the smaller form
+    assert type(kept["emb.weight"]).__name__ == "_EmbeddingBlock"

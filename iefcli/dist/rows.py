@@ -152,6 +152,11 @@ class ShardedRows:
         local = self.local_rows.dot(v).reshape(self.k, self.n_local)
         return self.comm.gather_samples([local], self.counts)[0].reshape(-1)
 
+    def grad_dot(self, v: Tensor) -> Tensor:
+        """<v, g> for the batch's mean gradient g = R^T 1 / M without forming g: 1^T R v / M (float64
+        0-d; under ranks an M-sized all_gather instead of a second P-sized all_reduce)."""
+        return self.dot(v).sum() / self.n_rows
+
     @property
     def matrix(self) -> Tensor:
         """R (M, P) float64, materialised (tests and tiny models only)."""

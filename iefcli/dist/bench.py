@@ -3,6 +3,7 @@
     python -m iefcli.dist.bench --hidden 512 --batch 64                     # one process
     torchrun --standalone --nproc-per-node 2 -m iefcli.dist.bench --hidden 512 --batch 64
     python -m iefcli.dist.bench --batch 512 --accumulate 8                  # micro-batches of 64
+    python -m iefcli.dist.bench --memory --model bert-lora --cap-mb 500     # peak memory vs micro-batch
 
 One JSON line (rank 0): P, the global batch, the number of all_gather / all_reduce calls
 and the bytes all_gathered / all_reduced per step by this rank (payload, from
@@ -69,9 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="peak memory of global batch 512 as 1x512 ... 16x32 (iefcli.dist.memory); one process")
     ap.add_argument("--cap-mb", type=float, default=None,
                     help="with --memory: run every split again with its address space capped at this many MB")
+    ap.add_argument("--model", default="attn", choices=("attn", "bert-lora"),
+                    help="with --memory: the attention model (iefcli.dist.memory.AttnNet) or BERT with LoRA")
     a = ap.parse_args(argv)
     if a.memory:
-        return _memory(a.cap_mb)
+        return _memory(a.model, a.cap_mb)
 
     comm = init_from_env("cpu")
     torch.manual_seed(0)
@@ -111,14 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def _memory(cap_mb: float | None) -> dict:
+def _memory(model: str, cap_mb: float | None) -> dict:
     from iefcli.dist.memory import format_table, measure
 
-    rows, ref = measure()
+    rows, ref = measure(model=model)
     print(format_table(rows), flush=True)
-    out = {"uncapped": rows}
+    out = {"model": model, "uncapped": rows}
     if cap_mb:
-        capped, _ = measure(cap_mb=cap_mb, reference=ref)
+        capped, _ = measure(model=model, cap_mb=cap_mb, reference=ref)
         print(format_table(capped, cap_mb), flush=True)
         out["capped"] = capped
     print(json.dumps(out))

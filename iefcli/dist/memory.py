@@ -1,7 +1,8 @@
 """Peak memory of one accumulated iEF step: micro-batches set the memory, not the global batch.
 
     python -m iefcli.dist.bench --memory                      # the table: 1x512 ... 16x32
-    python -m iefcli.dist.bench --memory --cap-mb 700         # the same under an address-space cap
+    python -m iefcli.dist.bench --memory --cap-mb 500         # the same under an address-space cap
+    python -m iefcli.dist.bench --memory --model bert-lora    # BERT with LoRA (the paper's setting)
 
 The model (:class:`AttnNet`) is a small transformer classifier whose attention is formed
 eagerly (softmax of Q K^T, as BERT's eager attention): with sequence length T = 128 its
@@ -36,7 +37,7 @@ import tempfile
 import torch
 from torch import nn
 
-__all__ = ["AttnNet", "make_batch", "step_direction", "measure", "format_table", "SPLITS"]
+__all__ = ["AttnNet", "MODELS", "build", "make_batch", "step_direction", "measure", "format_table", "SPLITS"]
 
 SPLITS = ((1, 512), (2, 256), (4, 128), (8, 64), (16, 32))
 """(micro-batches, micro-batch size) of the global batch 512."""
@@ -86,9 +87,30 @@ def make_batch(n: int, t: int, *, vocab: int = 1000, classes: int = 4, seed: int
     return torch.randint(0, vocab, (n, t), generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
+MODELS = ("attn", "bert-lora")
+"""``attn``: :class:`AttnNet`; ``bert-lora``: ``ief bench``'s 2-layer BERT (hidden 128, eager attention)
+with LoRA r=8 on query/value, the paper's setting (only the LoRA factors and the classifier train)."""
+
+
+def build(model: str, seed: int = 0):
+    """(module, forward, inputs builder ids -> inputs, vocab, classes) of a benchmark model."""
+    from iefcli.core.jacobian import default_forward
+
+    if model == "attn":
+        torch.manual_seed(seed)
+        return AttnNet(), default_forward, (lambda ids: ids), 1000, 4
+    if model == "bert-lora":
+        from iefcli.eval.bench import _bert_lora
+
+        net, forward, classes, vocab = _bert_lora(seed)
+        return net.eval(), forward, (lambda ids: {"input_ids": ids}), vocab, classes
+    raise ValueError(f"unknown model {model!r}; choose {', '.join(MODELS)}")
+
+
 def step_direction(model: nn.Module, ids, y, accumulate: int, *, damping: float = 1e-7,
-                   method: str = "ief") -> torch.Tensor:
+                   method: str = "ief", forward=None) -> torch.Tensor:
     """One step's direction over the batch, as ``accumulate`` micro-batches (paper-scale damping)."""
+    from iefcli.core.jacobian import default_forward
     from iefcli.core.losses import CrossEntropy
     from iefcli.core.methods import compute_direction
     from iefcli.core.params import trainable_params
@@ -96,7 +118,8 @@ def step_direction(model: nn.Module, ids, y, accumulate: int, *, damping: float 
     from iefcli.dist.grads import global_batch_grads
 
     params = trainable_params(model)
-    bg = global_batch_grads(model, params, ids, y, CrossEntropy(), comm=Comm.local(), accumulate=accumulate)
+    bg = global_batch_grads(model, params, ids, y, CrossEntropy(), comm=Comm.local(), accumulate=accumulate,
+                            forward=forward or default_forward)
     d, _ = compute_direction(method, bg, damping)
     return d
 
@@ -114,10 +137,9 @@ def _proc_kib(key: str) -> int:
 
 def _worker(cfg: dict) -> dict:
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = AttnNet()
-    ids, y = make_batch(cfg["batch"], cfg["seq"])
-    step_direction(model, ids[:4], y[:4], 2)  # warm-up: lazy initialisation belongs to no step
+    model, forward, wrap, vocab, classes = build(cfg.get("model", "attn"))
+    ids, y = make_batch(cfg["batch"], cfg["seq"], vocab=vocab, classes=classes)
+    step_direction(model, wrap(ids[:4]), y[:4], 2, forward=forward)  # warm-up: lazy initialisation
     gc.collect()
     held = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.numel() * 8 + y.numel() * 8
     if cfg.get("cap_mb"):
@@ -127,7 +149,7 @@ def _worker(cfg: dict) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     try:
-        d = step_direction(model, ids, y, cfg["accumulate"])
+        d = step_direction(model, wrap(ids), y, cfg["accumulate"], forward=forward)
     except (MemoryError, RuntimeError) as e:  # the allocator's "can't allocate memory" under the cap
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return {"ok": False, "error": f"{type(e).__name__}: {first[:160]}"}
@@ -136,7 +158,7 @@ def _worker(cfg: dict) -> dict:
     return {"ok": True, "peak_mb": peak / 2**20}
 
 
-def measure(*, splits=SPLITS, batch: int = 512, seq: int = 128, cap_mb: float | None = None,
+def measure(*, model: str = "attn", splits=SPLITS, batch: int = 512, seq: int = 128, cap_mb: float | None = None,
             reference: torch.Tensor | None = None, timeout_s: float = 900) -> tuple[list[dict], torch.Tensor | None]:
     """One row per (micro-batches, size): peak MB (or the error under the cap) and the direction's
     relative difference from ``reference`` (default: the first split's direction, the one batch).
@@ -145,7 +167,7 @@ def measure(*, splits=SPLITS, batch: int = 512, seq: int = 128, cap_mb: float | 
     with tempfile.TemporaryDirectory() as tmp:
         for acc, micro in splits:
             out = os.path.join(tmp, f"d{acc}.pt")
-            cfg = {"batch": batch, "seq": seq, "accumulate": acc, "cap_mb": cap_mb, "out": out}
+            cfg = {"model": model, "batch": batch, "seq": seq, "accumulate": acc, "cap_mb": cap_mb, "out": out}
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
             proc = subprocess.run([sys.executable, "-m", "iefcli.dist.memory", "--worker", json.dumps(cfg)],
                                   capture_output=True, text=True, env=env, timeout=timeout_s)

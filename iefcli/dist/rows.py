@@ -9,7 +9,9 @@ output gradients E, or :class:`iefcli.core.jacobian.DenseRows` on the plain/vmap
 batch (same M = K N rows, same k-major order as one process would give):
 
 - ``gram()``: the pieces' FACTORS (X and E per layer; rows only for DenseRows and the
-  vmap fallback) are concatenated over micro-batches, ONE all_gather gives every rank
+  vmap fallback) are copied into one buffer per factor as each micro-batch arrives
+  (:class:`LocalFactors`; a sequence layer whose per-sample gradients are smaller than X
+  and E is kept as those, :func:`compact_block`), ONE all_gather gives every rank
   everyone's, and the SAME block types are built on the gathered tensors
   (:func:`rebuild_block`), so the per-layer Gram maths is the fast path's own;
 - ``combine(x)``: this rank's R_local^T x_local (its micro-batches' factors concatenated

@@ -367,6 +367,10 @@ def token_case(comm) -> dict:
         bg = global_batch_grads(model, p, {"ids": ids}, y, TokenCrossEntropy(), comm=comm, accumulate=2,
                                 keep_jacobians=True, forward=fwd)
         out[method], _ = compute_direction(method, bg, 1e-4, generator=torch.Generator().manual_seed(4))
+    conv = _ConvNet().double()  # conv blocks' factors and per-sample gradients through the all_gather
+    x, yc = torch.randn(13, 3, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 5, (13,), generator=g)
+    bg = global_batch_grads(conv, trainable_params(conv), x, yc, CrossEntropy(), comm=comm, accumulate=2)
+    out["conv"], _ = compute_direction("ief", bg, 1e-4)
     return out
 
 
@@ -378,7 +382,7 @@ def test_token_model_on_two_ranks_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt")
     ref = token_case(Comm.local())
-    for method in ("ief", "sf"):
+    for method in ("ief", "sf", "conv"):
         assert float((got[method] - ref[method]).norm() / ref[method].norm()) < 1e-10, method
 
 
@@ -481,3 +485,39 @@ def test_attention_model_micro_batches_equal_one_batch_in_float64():
         assert kept[name].mats[name].shape == (12, w.numel())
     assert isinstance(kept["head.weight"], _MatmulBlock)  # T = 1: its factors are the smaller form
     assert type(kept["emb.weight"]).__name__ == "_EmbeddingBlock"
+
+
+class _ConvNet(nn.Module):
+    """Conv2d kept as per-sample gradients (smaller than its X and E), a Conv2d kept as factors
+    (larger per-sample gradients), a Conv1d, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)  # X 192 + E 256 numbers per sample > 4 x 27 + 4
+        self.b = nn.Conv2d(4, 16, 3, padding=1)  # on 2 x 2: X 16 + E 64 < 16 x 36 + 16
+        self.c = nn.Conv1d(16, 3, 3, padding=1, bias=False)
+        self.out = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.nn.functional.avg_pool2d(torch.tanh(self.a(x)), 4)
+        h = torch.tanh(self.b(h)).flatten(2)  # (N, 16, 4)
+        return self.out(torch.tanh(self.c(h)).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["ief", "ef", "sf"])
+def test_micro_batches_of_a_conv_model(method):
+    """Conv blocks (torch's native kernels) over micro-batches: factors or per-sample gradients,
+    whichever is smaller, give the one-batch direction."""
+    from iefcli.dist.rows import _ConvBlock, _DenseBlock
+
+    model = _ConvNet().double()
+    p = trainable_params(model)
+    x, y = torch.randn(10, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,))
+    one = batch_grads(model, p, x, y, CrossEntropy())
+    acc = global_batch_grads(model, p, x, y, CrossEntropy(), comm=Comm.local(), accumulate=3, keep_jacobians=True)
+    d1, _ = compute_direction(method, one, 1e-4, generator=torch.Generator().manual_seed(2))
+    d2, _ = compute_direction(method, acc, 1e-4, generator=torch.Generator().manual_seed(2))
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+    kinds = {b.names[0]: type(b) for b in acc.rows.local_rows.blocks}
+    assert kinds["a.weight"] is _DenseBlock and kinds["b.weight"] is _ConvBlock, kinds

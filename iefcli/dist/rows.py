@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iefcli.core.fast.blocks import ACC, Block, _DenseBlock, _EmbeddingBlock, _MatmulBlock
+from iefcli.core.fast.blocks import ACC, Block, _ConvBlock, _DenseBlock, _EmbeddingBlock, _MatmulBlock
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.jacobian import DenseRows
 from iefcli.core.params import ParamLayout
@@ -64,6 +64,8 @@ def block_factors(block: Block, k: int, n: int) -> list[Tensor]:
         return [block.x.unsqueeze(0), block.e.reshape(k, n, *block.e.shape[1:])]
     if isinstance(block, _EmbeddingBlock):
         return [block.ids.unsqueeze(0), block.e.reshape(k, n, *block.e.shape[1:])]
+    if isinstance(block, _ConvBlock):  # X (N, C_in, ...) and E (M, C_out, ...)
+        return [block.x.unsqueeze(0), block.e.reshape(k, n, *block.e.shape[1:])]
     if isinstance(block, _DenseBlock):
         return [g.reshape(k, n, -1) for g in block.mats.values()]
     raise TypeError(f"iefcli.dist: no factor rule for block type {type(block).__name__}")
@@ -80,6 +82,9 @@ def rebuild_block(block: Block, factors: list[Tensor], k: int) -> Block:
         # E already has the padding row's gradient zeroed: no padding_idx again
         return _EmbeddingBlock(block.roles, ids[0], e.reshape(-1, *e.shape[2:]), k, block.weight_shape, None,
                                block.cdt)
+    if isinstance(block, _ConvBlock):
+        x, e = factors
+        return _ConvBlock(block.kind, block.roles, block.m, x[0], e.reshape(-1, *e.shape[2:]), k, block.cdt)
     if isinstance(block, _DenseBlock):
         role_of = {name: role for role, name in block.roles.items()}
         mats = {role_of[name]: f.reshape(-1, f.shape[-1]) for name, f in zip(block.mats, factors)}
@@ -190,7 +195,7 @@ class _Template:
 def _strip(block: Block) -> Block:
     """A shallow copy of ``block`` without its tensors (only its metadata is read by :func:`rebuild_block`)."""
     c = copy.copy(block)
-    for attr in ("x", "e", "ids"):
+    for attr in ("x", "e", "ids", "_g"):
         if hasattr(c, attr):
             setattr(c, attr, None)
     if isinstance(c, _DenseBlock):
@@ -215,6 +220,9 @@ def compactable(block: Block) -> bool:
     row) are fewer numbers than its factors (T x (d_in + d_out) per sample): kept (and gathered)
     as those per-sample gradients instead (:func:`compact_block`). Exact: the Gram, R^T x and R v
     are the same sums; smaller to keep, to gather, and cheaper to form the Gram from."""
+    if isinstance(block, _ConvBlock) and "weight" in block.roles:  # (the same test; T = spatial positions)
+        per_row = block.m.weight.numel() + (block.e.shape[1] if "bias" in block.roles else 0)
+        return per_row * block.k < block.x[0].numel() + block.k * block.e[0].numel()
     if not isinstance(block, _MatmulBlock) or "weight" not in block.roles:
         return False
     _, t, d_in = block.x.shape
@@ -223,10 +231,15 @@ def compactable(block: Block) -> bool:
     return t > 1 and per_row * block.k < t * (d_in + block.k * d_out)
 
 
-def compact_block(block: _MatmulBlock) -> _DenseBlock:
+def compact_block(block: _MatmulBlock | _ConvBlock) -> _DenseBlock:
     """``block``'s per-sample gradients, (M, d_out d_in) and (M, d_out), formed in its compute dtype
     (as its own "materialise" Gram forms them), as a dense block."""
     m = block.e.shape[0]
+    if isinstance(block, _ConvBlock):
+        mats = {"weight": block._per_sample()}
+        if "bias" in block.roles:
+            mats["bias"] = block._bias_rows()
+        return _DenseBlock(block.kind, block.roles, mats, {block.roles["weight"]: block.m.weight.shape})
     mats = {"weight": torch.bmm(block.e.transpose(1, 2), block._x_rows()).reshape(m, -1)}
     if "bias" in block.roles:
         mats["bias"] = block.e.sum(dim=1)

@@ -114,12 +114,12 @@ def root_error(failed: list[tuple[int, int]], logs: Path) -> tuple[int, int, str
     was still exiting, so any code counts); else the first one with a message; else the first
     failure."""
     found = [(r, c, _last_error(logs / f"rank-{r}.log")) for r, c in failed]
-    for r, c, msg in found:
-        if msg and _SECONDARY not in msg:
-            return r, c, msg
-    for r, c, msg in found:
-        if msg:
-            return r, c, msg
+    pick = next((f for f in found if f[2] and _SECONDARY not in f[2]), None) or next((f for f in found if f[2]), None)
+    if pick is not None:
+        r, c, msg = pick
+        if c <= 0:  # stopped while exiting: the code of a rank that said the same (a usage error: 2)
+            c = next((c2 for _, c2, m2 in found if m2 == msg and c2 > 0), c)
+        return r, c, msg
     r, c = next(((r, c) for r, c in failed if c > 0), failed[0])
     return r, c, f"exit code {c} (no error output)"
 

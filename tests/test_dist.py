@@ -9,6 +9,7 @@ one. A failing rank must stop the job with exit 1 in bounded time.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -277,26 +278,70 @@ FAILING_RANK = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("how", ["raise", "hang"])
-def test_a_failing_rank_stops_the_job_with_one_error(tmp_path, how):
-    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK)
-    env = {**_env(), "IEF_DIST_TIMEOUT_S": "5", "IEF_TEST_HOW": how}
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+def _wrapped(tmp_path, sets: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "iefcli", "train", "quickstart", "--nproc", "2", "-q", "--out", str(tmp_path / "run"),
-           *[a for s in [*SETS, "train.steps=20"]
-             for a in ("--set", s)]]
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**_env(), "TMPDIR": str(tmp_path), **(env or {})}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    took = time.perf_counter() - t0
+    return proc, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("how", ["raise", "hang"])
+def test_a_failing_rank_stops_the_job_with_one_error(tmp_path, how):
+    """`ief train --nproc 2`: exactly one line on stderr (the failing rank's own error and where the
+    ranks' logs are), exit 1, no traceback and none of torchrun's failure summary."""
+    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK)
+    env = {"IEF_DIST_TIMEOUT_S": "5", "IEF_TEST_HOW": how}
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + _env()["PYTHONPATH"]
+    proc, took = _wrapped(tmp_path, [*SETS, "train.steps=20"], env)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ief: error: rank") and "of 2 stopped with exit code 1" in last, proc.stderr[-3000:]
-    if how == "raise":
-        assert "simulated failure on rank 1" in proc.stderr
-    else:  # rank 0 timed out waiting for rank 1: one line, no traceback
-        assert "ief: error: rank 0: all_gather failed: another rank crashed or did not answer" in proc.stderr
-        assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    logs = sorted(tmp_path.glob("ief-nproc-*"))
+    assert len(logs) == 1 and f"(every rank's log: {logs[0]}); the job was stopped" in lines[0]
+    if how == "raise":  # the root cause, from rank 1's traceback; rank 0 only saw rank 1 vanish
+        assert lines[0].startswith("ief: error: rank 1 of 2 failed: RuntimeError: simulated failure on rank 1 ")
+        assert "Traceback" in (logs[0] / "rank-1.log").read_text()
+    else:  # rank 0 timed out waiting for rank 1 (which the agent then stopped)
+        assert lines[0].startswith("ief: error: rank 0 of 2 failed: rank 0: all_gather failed: another rank "
+                                   "crashed or did not answer"), lines[0]
     assert took < 90
+
+
+def test_a_usage_error_under_nproc_is_one_line_and_exit_2(tmp_path):
+    proc, _ = _wrapped(tmp_path, [*SETS, "train.accumulate=64"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    # every rank refuses the recipe; the agent may stop one of them while it exits: either is named
+    assert len(lines) == 1 and re.match(r"ief: error: rank [01] of 2 failed: ", lines[0]), lines
+    assert "quickstart.yaml: train.batch_size: must be >= ranks x train.accumulate = 2 x 64" in lines[0]
+
+
+def test_nproc_success_prints_rank_0_only_and_removes_the_logs(tmp_path):
+    proc, _ = _wrapped(tmp_path, [*SETS, "train.steps=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and " 2 steps in " in lines[0] and "run dir" in lines[0], lines  # the summary, once
+    assert not list(tmp_path.glob("ief-nproc-*"))
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_root_error_prefers_the_rank_that_failed_first(tmp_path):
+    from iefcli.dist.launch import root_error
+
+    (tmp_path / "rank-0.log").write_text("ief: error: rank 0: all_gather failed: another rank crashed or did not "
+                                         "answer within IEF_DIST_TIMEOUT_S (x)\n")
+    (tmp_path / "rank-2.log").write_text("[rank2]: Traceback (most recent call last):\n[rank2]:   File x\n"
+                                         "[rank2]: ValueError: bad shard\n")
+    assert root_error([(0, 1), (1, -15), (2, 1)], tmp_path) == (2, 1, "ValueError: bad shard")
+    assert root_error([(0, 1), (2, -15)], tmp_path) == (2, -15, "ValueError: bad shard")  # stopped while exiting
+    assert root_error([(0, 1), (1, -15)], tmp_path)[2].startswith("rank 0: all_gather failed")
+    assert root_error([(3, 1)], tmp_path) == (3, 1, "exit code 1 (no error output)")
+    usage = "ief: error: recipe.yaml: train.batch_size: must be >= 4\n"
+    (tmp_path / "rank-0.log").write_text(usage)
+    (tmp_path / "rank-1.log").write_text(usage)  # rank 0 stopped by the agent while it exited: still exit 2
+    assert root_error([(0, -15), (1, 2)], tmp_path) == (0, 2, usage[12:].strip())
 
 
 TOKEN_WORKER = textwrap.dedent('''
@@ -328,6 +373,10 @@ def token_case(comm) -> dict:
         bg = global_batch_grads(model, p, {"ids": ids}, y, TokenCrossEntropy(), comm=comm, accumulate=2,
                                 keep_jacobians=True, forward=fwd)
         out[method], _ = compute_direction(method, bg, 1e-4, generator=torch.Generator().manual_seed(4))
+    conv = _ConvNet().double()  # conv blocks' factors and per-sample gradients through the all_gather
+    x, yc = torch.randn(13, 3, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 5, (13,), generator=g)
+    bg = global_batch_grads(conv, trainable_params(conv), x, yc, CrossEntropy(), comm=comm, accumulate=2)
+    out["conv"], _ = compute_direction("ief", bg, 1e-4)
     return out
 
 
@@ -339,5 +388,142 @@ def test_token_model_on_two_ranks_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "out.pt")
     ref = token_case(Comm.local())
-    for method in ("ief", "sf"):
+    for method in ("ief", "sf", "conv"):
         assert float((got[method] - ref[method]).norm() / ref[method].norm()) < 1e-10, method
+
+
+# ----------------------------------------------------------------------------- traffic: one P-sized all_reduce
+
+
+@pytest.mark.parametrize("momentum,decay,clip", [(0.9, 0.0, None), (0.9, 0.01, None), (0.0, 0.0, 1e-3)])
+@pytest.mark.parametrize("method", ["ief", "ef"])
+def test_step_metrics_without_g_equal_one_batch(method, momentum, decay, clip):
+    """With momentum / weight decay / clipping the loop's grad_norm and cos_update_grad come from the
+    Gram and R d (no P-sized g over ranks): the same numbers as the single-batch optimiser's."""
+    from iefcli.optim import OptimConfig, make_optimizer
+    from iefcli.train.task import Batch
+
+    model = _mlp(torch.float64)
+    p = trainable_params(model)
+    g = torch.Generator().manual_seed(3)
+    batches = [Batch(torch.randn(12, 6, dtype=torch.float64, generator=g), torch.randint(0, 4, (12,), generator=g))
+               for _ in range(3)]
+    cfg = OptimConfig(name=method, lr=0.3, damping=1e-4, momentum=momentum, weight_decay=decay, clip_update_norm=clip)
+    runs = []
+    for acc in (1, 3):
+        opt = make_optimizer(cfg, model=model, loss_fn=CrossEntropy())
+        if acc > 1:
+            opt.fn = DistModelFn(model, CrossEntropy(), accumulate=acc)
+        params, state, ms = dict(p), opt.init(p), []
+        for i, b in enumerate(batches):
+            params, state, m = opt.update(params, state, b, key=i, lr=0.3)
+            ms.append({k: float(m[k]) for k in ("grad_norm", "update_norm", "cos_update_grad")})
+        runs.append((params, ms))
+    (p1, m1), (p3, m3) = runs
+    assert _rel(p1, p3) < 1e-10
+    for a, b in zip(m1, m3):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-10 * abs(a[k]), (k, a[k], b[k])
+
+
+BENCH_WORKER = textwrap.dedent('''
+    import json, sys
+    from iefcli.dist.bench import main
+    out = {name: main(args.split()) for name, args in json.loads(sys.argv[2]).items()}
+    if out["ief"]["ranks"] == 2 and __import__("torch.distributed").distributed.get_rank() == 0:
+        open(sys.argv[1], "w").write(json.dumps(out))
+''')
+
+
+def test_one_p_sized_all_reduce_per_step_on_two_ranks(tmp_path):
+    """The training step's traffic under torchrun (iefcli.dist.bench runs the optimiser's own update):
+    ONE all_reduce of P numbers (DDP's gradient all-reduce) and ONE all_gather of the predicted factor
+    bytes (with momentum also R d, M numbers), for ief / ef with and without momentum and micro-batches;
+    sgd: one all_reduce of P + 1."""
+    import json
+
+    configs = {"ief": "--method ief", "ef": "--method ef", "ief-mom": "--method ief --momentum 0.9",
+               "ief-acc": "--method ief --accumulate 2", "ief-wide": "--method ief --hidden 200 --batch 30",
+               "sgd": "--method sgd"}
+    configs = {k: v + " --steps 2" for k, v in configs.items()}
+    (tmp_path / "worker.py").write_text(BENCH_WORKER)
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json"), json.dumps(configs)],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for name in ("ief", "ef", "ief-mom", "ief-acc", "ief-wide"):
+        r = out[name]
+        assert r["all_reduce_calls_per_step"] == 1 and r["reduced_bytes_per_step"] == 4 * r["P"], (name, r)
+        # with momentum, <update, g> for the metrics is 1^T R d / M: R d gathered (n_local float64 numbers)
+        extra = 8 * r["batch"] // 2 if name == "ief-mom" else 0
+        assert r["all_gather_calls_per_step"] == 1 + (extra > 0), (name, r)
+        assert r["gathered_bytes_per_step"] == r["predicted_fast_gather_bytes"] + extra > 0, (name, r)
+    assert out["ief-wide"]["P"] != out["ief"]["P"]
+    assert out["sgd"]["all_reduce_calls_per_step"] == 1 and out["sgd"]["reduced_bytes_per_step"] == 4 * (out["sgd"]["P"] + 1)
+    assert out["sgd"]["gathered_bytes_per_step"] == 0
+
+
+# ----------------------------------------------------------------------------- memory: what micro-batches keep
+
+
+def test_attention_model_micro_batches_equal_one_batch_in_float64():
+    """The memory benchmark's model (iefcli.dist.memory.AttnNet, eager softmax attention), small: 4
+    micro-batches give the one-batch direction (float64, 1e-10), and what they keep of each sequence
+    Linear is its per-sample gradient (d_out x d_in + d_out numbers), not its factors (T x (d_in + d_out))."""
+    from iefcli.dist.memory import AttnNet, make_batch
+    from iefcli.dist.rows import _DenseBlock, _MatmulBlock
+
+    torch.manual_seed(0)
+    model = AttnNet(vocab=50, d=8, heads=2, ff=16, layers=2, train_embedding=True).double()
+    p = trainable_params(model)
+    ids, y = make_batch(12, 16, vocab=50)
+    lf = CrossEntropy()
+    one = batch_grads(model, p, ids, y, lf)
+    acc = global_batch_grads(model, p, ids, y, lf, comm=Comm.local(), accumulate=4)
+    for method in ("ief", "ef"):
+        d1, _ = compute_direction(method, one, 1e-6)
+        d2, _ = compute_direction(method, acc, 1e-6)
+        assert float((d1 - d2).norm() / d1.norm()) < 1e-10, method
+    kept = {b.names[0]: b for b in acc.rows.local_rows.blocks}
+    for name in ("layers.0.q.weight", "layers.1.f1.weight", "layers.1.f2.weight"):
+        assert isinstance(kept[name], _DenseBlock), name
+        w = p[name]
+        assert kept[name].mats[name].shape == (12, w.numel())
+    assert isinstance(kept["head.weight"], _MatmulBlock)  # T = 1: its factors are the smaller form
+    assert type(kept["emb.weight"]).__name__ == "_EmbeddingBlock"
+
+
+class _ConvNet(nn.Module):
+    """Conv2d kept as per-sample gradients (smaller than its X and E), a Conv2d kept as factors
+    (larger per-sample gradients), a Conv1d, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)  # X 192 + E 256 numbers per sample > 4 x 27 + 4
+        self.b = nn.Conv2d(4, 16, 3, padding=1)  # on 2 x 2: X 16 + E 64 < 16 x 36 + 16
+        self.c = nn.Conv1d(16, 3, 3, padding=1, bias=False)
+        self.out = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.nn.functional.avg_pool2d(torch.tanh(self.a(x)), 4)
+        h = torch.tanh(self.b(h)).flatten(2)  # (N, 16, 4)
+        return self.out(torch.tanh(self.c(h)).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["ief", "ef", "sf"])
+def test_micro_batches_of_a_conv_model(method):
+    """Conv blocks (torch's native kernels) over micro-batches: factors or per-sample gradients,
+    whichever is smaller, give the one-batch direction."""
+    from iefcli.dist.rows import _ConvBlock, _DenseBlock
+
+    model = _ConvNet().double()
+    p = trainable_params(model)
+    x, y = torch.randn(10, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,))
+    one = batch_grads(model, p, x, y, CrossEntropy())
+    acc = global_batch_grads(model, p, x, y, CrossEntropy(), comm=Comm.local(), accumulate=3, keep_jacobians=True)
+    d1, _ = compute_direction(method, one, 1e-4, generator=torch.Generator().manual_seed(2))
+    d2, _ = compute_direction(method, acc, 1e-4, generator=torch.Generator().manual_seed(2))
+    assert float((d1 - d2).norm() / d1.norm()) < 1e-10
+    kinds = {b.names[0]: type(b) for b in acc.rows.local_rows.blocks}
+    assert kinds["a.weight"] is _DenseBlock and kinds["b.weight"] is _ConvBlock, kinds

@@ -83,6 +83,28 @@ def test_accumulate_equals_one_batch(method):
     assert float((one - start).norm() / start.norm()) > 1e-3  # the steps moved the parameters
 
 
+@pytest.mark.parametrize("method", ["ief", "ef"])
+def test_accumulate_a_sequence_model_equals_one_batch(method):
+    """Micro-batches of an attention model (T = 16): its sequence Linears are kept as per-sample
+    gradients (iefcli.dist.rows.compact_block), the embedding and LayerNorms as before; the step
+    equals the one-batch step in float64."""
+    from iefcli.dist.memory import AttnNet, make_batch
+
+    ids, y = make_batch(12, 16, vocab=50)
+    out = []
+    for micro in (1, 3):
+        torch.manual_seed(0)
+        model = AttnNet(vocab=50, d=8, heads=2, ff=16, train_embedding=True).double()
+        pre = iefcli.Preconditioner(model, method=method, damping=1e-6)
+        for i, (xb, yb) in enumerate(zip(ids.tensor_split(micro), y.tensor_split(micro))):
+            pre.loss(model(xb), yb).backward()
+            if i < micro - 1:
+                pre.accumulate()
+        pre.step()
+        out.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert float((out[0] - out[1]).norm() / out[0].norm()) < 1e-10
+
+
 def test_accumulate_refuses_sf_and_a_missing_backward():
     m = nn.Linear(3, 2)
     pre = iefcli.Preconditioner(m, method="sf", damping=1e-3)

@@ -48,7 +48,7 @@ def train(
             relaunch(nproc)  # runs K copies of this command under torchrun, or returns at once when K == 1
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     progress = None if (quiet or not rank0) else _Progress()
-    with cli_errors(), json_errors(json_out, "train", run_dir=resume):
+    with cli_errors(), _rank_log(), json_errors(json_out, "train", run_dir=resume):
         try:
             if resume is not None:
                 if recipe is not None:
@@ -74,6 +74,13 @@ def train(
     print(_summary_line(summary), file=sys.stderr)
     if json_out:
         print_json(summary)
+
+
+def _rank_log():
+    """Under `ief train --nproc`: this rank's error output to its log file (iefcli.dist.launch)."""
+    from iefcli.dist.launch import rank_errors_to_log
+
+    return rank_errors_to_log()
 
 
 def _dry_run(recipe: str | None, sets: list[str], *, resume: str | None, json_out: bool) -> None:

@@ -7,7 +7,9 @@
 - :mod:`iefcli.dist.grads`: :func:`global_batch_grads` (the global batch's BatchGrads) and
   :class:`DistModelFn` (what the optimisers use under torchrun / ``train.accumulate``);
 - :mod:`iefcli.dist.train`, :mod:`iefcli.dist.launch`: `ief train` under torchrun and
-  `ief train --nproc K`; :mod:`iefcli.dist.bench`: bytes, step time, memory.
+  `ief train --nproc K` (one error line; the ranks' errors in per-rank logs);
+  :mod:`iefcli.dist.bench`: calls and bytes per step, step time; ``--memory``
+  (:mod:`iefcli.dist.memory`): peak memory vs the micro-batch size, under a memory cap.
 
 See docs/distributed.md. The drop-in :class:`iefcli.Preconditioner` uses the same rows
 (``pre.accumulate()``, and torch.distributed when it is initialised).

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map
 from iefcli.core.jacobian import BatchGrads, batch_size_of, default_forward, make_jacobian
 from iefcli.core.params import Params
 from iefcli.dist.comm import Comm
-from iefcli.dist.rows import Piece, piece_bounds, shard_rows
+from iefcli.dist.rows import LocalFactors, Piece, piece_bounds, shard_rows
 from iefcli.errors import ModelError
 from iefcli.optim.base import ModelFn
 
@@ -83,17 +83,20 @@ def global_batch_grads(model, params: Params, inputs: Any, targets: Tensor, loss
         raise ModelError(f"a batch of {n_global} samples cannot be split over {comm.world} ranks "
                          "(each needs at least one sample)")
     bounds = piece_bounds(hi - lo, accumulate)
-    pieces, jacs, per_sample = [], [], []
+    kept, jacs, per_sample = LocalFactors(1, hi - lo, comm.distributed), [], []
+    layout = None
     for a, b in bounds:
         x, y = take(inputs, lo + a, lo + b), targets[lo + a : lo + b]
         jac = make_jacobian(model, params, x, jacobian=jacobian, forward=forward, chunk_size=chunk_size,
                             randomness=randomness)
         z = jac.logits.detach()
         lg = loss_fn.logit_grad(z, y)
-        pieces.append(Piece(jac.rows(lg.unsqueeze(0)), b - a))
+        rows = jac.rows(lg.unsqueeze(0))
+        layout = layout or _layout(rows, params)
+        kept.add(Piece(rows, b - a))  # its factors copied into the rank's buffers; the micro-batch's rows go
         per_sample.append((loss_fn.per_sample(z, y).detach(), z, lg))
         jacs.append(jac if keep_jacobians else None)
-        del jac  # without keep_jacobians the micro-batch's graph goes now: memory set by the micro-batch
+        del jac, rows  # without keep_jacobians the micro-batch's graph goes now: memory set by the micro-batch
     loss = torch.cat([p[0] for p in per_sample])
     z = torch.cat([p[1] for p in per_sample])
     lg = torch.cat([p[2] for p in per_sample])
@@ -102,8 +105,7 @@ def global_batch_grads(model, params: Params, inputs: Any, targets: Tensor, loss
     counts = [b - a for a, b in piece_bounds(n_global, comm.world)]
     extra = [loss.unsqueeze(0), z.unsqueeze(0), lg.unsqueeze(0)]
     assert n_local == counts[comm.rank]
-    layout = _layout(pieces[0].rows, params)
-    rows, (loss_g, z_g, lg_g) = shard_rows(pieces, 1, comm, counts, extra=extra)
+    rows, (loss_g, z_g, lg_g) = kept.finish(comm, counts, extra=extra)
     loss_g, z_g, lg_g = loss_g[0], z_g[0], lg_g[0]
     jac = ShardedJacobian(z_g, layout, jacs, bounds, lo, counts, comm)
     return BatchGrads(loss=loss_g, logits=z_g, logit_grads=lg_g, s=lg_g.reshape(n_global, -1).pow(2).sum(dim=1),

@@ -104,6 +104,11 @@ class CurvatureOptimizer:
             return new_params, {}, metrics
         layout = bg.layout
         d, theta, new_state = momentum_and_decay(layout, d, params, state, c)
+        if diagnostics and stats is None and bg._g is None and hasattr(bg.rows, "grad_dot"):
+            # iefcli.dist rows (ranks / micro-batches): ||g|| from the Gram and <d, g> = 1^T R d / M, so
+            # g itself (a second P-sized all_reduce under ranks) is never formed
+            gnorm = torch.sqrt((bg.rows.gram().sum() / bg.rows.n_rows**2).clamp_min(0))
+            stats = (gnorm, bg.rows.grad_dot(d))
         if stats is not None:
             new_params, metrics = finish_step(layout, theta, theta - lr * d, None, c, metrics,
                                               grad_norm=stats[0], step_dot_grad=lr * stats[1])

@@ -442,7 +442,7 @@ class Preconditioner:
 
     def _take_part(self):
         """The recorded micro-batch as (Piece, per-sample tensors), then a fresh record."""
-        from iefcli.dist.rows import Piece
+        from iefcli.dist.rows import Piece, compact_block, compactable
 
         logits, targets, loss_fn = self._logits.detach(), self._targets, self._loss_fn
         n = logits.shape[0]
@@ -450,6 +450,8 @@ class Preconditioner:
         lg = loss_fn.logit_grad(z, targets)
         c, _ = self._scale(lg, n)
         blocks, _ = self._blocks(n, c)
+        # sequence layers whose per-sample gradients are smaller than X and E are kept as those (exact)
+        blocks = [compact_block(b) if compactable(b) else b for b in blocks]
         rows = FastRows(blocks, None, None, self.layout, n, self._dtype, logits.device)
         part = (Piece(rows, n), loss_fn.per_sample(z, targets).detach(), z, lg, targets, loss_fn)
         self._clear()
@@ -470,11 +472,13 @@ class Preconditioner:
             self._parts.append(self._take_part())
         parts, self._parts = self._parts, []
         cat = lambda i: torch.cat([p[i] for p in parts]).unsqueeze(0)  # noqa: E731
-        rows, (loss, z, lg, y) = shard_rows([p[0] for p in parts], 1, comm, extra=[cat(1), cat(2), cat(3), cat(4)])
+        extra, pieces, loss_fn = [cat(1), cat(2), cat(3), cat(4)], [p[0] for p in parts], parts[0][5]
+        del parts  # each micro-batch's factors go as shard_rows copies them
+        rows, (loss, z, lg, y) = shard_rows(pieces, 1, comm, extra=extra)
         loss, z, lg, y = loss[0], z[0], lg[0], y[0]
         n = loss.shape[0]
         bg = BatchGrads(loss=loss, logits=z, logit_grads=lg, s=lg.reshape(n, -1).pow(2).sum(dim=1), rows=rows,
-                        jac=_HookJacobian(z, self.layout, None), targets=y, loss_fn=parts[0][5])
+                        jac=_HookJacobian(z, self.layout, None), targets=y, loss_fn=loss_fn)
         d, info = compute_direction(self.method, bg, self.damping, options=self.options)
         self._write(d, bg)
         return {"loss": bg.loss.mean().detach(), **info}

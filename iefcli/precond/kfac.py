@@ -150,12 +150,7 @@ class KFACPreconditioner(Preconditioner):
             if layer.calls == 0:
                 self._unused(layer)
                 raise self._refuse(layer.name, layer.module, "not called in this forward (K-FAC needs its input)")
-            reasons = layer.validate(self._uses, self.params)
-            if layer.x is not None and (layer.x.dim() == 0 or layer.x.shape[0] != n):
-                reasons = {p: why or "its input's leading dim is not the batch" for p, why in reasons.items()}
-            bad = next((why for why in reasons.values() if why), "")
-            if bad:
-                raise self._refuse(layer.name, layer.module, bad)
+            self._check_layer(layer, n)
             a[r.name] = linear_a(r, layer.module, layer.x, fdt)
             grad = torch.zeros_like(layer.out) if layer.grad is None else layer.grad
             e_true[r.name] = linear_e(r, grad, fdt, 1.0 / c)

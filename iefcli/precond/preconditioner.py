@@ -483,6 +483,16 @@ class Preconditioner:
         self._write(d, bg)
         return {"loss": bg.loss.mean().detach(), **info}
 
+    def _check_layer(self, layer: Layer, n: int) -> None:
+        """Refuse (one line) a rule layer whose parameters are used outside it, or whose
+        captured input does not have the batch as its leading dim."""
+        reasons = layer.validate(self._uses, self.params)
+        if layer.x is not None and (layer.x.dim() == 0 or layer.x.shape[0] != n):
+            reasons = {p: r or "its input's leading dim is not the batch" for p, r in reasons.items()}
+        bad = next((r for r in reasons.values() if r), "")
+        if bad:
+            raise self._refuse(layer.name, layer.module, bad)
+
     def _blocks(self, n: int, c: float):
         """The blocks of the recorded batch: rule layers from their captured X and E / c, replayed
         modules from their arguments; and, for SF, the same from the sampled-label output gradients."""
@@ -493,12 +503,7 @@ class Preconditioner:
             if layer.calls == 0:
                 self._unused(layer)
                 continue
-            reasons = layer.validate(self._uses, self.params)
-            if layer.x is not None and (layer.x.dim() == 0 or layer.x.shape[0] != n):
-                reasons = {p: r or "its input's leading dim is not the batch" for p, r in reasons.items()}
-            bad = next((r for r in reasons.values() if r), "")
-            if bad:
-                raise self._refuse(layer.name, layer.module, bad)
+            self._check_layer(layer, n)
             e = torch.zeros_like(layer.out) if layer.grad is None else layer.grad
             blocks.append(make_block(layer, [e.to(cdt) / c], shapes, cdt))
             if self._sampled is not None:

@@ -31,6 +31,18 @@ def dense(case, x, y):
     return ref.dense_batch(case.model, case.params, case.ref_loss, x, y)
 
 
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap owner.name so that each call appends to the returned list."""
+    calls, real = [], getattr(owner, name)
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 # ------------------------------------------------------------------ tests
 
 
@@ -126,14 +138,7 @@ def test_two_parameter_least_squares_ief_equals_ngd_and_ef_is_worse():
 
 
 def test_batch_grads_once_per_batch_and_sgd_is_damping_independent(monkeypatch):
-    calls = []
-    real = ge.batch_grads
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(ge, "batch_grads", counting)
+    calls = _count_calls(monkeypatch, ge, "batch_grads")
     case = make_case("mlp_ce", torch.float64)
     x, y = case.inputs, case.targets
     res = ge.evaluate_gamma(
@@ -176,14 +181,7 @@ def test_sf_rows_are_drawn_once_per_batch_for_every_damping(monkeypatch):
     import iefcli.core.jacobian as jac_mod
     from iefcli.core import methods as mt
 
-    calls = []
-    real = jac_mod.sampled_rows
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(jac_mod, "sampled_rows", counting)
+    calls = _count_calls(monkeypatch, jac_mod, "sampled_rows")
     case = make_case("mlp_ce", torch.float64)
     x, y = case.inputs, case.targets
     res = ge.evaluate_gamma(

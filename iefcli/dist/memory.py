@@ -127,15 +127,9 @@ def step_direction(model: nn.Module, ids, y, accumulate: int, *, damping: float 
 # ----------------------------------------------------------------------------- the worker process
 
 
-def _proc_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _worker(cfg: dict) -> dict:
+    from iefcli.eval.bench import _proc_kib, _reset_peak_rss  # the bench's peak-RSS probes
+
     torch.set_num_threads(1)
     model, forward, wrap, vocab, classes = build(cfg.get("model", "attn"))
     ids, y = make_batch(cfg["batch"], cfg["seq"], vocab=vocab, classes=classes)
@@ -146,8 +140,7 @@ def _worker(cfg: dict) -> dict:
         limit = _proc_kib("VmSize") * 1024 + int(cfg["cap_mb"] * 2**20)
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     before = _proc_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
+    _reset_peak_rss()  # VmHWM back to the current resident set
     try:
         d = step_direction(model, wrap(ids), y, cfg["accumulate"], forward=forward)
     except (MemoryError, RuntimeError) as e:  # the allocator's "can't allocate memory" under the cap

@@ -8,6 +8,7 @@ from torch.func import jvp as func_jvp
 
 import dataclasses
 
+from iefcli.core.fast.attention import Attn, plan_attention
 from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.fast.rules import (
@@ -211,13 +212,16 @@ class FastJacobian:
         self._inner, self._prefix = _uncompiled(model, params)
         layers, reasons = plan_layers(self._inner, self._strip(params))
         tied = _plan_tied(self._inner, layers, reasons, self._strip(params), batch_size_of(inputs))
+        layers, attns = plan_attention(self._inner, self._strip(params), layers, reasons)
         layers, calls = _plan_calls(self._inner, layers, reasons)
         self._tied = {self._prefix + p: k for p, k in tied.items()}
-        for cap in [*layers, *calls]:
+        for cap in [*layers, *calls, *attns]:
             cap.roles = {r: self._prefix + p for r, p in cap.roles.items()}
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         handles = [cap.module.register_forward_hook(cap.hook, with_kwargs=True) for cap in [*layers, *calls]]
+        for att in attns:  # the attention rule runs its own forward in place of the module's
+            att.install()
         n_batch = batch_size_of(inputs)
         for layer in layers:
             layer.batch = n_batch if layer.kind == "embedding" else None
@@ -229,7 +233,7 @@ class FastJacobian:
                     if not any(layer.expanded for layer in layers):
                         raise
                     # the model did not take an expanded position embedding: run it as written
-                    for cap in [*layers, *calls]:
+                    for cap in [*layers, *calls, *attns]:
                         cap.reset()
                     for layer in layers:
                         layer.batch, layer.expanded = None, False
@@ -237,6 +241,8 @@ class FastJacobian:
         finally:
             for h in handles:
                 h.remove()
+            for att in attns:
+                att.remove()
         self._out = out
         self.logits = out.detach()
 
@@ -274,6 +280,17 @@ class FastJacobian:
             if layer.roles:
                 self._layers.append(layer)
             layer.x_ref = None  # only the detached copy is needed from here on
+        self._attns: list[Attn] = []
+        for att in attns:  # the rule applies exactly, or the module is replayed on its own as before
+            why = att.problem(uses, self._leaves, n_batch) if out.requires_grad else "logits do not require grad"
+            if why:
+                call = att.to_call()
+                calls.append(call)
+                for p in call.roles.values():
+                    self.fallback_reasons[p] = f"{att.name}: attention rule: {why}"
+            else:
+                self._attns.append(att)
+            att.x_refs = []
         self._calls: list[Call] = []
         nodes = None
         # uses of each leaf OUTSIDE the replayed modules (the walk does not enter their outputs' graphs):
@@ -292,12 +309,17 @@ class FastJacobian:
                     self.fallback_reasons[p] = f"{call.name}: {why}"
             else:
                 self._calls.append(call)
+                for p in call.roles.values():  # an attention module whose rule did not apply: replayed
+                    if self.fallback_reasons.get(p, "").startswith(f"{call.name}: attention rule:"):
+                        self.fallback_reasons[p] += " (replayed)"
         fast = {p: layer.kind for layer in self._layers for p in layer.roles.values()}
         fast.update({p: "tied" for p in self._tied})
         fast.update({p: "replay" for call in self._calls for p in call.roles.values()})
+        fast.update({p: "attention" for att in self._attns for p in att.roles.values()})
         self.param_paths = {name: fast.get(name, "vmap") for name in params}
         self.layer_paths = {layer.name: layer.kind for layer in self._layers}
         self.layer_paths.update({call.name: "replay" for call in self._calls})
+        self.layer_paths.update({att.name: "attention" for att in self._attns})
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
 
@@ -358,6 +380,7 @@ class FastJacobian:
         k = cotangents.shape[0]
         u = cotangents.to(self._out.dtype)
         targets = [layer.out for layer in self._layers] + [call.out for call in self._calls]
+        targets += [t for att in self._attns for t in att.targets]
         grads: list[list[Tensor]] = [[] for _ in targets]
         if targets:
             with torch.enable_grad():
@@ -379,7 +402,12 @@ class FastJacobian:
                     mat = make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt).matrix()
                     tied[p] = mat if p not in tied else tied[p] + mat
         blocks += [_DenseBlock("tied", {"tied": p}, {"tied": mat}, shapes) for p, mat in tied.items()]
-        for call, gs in zip(self._calls, grads[nl:]):  # the per-module fallback: only this module per sample
+        nc = nl + len(self._calls)
+        for att in self._attns:  # the attention rule: its projections are sequence Linear blocks
+            nt = len(att.targets)
+            blocks += att.blocks(grads[nc : nc + nt], k, cdt)
+            nc += nt
+        for call, gs in zip(self._calls, grads[nl:nl + len(self._calls)]):  # the per-module fallback: only this module per sample
             try:
                 blocks.append(replay_block(call, gs, shapes, randomness=self.randomness))
             except RuntimeError as e:

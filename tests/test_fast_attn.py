@@ -283,3 +283,21 @@ def test_attention_dropout_in_train_mode_is_not_covered():
     mha = nn.MultiheadAttention(D, 2, dropout=0.1).train()
     assert "dropout" in attention_rule(mha)
     assert attention_rule(mha.eval()) == ""
+
+
+class ReadOutside(Twice):
+    def forward(self, x):
+        h = torch.tanh(self.emb(x))
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(dim=1)) + self.attn.out_proj.bias[:3]  # a parameter read outside the module
+
+
+def test_attention_parameter_read_outside_falls_back_exactly():
+    torch.manual_seed(0)
+    m = ReadOutside().double().eval()
+    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["attn.out_proj.bias"] == "vmap"
+    assert "outside the module" in bf.jac.fallback_reasons["attn.out_proj.bias"]
+    _check_rows(bf.rows, _loop_rows(m, x, y))

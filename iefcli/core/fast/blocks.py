@@ -390,6 +390,74 @@ class _EmbeddingBlock(Block):
         return (e * gathered).sum(dim=(2, 3)).reshape(m)
 
 
+class _TiedBlock(_DenseBlock):
+    """A parameter held by several rule layers (tied weights, e.g. an Embedding and the Linear head):
+    its per-sample gradient is the sum of the holders' columns, so its Gram is the sum of the holders'
+    Grams (each by its own rule, nothing materialised) plus the cross terms <holder_a_i, holder_b_j>.
+    Embedding x Linear cross terms are formed on the rows of W the batch's ids touch only (U):
+    (M, |U|, d) per side in the compute dtype; any other pair by the holders' dense columns.
+    ``mats`` (the dense column block, as :class:`_DenseBlock`) is formed only when asked for
+    (iefcli.dist gathers it)."""
+
+    def __init__(self, name: str, parts: list[Block], shapes: dict[str, torch.Size]):
+        self.kind, self.roles, self.strategy = "tied", {"tied": name}, "sum"
+        self.parts, self.shapes, self.name = parts, shapes, name
+        self._mats: dict[str, Tensor] | None = None
+
+    @property
+    def mats(self) -> dict[str, Tensor]:
+        if self._mats is None:
+            self._mats = {self.name: self.matrix()}
+        return self._mats
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def matrix(self) -> Tensor:
+        return sum(b.matrix() for b in self.parts)
+
+    def gram(self) -> Tensor:
+        out = sum(b.gram() for b in self.parts)
+        for i, a in enumerate(self.parts):
+            for b in self.parts[i + 1 :]:
+                c = _tied_cross(a, b)
+                out = out + c + c.T
+        return out
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        self.parts[0].combine_into(x, out)
+        tmp = {self.name: torch.empty_like(out[self.name])}
+        for b in self.parts[1:]:
+            b.combine_into(x, tmp)
+            out[self.name] += tmp[self.name]
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        return sum(b.dot(v) for b in self.parts)
+
+
+def _tied_cross(a: Block, b: Block) -> Tensor:
+    """(M, M) float64: <a's columns of row i, b's columns of row j> for two holders of one parameter."""
+    if isinstance(b, _EmbeddingBlock) and isinstance(a, _MatmulBlock):
+        return _tied_cross(b, a).T
+    if isinstance(a, _EmbeddingBlock) and isinstance(b, _MatmulBlock) and b.kind == "linear" \
+            and tuple(b.weight_shape) == tuple(a.weight_shape):
+        m, t, d = a.e.shape
+        cdt = b.cdt
+        ids = a.ids.repeat(a.k, 1) if a.k > 1 else a.ids  # (M, T)
+        if a.e.device.type == "cpu" and not EMBEDDING_GRAM_STATIC:  # only the rows some id touches (the others are zero on the embedding side)
+            uniq, inv = torch.unique(ids, return_inverse=True)
+        else:  # static shapes on accelerators: all rows
+            uniq, inv = torch.arange(a.weight_shape[0], device=ids.device), ids
+        u = uniq.shape[0]
+        rows = torch.arange(m, device=ids.device).unsqueeze(1) * u + inv  # (M, T)
+        ge = torch.zeros(m * u, d, dtype=cdt, device=a.e.device).index_add_(0, rows.reshape(-1),
+                                                                            a.e.reshape(-1, d).to(cdt))
+        gl = torch.bmm(b.e[..., uniq].transpose(1, 2), b._x_rows())  # (M, |U|, d)
+        return (ge.reshape(m, -1) @ gl.reshape(m, -1).T).to(ACC)
+    return a.matrix() @ b.matrix().T
+
+
 def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
     """xhat (N, T, D) and D, recomputed from the captured input in ``cdt`` (LayerNorm or RMSNorm)."""
     m = layer.module

@@ -9,7 +9,7 @@ from torch.func import jvp as func_jvp
 import dataclasses
 
 from iefcli.core.fast.attention import Attn, plan_attention
-from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, compute_dtype, make_block, replay_block
+from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, _TiedBlock, compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.fast.rules import (
     Call,
@@ -398,10 +398,9 @@ class FastJacobian:
                 blocks.append(make_block(dataclasses.replace(layer, roles=own) if len(own) < len(layer.roles)
                                          else layer, gs, shapes, cdt))
             for r, p in layer.roles.items():
-                if p in self._tied:  # this holder's columns of the tied parameter, summed over holders
-                    mat = make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt).matrix()
-                    tied[p] = mat if p not in tied else tied[p] + mat
-        blocks += [_DenseBlock("tied", {"tied": p}, {"tied": mat}, shapes) for p, mat in tied.items()]
+                if p in self._tied:  # this holder's share of the tied parameter (summed over holders)
+                    tied.setdefault(p, []).append(make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt))
+        blocks += [_TiedBlock(p, parts, shapes) for p, parts in tied.items()]
         nc = nl + len(self._calls)
         for att in self._attns:  # the attention rule: its projections are sequence Linear blocks
             nt = len(att.targets)

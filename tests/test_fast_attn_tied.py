@@ -61,10 +61,16 @@ def _loop_rows(m, ids, u):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("mode,padding_idx", [("pooled", None), ("pooled", 0), ("lm", None), ("lm_nobias", 0),
                                               ("two_linears", None)])
-def test_tied_blocks_equal_the_loop(mode, padding_idx, k):
+def test_tied_blocks_equal_the_loop(mode, padding_idx, k, grouped, monkeypatch):
+    """The embedding holder's own Gram both ways: dense on the touched rows, and by id groups."""
+    from iefcli.core.fast import blocks as fastblocks
+
+    if grouped:
+        monkeypatch.setattr(fastblocks, "EMBEDDING_DENSE_MAX_ELEMENTS", 0)
     m, ids = _case(mode, padding_idx)
     params = trainable_params(m)
     jac = make_jacobian(m, params, ids, jacobian="fast")
@@ -112,3 +118,24 @@ def test_bench_tied_model_float32_close_to_plain():
     bv = batch_grads(m, params, ids, y, CrossEntropy(), jacobian="vmap")
     assert bf.jac.param_paths["emb.weight"] == "tied"
     assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-5
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])
+def test_embedding_gram_group_sizes(grouped, monkeypatch):
+    """Ids held by 1, 2, 3, 5 and all rows (several padded size classes) and repeated within a row."""
+    from iefcli.core.fast import blocks as fastblocks
+
+    if grouped:
+        monkeypatch.setattr(fastblocks, "EMBEDDING_DENSE_MAX_ELEMENTS", 0)
+    torch.manual_seed(0)
+    m, ids = _case("pooled")
+    ids = torch.tensor([[12, 1, 1, 3], [12, 4, 3, 5], [12, 4, 3, 6], [12, 7, 8, 8], [12, 9, 3, 3]])
+    ids = torch.cat([ids, ids[:3] % 11], dim=0)  # 8 rows
+    jac = make_jacobian(m, trainable_params(m), ids, jacobian="fast")
+    u = torch.randn(2, *jac.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    rf = jac.rows(u)
+    emb = next(p for b in rf.blocks if b.kind == "tied" for p in b.parts if p.kind == "embedding")
+    mat = emb.matrix()
+    assert ref.rel_err(emb.gram(), mat @ mat.T) < 1e-13
+    J = _loop_rows(m, ids, u)
+    assert ref.rel_err(rf.gram(), J @ J.T) < 1e-12

@@ -36,6 +36,10 @@ COMBINE_CHUNK_ELEMENTS_ACCEL = 1 << 22
 # The embedding Gram by unique/argsort (CPU: cheapest) or with static shapes (accelerators: no host
 # sync from data-dependent sizes); tests set this to check the static form on CPU.
 EMBEDDING_GRAM_STATIC = False
+# CPU: an embedding whose rows touch few distinct ids (at most 8 per position) has its Gram formed from
+# the dense (M, |U|, d) gradients on the touched rows when that holds at most this many numbers, else by
+# id groups (tests set 0 to check the grouped form).
+EMBEDDING_DENSE_MAX_ELEMENTS = 1 << 23
 
 
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
@@ -308,8 +312,10 @@ class _DenseBlock(Block):
 class _EmbeddingBlock(Block):
     """Embedding: row m's gradient scatters E_mt (d,) into weight row ids_nt.
 
-    Gram[i, j] = sum over pairs of occurrences with the same id of <f_i,v, f_j,v>,
-    where f_m,v = sum_{t: ids_nt = v} E_mt; only ids two rows share cost anything.
+    Gram[i, j] = sum over ids v held by both rows of <f_i,v, f_j,v>, where f_m,v = sum_{t: ids_nt = v}
+    E_mt; per id one small matmul F_v F_v^T (batched by group size), so only ids two rows share cost
+    more than a dot product. Few distinct ids (position embeddings, small vocabularies): densely on
+    the touched rows.
     """
 
     def __init__(self, roles: dict[str, str], ids: Tensor, e: Tensor, k: int, weight_shape, padding_idx, cdt):
@@ -321,10 +327,33 @@ class _EmbeddingBlock(Block):
             self.e = self.e * (self.ids != padding_idx).repeat(k, 1).unsqueeze(-1).to(cdt)
         self.weight_shape = weight_shape
 
+    def touched(self) -> tuple[Tensor, Tensor]:
+        """(U, F): the weight rows the ids touch (CPU; all rows on accelerators or with
+        EMBEDDING_GRAM_STATIC: static shapes) and each row's gradient on them, (M, |U|, d) in the
+        compute dtype. Cached."""
+        if getattr(self, "_touched", None) is None:
+            m, t, d = self.e.shape
+            ids = self.ids.repeat(self.k, 1) if self.k > 1 else self.ids  # (M, T)
+            if self.e.device.type == "cpu" and not EMBEDDING_GRAM_STATIC:
+                uniq, inv = torch.unique(ids, return_inverse=True)
+            else:
+                uniq, inv = torch.arange(self.weight_shape[0], device=ids.device), ids
+            u = uniq.shape[0]
+            rows = torch.arange(m, device=ids.device).unsqueeze(1) * u + inv  # (M, T)
+            f = torch.zeros(m * u, d, dtype=self.e.dtype, device=self.e.device)
+            self._touched = (uniq, f.index_add_(0, rows.reshape(-1), self.e.reshape(-1, d)).reshape(m, u, d))
+        return self._touched
+
     def gram(self) -> Tensor:
         if self.e.device.type != "cpu" or EMBEDDING_GRAM_STATIC:
             return self._gram_static()
         m, t, d = self.e.shape
+        n_ids = torch.unique(self.ids).shape[0]
+        if n_ids <= 8 * t and m * n_ids * d <= EMBEDDING_DENSE_MAX_ELEMENTS:
+            # few distinct ids for the positions (position / token-type embeddings, small vocabularies):
+            # the rows' gradients on the touched rows, densely, and one matmul
+            f = self.touched()[1].reshape(m, -1)
+            return (f @ f.T).to(ACC)
         dev = self.e.device
         vocab = self.weight_shape[0]
         ids = self.ids.repeat(self.k, 1)  # (M, T)
@@ -332,27 +361,42 @@ class _EmbeddingBlock(Block):
         # Sum each row's occurrences of the same id: compact f (L, d) with its row and id.
         key = (row * vocab + ids).reshape(-1)
         uniq, inv = torch.unique(key, return_inverse=True)
-        f = torch.zeros(uniq.shape[0], d, dtype=ACC, device=dev).index_add_(0, inv, self.e.reshape(-1, d).to(ACC))
+        f = torch.zeros(uniq.shape[0], d, dtype=self.cdt, device=dev).index_add_(0, inv, self.e.reshape(-1, d))
         f_row, f_id = uniq // vocab, uniq % vocab
-        # Group the compact entries by id; all ordered pairs within a group contribute.
+        # Group the compact entries by id: the Gram is the sum over ids of F_v F_v^T (F_v: the
+        # entries of id v, one per row holding it), scattered into (rows, rows). Groups are padded
+        # to the next power of two of their size and each size class is one batched matmul
+        # (padding costs at most 4x a group's own c^2 d; singletons add to the diagonal only).
         order = torch.argsort(f_id, stable=True)
         f, f_row, f_id = f[order], f_row[order], f_id[order]
         _, counts = torch.unique_consecutive(f_id, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        per_entry = torch.repeat_interleave(counts, counts)  # group size of each entry
-        entry_start = torch.repeat_interleave(starts, counts)
-        left = torch.repeat_interleave(torch.arange(f.shape[0], device=dev), per_entry)
-        block = torch.cumsum(per_entry, 0) - per_entry
-        right = torch.repeat_interleave(entry_start, per_entry) + (
-            torch.arange(left.shape[0], device=dev) - torch.repeat_interleave(block, per_entry)
-        )
-        out = torch.zeros(m * m, dtype=ACC, device=dev)
-        step = max(1, GHOST_CHUNK_ELEMENTS // max(1, d))
-        for p0 in range(0, left.shape[0], step):
-            li, ri = left[p0 : p0 + step], right[p0 : p0 + step]
-            dots = (f[li] * f[ri]).sum(dim=1)
-            out.index_add_(0, f_row[li] * m + f_row[ri], dots)
-        return out.reshape(m, m)
+        n_ent = f.shape[0]
+        group = torch.repeat_interleave(torch.arange(counts.shape[0], device=dev), counts)
+        pos = torch.arange(n_ent, device=dev) - torch.repeat_interleave(starts, counts)
+        size_class = torch.ceil(torch.log2(counts.to(torch.float64))).long()  # 0 for singletons
+        out = torch.zeros((m + 1) * (m + 1), dtype=ACC, device=dev)
+        single = (counts == 1)[group]
+        if bool(single.any()):
+            fs, rs = f[single], f_row[single]
+            out.index_add_(0, rs * (m + 2), (fs * fs).sum(dim=1).to(ACC))
+        for c in torch.unique(size_class[counts > 1]).tolist():
+            gsel = (size_class == c) & (counts > 1)
+            gid = torch.nonzero(gsel).squeeze(1)  # groups of this size class
+            slot = torch.full((counts.shape[0],), -1, dtype=torch.long, device=dev)
+            slot[gid] = torch.arange(gid.shape[0], device=dev)
+            ent = gsel[group]
+            cap = 1 << c
+            p_ = torch.zeros(gid.shape[0] * cap, d, dtype=f.dtype, device=dev)
+            r_ = torch.full((gid.shape[0] * cap,), m, dtype=torch.long, device=dev)  # padding -> dummy row m
+            at = slot[group[ent]] * cap + pos[ent]
+            p_[at], r_[at] = f[ent], f_row[ent]
+            p_ = p_.reshape(-1, cap, d)
+            r_ = r_.reshape(-1, cap)
+            blocks = torch.bmm(p_, p_.transpose(1, 2))  # (groups, cap, cap)
+            idx = r_[:, :, None] * (m + 1) + r_[:, None, :]
+            out.index_add_(0, idx.reshape(-1), blocks.reshape(-1).to(ACC))
+        return out.reshape(m + 1, m + 1)[:m, :m].contiguous()
 
     def _gram_static(self) -> Tensor:
         """The same Gram with static shapes and no host sync (accelerators): sum over position pairs
@@ -442,19 +486,11 @@ def _tied_cross(a: Block, b: Block) -> Tensor:
         return _tied_cross(b, a).T
     if isinstance(a, _EmbeddingBlock) and isinstance(b, _MatmulBlock) and b.kind == "linear" \
             and tuple(b.weight_shape) == tuple(a.weight_shape):
-        m, t, d = a.e.shape
-        cdt = b.cdt
-        ids = a.ids.repeat(a.k, 1) if a.k > 1 else a.ids  # (M, T)
-        if a.e.device.type == "cpu" and not EMBEDDING_GRAM_STATIC:  # only the rows some id touches (the others are zero on the embedding side)
-            uniq, inv = torch.unique(ids, return_inverse=True)
-        else:  # static shapes on accelerators: all rows
-            uniq, inv = torch.arange(a.weight_shape[0], device=ids.device), ids
-        u = uniq.shape[0]
-        rows = torch.arange(m, device=ids.device).unsqueeze(1) * u + inv  # (M, T)
-        ge = torch.zeros(m * u, d, dtype=cdt, device=a.e.device).index_add_(0, rows.reshape(-1),
-                                                                            a.e.reshape(-1, d).to(cdt))
+        # only the rows some id touches: the embedding side is zero elsewhere
+        uniq, ge = a.touched()  # (M, |U|, d)
+        m = ge.shape[0]
         gl = torch.bmm(b.e[..., uniq].transpose(1, 2), b._x_rows())  # (M, |U|, d)
-        return (ge.reshape(m, -1) @ gl.reshape(m, -1).T).to(ACC)
+        return (ge.reshape(m, -1).to(gl.dtype) @ gl.reshape(m, -1).T).to(ACC)
     return a.matrix() @ b.matrix().T
 
 

@@ -27,6 +27,9 @@ ACC = torch.float64  # accumulation dtype of Gram blocks, combine and dot (see m
 # Upper bound on the per-sample blocks one layer may materialise (M * d_out * d_in numbers);
 # above it the ghost (pairwise) form is used even when it costs more flops.
 MATERIALISE_MAX_ELEMENTS = 1 << 25
+# A materialised layer keeps its per-sample gradients from gram() for J^T x (in the compute dtype) when
+# they hold at most this many numbers (J^T x is then (M) x (M, P_layer) instead of a weight-gradient matmul).
+KEEP_PER_SAMPLE_ELEMENTS = 1 << 22
 # Temporaries of the ghost form (rows_chunk x M x T x T) are kept below this many numbers.
 GHOST_CHUNK_ELEMENTS = 1 << 23
 # combine: float64 products of a layer's weight block are formed this many numbers at a time
@@ -139,9 +142,12 @@ class _MatmulBlock(Block):
                     xx = xx.repeat(self.k, self.k)
                 out += xx * (e @ e.T)  # Hadamard product of the two Grams
             elif self.strategy == "materialise":
-                # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
+                # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them;
+                # kept (small layers) for J^T x in the compute dtype: one (M) x (M, P_layer) product
                 g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
                 out += g @ g.T
+                if g.numel() <= KEEP_PER_SAMPLE_ELEMENTS:
+                    self._g = g
             else:
                 out += _gram_weight_ghost(self._x_rows(), self.e)
         if "bias" in self.roles:
@@ -159,6 +165,12 @@ class _MatmulBlock(Block):
         w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
         b = out[self.roles["bias"]] if "bias" in self.roles else None
         dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
+        g = getattr(self, "_g", None)
+        if dt == self.cdt and w is not None and g is not None:  # the per-sample gradients kept by gram()
+            w.copy_((x.to(dt) @ g).view(d_out, d_in))
+            if b is not None:
+                b.copy_(x.to(dt) @ self.e.sum(dim=1))
+            return
         if dt != ACC:
             ex = self.e * x.to(dt)[:, None, None]  # (M, T, d_out)
             if self.k > 1:

@@ -426,10 +426,15 @@ class _EmbeddingBlock(Block):
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         n = self.ids.shape[0]
-        ew = (self.e.to(ACC) * x.to(ACC)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
-        w = torch.zeros(self.weight_shape, dtype=ACC, device=self.e.device)
+        o = out[self.roles["weight"]]
+        dt = ACC if o.dtype == ACC else self.cdt
+        ew = (self.e.to(dt) * x.to(dt)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
+        if o.dtype == dt:  # straight into the result (float64, or float32 parameters' float32 J^T x)
+            o.view(self.weight_shape).zero_().index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
+            return
+        w = torch.zeros(self.weight_shape, dtype=dt, device=self.e.device)
         w.index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
-        out[self.roles["weight"]].copy_(w)
+        o.copy_(w.view(o.shape))
 
     def matrix(self) -> Tensor:
         m, t, d = self.e.shape
@@ -516,9 +521,9 @@ def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
         eps = m.eps if m.eps is not None else torch.finfo(layer.x.dtype).eps
         xhat = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
     else:
-        mu = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-        xhat = (x - mu) / torch.sqrt(var + m.eps)
+        xc = x - x.mean(dim=dims, keepdim=True)
+        var = (xc * xc).mean(dim=dims, keepdim=True)  # (torch.var over short rows is slow on CPU)
+        xhat = xc * torch.rsqrt(var + m.eps)
     d = int(torch.Size(m.normalized_shape).numel())
     return _seq(xhat, x.shape[0], d), d
 

@@ -218,6 +218,15 @@ class FastJacobian:
         for cap in [*layers, *calls, *attns]:
             cap.roles = {r: self._prefix + p for r, p in cap.roles.items()}
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
+        self._vm: VmapJacobian | None = None
+        planned = {p for cap in [*layers, *calls, *attns] for p in cap.roles.values()} | set(self._tied)
+        whole = [p for p in params if p not in planned]  # certain to take the whole-model path
+        if 2 * sum(params[p].numel() for p in whole) >= sum(t.numel() for t in params.values()):
+            # Most of the parameters go through the model per sample anyway (a recurrent module, tied
+            # weights without rules): the plain path for all of them costs less than a hooked forward,
+            # the layer blocks AND that per-sample pass.
+            self._whole_model(whole)
+            return
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         handles = [cap.module.register_forward_hook(cap.hook, with_kwargs=True) for cap in [*layers, *calls]]
         for att in attns:  # the attention rule runs its own forward in place of the module's
@@ -323,6 +332,22 @@ class FastJacobian:
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
 
+    def _whole_model(self, whole: list[str]) -> None:
+        """Delegate everything to the plain path (:class:`VmapJacobian` over all parameters)."""
+        self._vm = VmapJacobian(self.model, self.params, self.inputs, forward=self.forward,
+                                chunk_size=self.chunk_size, randomness=self.randomness)
+        self.logits = self._vm.logits.detach()
+        most = f"{len(whole)} of the parameters holding most of the numbers take the whole-model path"
+        for p in self.params:
+            r = self.fallback_reasons.get(p)
+            self.fallback_reasons[p] = f"{r}; so " + most if r and p in whole else (
+                f"{most} (e.g. {whole[0]}: {self.fallback_reasons.get(whole[0], '')}), so the plain path is used for all")
+        self.param_paths = {name: "vmap" for name in self.params}
+        self.layer_paths = {}
+        self._fallback_names = list(self.params)
+        self._fallback = self._vm
+        self._tied, self._layers, self._calls, self._attns = {}, [], [], []
+
     def _strip(self, params: Params) -> Params:
         """The caller's names -> the names inside the module that runs (compiled: without the prefix)."""
         if not self._prefix:
@@ -334,6 +359,8 @@ class FastJacobian:
 
     def vjp(self, cotangent: Tensor) -> Tensor:
         """sum_n Jz_n^T V_n, (P,), by one backward pass on the retained graph."""
+        if self._vm is not None:
+            return self._vm.vjp(cotangent)
         leaves = list(self._leaves.values())
         if not self._out.requires_grad:
             return torch.zeros(self.layout.size, dtype=self._dtype, device=self.logits.device)
@@ -345,6 +372,8 @@ class FastJacobian:
 
     def jvp(self, tangent: Tensor) -> Tensor:
         """Jz v, (N, ...), forward mode over the (hook-free) forward."""
+        if self._vm is not None:
+            return self._vm.jvp(tangent)
         tangents = self.layout.unflatten(tangent.to(self._dtype))
         _, out = func_jvp(lambda p: self.forward(self._inner, self._strip(p), self.inputs), (self.params,), (tangents,))
         return out
@@ -377,6 +406,8 @@ class FastJacobian:
 
     def rows(self, cotangents: Tensor) -> FastRows:
         """Rows Jz_n^T U_{kn} (K*N of them, k-major) for cotangents (K, N, ...), as FastRows."""
+        if self._vm is not None:
+            return self._whole_rows(cotangents)
         k = cotangents.shape[0]
         u = cotangents.to(self._out.dtype)
         targets = [layer.out for layer in self._layers] + [call.out for call in self._calls]
@@ -419,20 +450,24 @@ class FastJacobian:
                 raise err from None
         fallback = fb_layout = None
         if self._fallback_names:
-            fj = self._fallback_jacobian()
-            try:
-                fallback, fb_layout = fj.rows(cotangents), fj.layout
-            except RuntimeError as e:
-                err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
-                                           + (" ..." if len(self._fallback_names) > 3 else ""))
-                if err is None:
-                    rnn = self._recurrent_owner()
-                    if rnn is None:
-                        raise
-                    err = ModelError(f"module {rnn} has no fast rule and torch.func could not run the model per "
-                                     f"sample through it ({str(e).splitlines()[0][:120]}); freeze it, or run it "
-                                     "outside the trainable part of the model")
-                raise err from None
+            fallback, fb_layout = self._whole_rows(cotangents), self._fallback_jacobian().layout
         n = self.logits.shape[0]
         return FastRows(blocks, fallback, fb_layout, self.layout, k * n, self._dtype, self.logits.device)
+
+    def _whole_rows(self, cotangents: Tensor):
+        """The whole-model (plain) rows of the fallback parameters, with one-line errors."""
+        fj = self._fallback_jacobian()
+        try:
+            return fj.rows(cotangents)
+        except RuntimeError as e:
+            err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
+                                       + (" ..." if len(self._fallback_names) > 3 else ""))
+            if err is None:
+                rnn = self._recurrent_owner()
+                if rnn is None:
+                    raise
+                err = ModelError(f"module {rnn} has no fast rule and torch.func could not run the model per "
+                                 f"sample through it ({str(e).splitlines()[0][:120]}); freeze it, or run it "
+                                 "outside the trainable part of the model")
+            raise err from None
 

@@ -301,3 +301,31 @@ def test_attention_parameter_read_outside_falls_back_exactly():
     assert bf.jac.param_paths["attn.out_proj.bias"] == "vmap"
     assert "outside the module" in bf.jac.fallback_reasons["attn.out_proj.bias"]
     _check_rows(bf.rows, _loop_rows(m, x, y))
+
+
+@pytest.mark.parametrize("name", ["self", "cross_packed", "kdim_vdim", "tied"])
+def test_micro_batches_rebuild_the_attention_and_tied_blocks(name):
+    """iefcli.dist concatenates each block's factors over micro-batches and rebuilds the same block types:
+    the attention blocks (Linear / dense) and the tied block (its dense form) equal one batch."""
+    from iefcli.core.methods import compute_direction
+    from iefcli.dist.comm import Comm
+    from iefcli.dist.grads import global_batch_grads
+
+    if name == "tied":
+        from iefcli.eval.bench import _Tied
+
+        torch.manual_seed(0)
+        m = _Tied(13, 6).double().eval()
+        x = torch.randint(0, 13, (6, 4), generator=torch.Generator().manual_seed(2))
+        y = torch.randint(0, 13, (6,), generator=torch.Generator().manual_seed(1))
+    else:
+        m, x, y = _case(name, n=6)
+    p = trainable_params(m)
+    one = batch_grads(m, p, x, y, CrossEntropy(), jacobian="fast")
+    acc = global_batch_grads(m, p, x, y, CrossEntropy(), comm=Comm.local(), accumulate=3, keep_jacobians=True,
+                             jacobian="fast")
+    assert set(one.jac.param_paths.values()) & {"attention", "tied"}
+    assert ref.rel_err(acc.rows.gram(), one.rows.gram()) < 1e-12
+    d1, _ = compute_direction("ief", one, 1e-4)
+    d2, _ = compute_direction("ief", acc, 1e-4)
+    assert ref.rel_err(d2, d1) < 1e-10

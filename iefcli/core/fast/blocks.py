@@ -271,7 +271,10 @@ class _ConvBlock(Block):
             ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
         if "weight" in self.roles:
             w = out[self.roles["weight"]]
-            w.copy_(self._wgrad(self.x.to(dt), ex).reshape(w.shape))
+            if self._g is not None and dt == self.cdt:  # the per-sample gradients gram() formed
+                w.copy_((x.to(dt) @ self._g).reshape(w.shape))
+            else:
+                w.copy_(self._wgrad(self.x.to(dt), ex).reshape(w.shape))
         if "bias" in self.roles:
             out[self.roles["bias"]].copy_(ex.reshape(*ex.shape[:2], -1).sum(dim=(0, 2)))
 

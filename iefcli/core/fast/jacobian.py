@@ -176,7 +176,8 @@ class FastJacobian:
     Attributes after construction:
       logits (N, ...) detached; layout (all trainable params);
       param_paths: param name -> a rule kind ("linear", "conv1d", "conv2d", "layernorm", "rmsnorm",
-        "groupnorm", "batchnorm", "embedding"), "replay" (the per-module fallback) or "vmap" (whole model);
+        "groupnorm", "batchnorm", "embedding", "attention", "tied"), "replay" (the per-module fallback)
+        or "vmap" (whole model);
       layer_paths: hooked module name -> its kind, for the modules on the fast path;
       fallback_reasons: param name -> why it takes the vmap path.
     """

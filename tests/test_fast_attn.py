@@ -329,3 +329,40 @@ def test_micro_batches_rebuild_the_attention_and_tied_blocks(name):
     d1, _ = compute_direction("ief", one, 1e-4)
     d2, _ = compute_direction("ief", acc, 1e-4)
     assert ref.rel_err(d2, d1) < 1e-10
+
+
+def test_rule_forward_failure_falls_back_to_the_replay(monkeypatch):
+    """An input the rule's forward rejects: the module's own forward runs, and the module is replayed."""
+    from iefcli.core.fast import attention as fastattn
+
+    def boom(*a, **k):
+        raise RuntimeError("not covered")
+
+    monkeypatch.setattr(fastattn, "attention_forward", boom)
+    m, x, y = _case("kpm")
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["attn.in_proj_weight"] == "replay"
+    assert "not covered" in bf.jac.fallback_reasons["attn.in_proj_weight"]
+    _check_rows(bf.rows, _loop_rows(m, x, y))
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Linear(4, D), nn.MultiheadAttention(D, 2, batch_first=True), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.emb(x))
+        a = self.attn(h, h, h, need_weights=False)[0]
+        a.mul_(2.0).tanh_()  # in place on the attention output
+        return self.head(a.mean(dim=1))
+
+
+def test_in_place_ops_on_the_attention_output():
+    torch.manual_seed(0)
+    m = InPlaceAfter().double().eval()
+    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["attn.out_proj.weight"] == "attention"
+    _check_rows(bf.rows, _loop_rows(m, x, y))

@@ -141,7 +141,7 @@ def attention_forward(m: nn.MultiheadAttention, query: Tensor, key: Tensor, valu
         o = F.scaled_dot_product_attention(q, k, v, mask)
     a = o.transpose(1, 2).reshape(n, length, e)
     z_o = F.linear(a, m.out_proj.weight, m.out_proj.bias)  # (N, L, E)
-    out = z_o.clone() if bf else z_o.transpose(0, 1)  # a copy: downstream in-place ops must not move z_o
+    out = z_o if bf else z_o.transpose(0, 1)
     parts = {"x": [q_in] if same else [q_in, k_in, v_in], "z_in": z_in, "a": a, "z_o": z_o}
     return (out, weights), parts
 
@@ -183,21 +183,31 @@ class Attn:
         kw = {"key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,
               "average_attn_weights": average_attn_weights, "is_causal": is_causal}
         self.calls += 1
-        batched = all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
-        if self.calls > 1 or not batched:
-            if self.calls == 1:
-                self.reason = "unbatched (2-D) inputs"
+        if self.calls > 1:
             return nn.MultiheadAttention.forward(m, query, key, value, **kw)
-        (out, weights), parts = attention_forward(m, query, key, value, **kw)
+        parts = None
+        if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
+            self.reason = "unbatched (2-D) inputs"
+        else:
+            try:
+                (out, weights), parts = attention_forward(m, query, key, value, **kw)
+            except Exception as e:  # e.g. an input torch accepts and the rule does not: torch's own forward
+                self.reason = f"the rule's forward failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        if parts is None:  # the module's own forward; recorded for the replay
+            out, weights = nn.MultiheadAttention.forward(m, query, key, value, **kw)
         detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
         self.args, self.kwargs = tree_map(detach, (query, key, value)), tree_map(detach, kw)
         self.out = out
-        self.extra = [weights] if weights is not None and weights.requires_grad else []
-        self.x_refs = [query, key, value]
-        self.x_versions = [t._version for t in self.x_refs]
-        self.x = [t.detach() for t in parts["x"]]
-        self.z_in, self.a, self.z_o = parts["z_in"], parts["a"].detach(), parts["z_o"]
-        return out, weights
+        self.extra = [weights] if isinstance(weights, Tensor) and weights.requires_grad else []
+        if not (isinstance(out, Tensor) and out.requires_grad):
+            self.out = None
+            return out, weights
+        if parts is not None:
+            self.x_refs = [query, key, value]
+            self.x_versions = [t._version for t in self.x_refs]
+            self.x = [t.detach() for t in parts["x"]]
+            self.z_in, self.a, self.z_o = parts["z_in"], parts["a"].detach(), parts["z_o"]
+        return out.clone(), weights  # a copy: downstream in-place ops must not move z_o (or the replay's output)
 
     @property
     def targets(self) -> list[Tensor]:
@@ -226,7 +236,9 @@ class Attn:
         """This capture as a :class:`Call` for the per-module replay (the rule did not apply)."""
         call = Call(self.name, self.module, dict(self.roles), calls=self.calls, args=self.args, kwargs=self.kwargs,
                     out=self.out, pick=0, extra=self.extra)
-        if self.out is None:
+        if self.calls != 1:
+            call.reason = ""  # the replay says "called N times"
+        elif self.out is None:
             call.reason = self.reason or "its output is not a single differentiable tensor"
         elif self.extra:
             call.reason = "its output is a tuple whose other tensors are differentiable (attention weights?)"

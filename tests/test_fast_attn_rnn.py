@@ -54,7 +54,7 @@ def test_recurrent_share_decides_the_path(hidden, head_width, whole):
     assert paths["1.weight"] == ("vmap" if whole else "linear"), paths
     assert isinstance(bf.rows, DenseRows) == whole
     if whole:
-        assert "plain path is used for all" in bf.jac.fallback_reasons["1.weight"]
+        assert "plain path for the whole model" in bf.jac.fallback_reasons["1.weight"]
     J = _loop_rows(copy.deepcopy(m).double(), x.double(), y)
     tol = 1e-5
     assert ref.rel_err(bf.rows.gram(), J @ J.T) < tol

@@ -338,11 +338,13 @@ class FastJacobian:
         self._vm = VmapJacobian(self.model, self.params, self.inputs, forward=self.forward,
                                 chunk_size=self.chunk_size, randomness=self.randomness)
         self.logits = self._vm.logits.detach()
-        most = f"{len(whole)} of the parameters holding most of the numbers take the whole-model path"
+        total = sum(t.numel() for t in self.params.values())
+        share = sum(self.params[p].numel() for p in whole) / max(1, total)
+        first = f"{whole[0]}: {self.fallback_reasons.get(whole[0], 'no layer rule')}"
         for p in self.params:
-            r = self.fallback_reasons.get(p)
-            self.fallback_reasons[p] = f"{r}; so " + most if r and p in whole else (
-                f"{most} (e.g. {whole[0]}: {self.fallback_reasons.get(whole[0], '')}), so the plain path is used for all")
+            if p not in whole:
+                self.fallback_reasons[p] = (f"the plain path for the whole model: parameters that must go through "
+                                            f"it hold {100 * share:.0f}% of the numbers (e.g. {first})")
         self.param_paths = {name: "vmap" for name in self.params}
         self.layer_paths = {}
         self._fallback_names = list(self.params)

@@ -366,3 +366,18 @@ def test_in_place_ops_on_the_attention_output():
     bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
     assert bf.jac.param_paths["attn.out_proj.weight"] == "attention"
     _check_rows(bf.rows, _loop_rows(m, x, y))
+
+
+def test_large_packed_cross_attention_is_replayed(monkeypatch):
+    """Packed weights on three different inputs are materialised (M x 3 E d): above the bound, the replay."""
+    from iefcli.core.fast import blocks as fastblocks
+
+    monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", 5 * 3 * D * D - 1)
+    m, x, y = _case("cross_packed_kv_differ")
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["attn.in_proj_weight"] == "replay"
+    assert "too large" in bf.jac.fallback_reasons["attn.in_proj_weight"]
+    _check_rows(bf.rows, _loop_rows(m, x, y))
+    monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", 5 * 3 * D * D)
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    assert bf.jac.param_paths["attn.in_proj_weight"] == "attention"

@@ -17,7 +17,8 @@ the same backward pass as every other layer, and its block is :class:`_MatmulBlo
 materialised, as for any sequence Linear). The per-sample gradient of W_in is exactly
 sum_t E_t^T X_t whatever follows the projection (attention weights returned and used downstream
 included: E is the total derivative). Packed weights on three DIFFERENT inputs (cross-attention)
-are three row slices of one parameter: materialised (M x 3 E d) as one dense block. Separate
+are three row slices of one parameter: materialised (M x 3 E d) as one dense block (above
+MATERIALISE_MAX_ELEMENTS for N x 3 E d the module is replayed instead). Separate
 q/k/v weights are three Linear blocks, the packed bias one dense block.
 
 Covered: batch_first True and False (inputs transposed to batch-first inside, so X's leading dim is
@@ -226,6 +227,11 @@ class Attn:
             return "an input modified in place after the call"
         if any(t.shape[0] != n for t in self.x):
             return "its batch dim (after batch_first) is not the batch"
+        from iefcli.core.fast import blocks
+
+        e = self.module.embed_dim
+        if len(self.x) == 3 and "in_proj_weight" in self.roles and n * 3 * e * e > blocks.MATERIALISE_MAX_ELEMENTS:
+            return "packed in_proj_weight on three different inputs is materialised, and it is too large for that"
         for p in self.roles.values():
             k = uses.get(id(leaves[p]), 0)
             if k != 1:

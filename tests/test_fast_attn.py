@@ -381,3 +381,19 @@ def test_large_packed_cross_attention_is_replayed(monkeypatch):
     monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", 5 * 3 * D * D)
     bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
     assert bf.jac.param_paths["attn.in_proj_weight"] == "attention"
+
+
+@pytest.mark.parametrize("frozen", ["in_proj", "out_proj", "below_and_in_proj"])
+def test_frozen_parts_of_the_attention(frozen):
+    """Only some of the module's parameters trainable (the in-projection outputs are constants when the
+    in-projection and everything below it are frozen)."""
+    m, x, y = _case("kpm")
+    for name, p in m.named_parameters():
+        if (frozen in ("in_proj", "below_and_in_proj") and name.startswith("attn.in_proj")) or \
+                (frozen == "out_proj" and name.startswith("attn.out_proj")) or \
+                (frozen == "below_and_in_proj" and name.startswith("emb.")):
+            p.requires_grad_(False)
+    params = trainable_params(m)
+    bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")
+    assert {bf.jac.param_paths[p] for p in params if p.startswith("attn.")} == {"attention"}
+    _check_rows(bf.rows, _loop_rows(m, x, y))

@@ -211,9 +211,19 @@ class Attn:
         return out.clone(), weights  # a copy: downstream in-place ops must not move z_o (or the replay's output)
 
     @property
+    def _has_in(self) -> bool:
+        return any(not a.startswith("out_proj") for a in self.roles)
+
+    @property
+    def _has_out(self) -> bool:
+        return any(a.startswith("out_proj") for a in self.roles)
+
+    @property
     def targets(self) -> list[Tensor]:
-        """The graph tensors whose output gradients the blocks need: z_in..., z_o."""
-        return [*self.z_in, self.z_o]
+        """The graph tensors whose output gradients the blocks need: z_in... (when an in-projection
+        parameter is trainable; with frozen ones and an input that needs no grad they are constants),
+        z_o (when out_proj's are)."""
+        return [*(self.z_in if self._has_in else []), *([self.z_o] if self._has_out else [])]
 
     def problem(self, uses: dict[int, int], leaves: dict[str, Tensor], n: int) -> str:
         """Why the rule does not apply exactly ('' when it does)."""
@@ -258,11 +268,14 @@ class Attn:
 
         m, r = self.module, self.roles
         cat = lambda gs: gs[0] if len(gs) == 1 else torch.cat(gs)  # noqa: E731  (K sets, k-major)
-        e_in = [cat(g) for g in grads[:-1]]  # (M, T, E) each, or one (M, T, 3E)
-        e_o = cat(grads[-1])
+        n_in = len(self.z_in) if self._has_in else 0
+        e_in = [cat(g) for g in grads[:n_in]]  # (M, T, E) each, or one (M, T, 3E)
+        e_o = cat(grads[n_in]) if self._has_out else None
         out = []
         e = m.embed_dim
-        if m._qkv_same_embed_dim:
+        if not self._has_in:
+            pass
+        elif m._qkv_same_embed_dim:
             wn, bn = r.get("in_proj_weight"), r.get("in_proj_bias")
             roles = {role: p for role, p in (("weight", wn), ("bias", bn)) if p is not None}
             if len(e_in) == 1 and roles:

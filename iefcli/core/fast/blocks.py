@@ -509,7 +509,10 @@ def _tied_cross(a: Block, b: Block) -> Tensor:
         # only the rows some id touches: the embedding side is zero elsewhere
         uniq, ge = a.touched()  # (M, |U|, d)
         m = ge.shape[0]
-        gl = torch.bmm(b.e[..., uniq].transpose(1, 2), b._x_rows())  # (M, |U|, d)
+        if b.e.shape[1] == 1:  # one position: outer products (a bmm with inner dim 1 is slower)
+            gl = b.e[:, 0, uniq][:, :, None] * b._x_rows()[:, 0, None, :]  # (M, |U|, d)
+        else:
+            gl = torch.bmm(b.e[..., uniq].transpose(1, 2), b._x_rows())  # (M, |U|, d)
         return (ge.reshape(m, -1).to(gl.dtype) @ gl.reshape(m, -1).T).to(ACC)
     return a.matrix() @ b.matrix().T
 

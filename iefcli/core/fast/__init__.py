@@ -4,6 +4,8 @@ Package layout (four layers, each usable on its own):
 ``rules``    which modules have a rule, and the CAPTURE layer (:class:`Layer`: a forward hook
              keeping X and Z, optionally a tensor hook keeping dL/dZ from an ordinary backward;
              :class:`Call` for the per-module replay), parameter-use counting on the graph;
+``attention`` nn.MultiheadAttention's rule (:class:`Attn`: the module's forward replaced, during the
+             batched forward only, by the same computation with the projections as graph tensors);
 ``blocks``   per-layer block maths from X and E (gram / combine_into / dot, and ``matrix()``,
              the dense twin), and the per-module replay block;
 ``rows``     :class:`FastRows`, the sum of the blocks (plus the whole-model vmap fallback);
@@ -35,8 +37,15 @@ Linear (N, T, d)    W: sum_t E_mt^T X_nt -> per layer the cheaper of
 bias (any)          sum_t E_mt  ->  Gram block (sum_t E)(sum_t E)^T
 Conv2d (groups=1)   a sequence Linear on unfolded patches (T = H_out W_out)
 LayerNorm           w: sum_t E_mt * xhat_nt, b: sum_t E_mt (M x D, materialised)
-Embedding           W: scatter of E_mt into rows ids_nt; Gram over shared
-                    tokens only (pairs of occurrences of the same id)
+Embedding           W: scatter of E_mt into rows ids_nt; Gram per id over the
+                    rows holding it (one batched matmul per group-size class),
+                    or densely on the touched rows when there are few ids
+MultiheadAttention  in_proj (packed: one Linear on the sequence when query is
+                    key is value, else three row slices, materialised; or
+                    q/k/v_proj_weight: three Linears) and out_proj (a Linear
+                    on the attention output): sequence Linear blocks
+tied weight         sum of the holders' blocks: their Grams + cross terms
+                    (Embedding x Linear on the touched rows only)
 ==================  =========================================================
 
 ``combine(x)`` = sum_m x_m row_m is E^T diag(x) X per layer (one matmul, no
@@ -51,9 +60,20 @@ automatically; batch norm in train mode is refused. A seq-first layer whose
 sequence length happens to EQUAL N cannot be told apart from shapes: use
 ``jacobian="vmap"`` for models that run layers seq-first.
 
+A materialised sequence Linear (and a Conv) keeps the per-sample gradients its Gram formed
+(up to ``KEEP_PER_SAMPLE_ELEMENTS``) so that J^T x in the compute dtype is one (M) x (M, P_layer)
+product instead of a weight-gradient matmul.
+
+nn.MultiheadAttention (and so TransformerEncoderLayer / DecoderLayer): the module's forward is
+replaced during the batched forward by :func:`iefcli.core.fast.attention.attention_forward` (the
+same maths, batch-first inside, masks, need_weights, batch_first both ways, kdim/vdim), which
+exposes the in-projection outputs and out_proj's input/output; E is the total derivative there, so
+attention weights used downstream are exact too. add_bias_kv, add_zero_attn, active attention
+dropout, unbatched inputs or a subclass overriding forward keep the per-module replay below; a
+module called twice or a parameter used outside it as well (``param_paths`` "attention").
+
 Fallback, per module: a module owning trainable parameters without a rule
-(Conv1d, GroupNorm, BatchNorm in eval mode, RMSNorm, nn.MultiheadAttention's
-in_proj, ...) is replayed per sample ON ITS OWN under vmap, its parameters the
+(a custom layer, an nn.MultiheadAttention the attention rule does not cover, ...) is replayed per sample ON ITS OWN under vmap, its parameters the
 only variables, from its captured arguments and output gradients
 (:func:`iefcli.core.fast.blocks.replay_block`, the same implementation the
 Preconditioner uses); rule layers below it (MHA's out_proj, whose weight MHA
@@ -75,11 +95,19 @@ Embedding ``max_norm``, grouped or non-zero-padded convolutions).
 the per-module fallback, "vmap": the whole model); ``fallback_reasons`` says
 why.
 
+When the parameters certain to take the whole-model path (a recurrent module, a root module's own
+parameters, tied weights without rules) hold at least half of the trainable numbers, everything
+is handed to the plain path (:class:`iefcli.core.jacobian.VmapJacobian`, ``param_paths`` all
+"vmap", the reason in ``fallback_reasons``): the hooked forward and the layer blocks would only add
+to a per-sample pass that costs most of the time anyway.
+
 Tied weights (one Parameter held by several modules with rules, e.g. an
-Embedding and the Linear head): each holder's columns are formed by its rule and
-summed, materialised as an M x numel block (``param_paths`` "tied"; above
-``MATERIALISE_MAX_ELEMENTS`` for N x numel it takes the whole-model path, which
-would hold the same N x numel). Broadcast position embeddings (an Embedding on
+Embedding and the Linear head): the parameter's block (``param_paths`` "tied") sums the holders'
+blocks: Gram = the holders' own Grams + cross terms, Embedding x Linear cross terms formed on the
+weight rows the ids touch ((M, |U|, d) per side), other pairs by dense columns; J^T x and J v are
+the sums of the holders'. Nothing M x numel is formed, except for iefcli.dist (the dense form it
+gathers). Above ``MATERIALISE_MAX_ELEMENTS`` for N x numel the parameter still takes the
+whole-model path. Broadcast position embeddings (an Embedding on
 ids of leading dim 1 while the batch is N) have their output expanded to the
 batch inside the capture so each sample gets its own output gradient; a model
 whose code rejects the expanded shape is run as written (whole-model path).

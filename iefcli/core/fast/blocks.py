@@ -27,6 +27,9 @@ ACC = torch.float64  # accumulation dtype of Gram blocks, combine and dot (see m
 # Upper bound on the per-sample blocks one layer may materialise (M * d_out * d_in numbers);
 # above it the ghost (pairwise) form is used even when it costs more flops.
 MATERIALISE_MAX_ELEMENTS = 1 << 25
+# A materialised layer keeps its per-sample gradients from gram() for J^T x (in the compute dtype) when
+# they hold at most this many numbers (J^T x is then (M) x (M, P_layer) instead of a weight-gradient matmul).
+KEEP_PER_SAMPLE_ELEMENTS = 1 << 22
 # Temporaries of the ghost form (rows_chunk x M x T x T) are kept below this many numbers.
 GHOST_CHUNK_ELEMENTS = 1 << 23
 # combine: float64 products of a layer's weight block are formed this many numbers at a time
@@ -36,6 +39,10 @@ COMBINE_CHUNK_ELEMENTS_ACCEL = 1 << 22
 # The embedding Gram by unique/argsort (CPU: cheapest) or with static shapes (accelerators: no host
 # sync from data-dependent sizes); tests set this to check the static form on CPU.
 EMBEDDING_GRAM_STATIC = False
+# CPU: an embedding whose rows touch few distinct ids (at most 8 per position) has its Gram formed from
+# the dense (M, |U|, d) gradients on the touched rows when that holds at most this many numbers, else by
+# id groups (tests set 0 to check the grouped form).
+EMBEDDING_DENSE_MAX_ELEMENTS = 1 << 23
 
 
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
@@ -135,9 +142,12 @@ class _MatmulBlock(Block):
                     xx = xx.repeat(self.k, self.k)
                 out += xx * (e @ e.T)  # Hadamard product of the two Grams
             elif self.strategy == "materialise":
-                # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them
+                # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them;
+                # kept (small layers) for J^T x in the compute dtype: one (M) x (M, P_layer) product
                 g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
                 out += g @ g.T
+                if g.numel() <= KEEP_PER_SAMPLE_ELEMENTS:
+                    self._g = g
             else:
                 out += _gram_weight_ghost(self._x_rows(), self.e)
         if "bias" in self.roles:
@@ -155,6 +165,12 @@ class _MatmulBlock(Block):
         w = out[self.roles["weight"]].view(d_out, d_in) if "weight" in self.roles else None
         b = out[self.roles["bias"]] if "bias" in self.roles else None
         dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
+        g = getattr(self, "_g", None)
+        if dt == self.cdt and w is not None and g is not None:  # the per-sample gradients kept by gram()
+            w.copy_((x.to(dt) @ g).view(d_out, d_in))
+            if b is not None:
+                b.copy_(x.to(dt) @ self.e.sum(dim=1))
+            return
         if dt != ACC:
             ex = self.e * x.to(dt)[:, None, None]  # (M, T, d_out)
             if self.k > 1:
@@ -255,7 +271,10 @@ class _ConvBlock(Block):
             ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
         if "weight" in self.roles:
             w = out[self.roles["weight"]]
-            w.copy_(self._wgrad(self.x.to(dt), ex).reshape(w.shape))
+            if self._g is not None and dt == self.cdt:  # the per-sample gradients gram() formed
+                w.copy_((x.to(dt) @ self._g).reshape(w.shape))
+            else:
+                w.copy_(self._wgrad(self.x.to(dt), ex).reshape(w.shape))
         if "bias" in self.roles:
             out[self.roles["bias"]].copy_(ex.reshape(*ex.shape[:2], -1).sum(dim=(0, 2)))
 
@@ -308,8 +327,10 @@ class _DenseBlock(Block):
 class _EmbeddingBlock(Block):
     """Embedding: row m's gradient scatters E_mt (d,) into weight row ids_nt.
 
-    Gram[i, j] = sum over pairs of occurrences with the same id of <f_i,v, f_j,v>,
-    where f_m,v = sum_{t: ids_nt = v} E_mt; only ids two rows share cost anything.
+    Gram[i, j] = sum over ids v held by both rows of <f_i,v, f_j,v>, where f_m,v = sum_{t: ids_nt = v}
+    E_mt; per id one small matmul F_v F_v^T (batched by group size), so only ids two rows share cost
+    more than a dot product. Few distinct ids (position embeddings, small vocabularies): densely on
+    the touched rows.
     """
 
     def __init__(self, roles: dict[str, str], ids: Tensor, e: Tensor, k: int, weight_shape, padding_idx, cdt):
@@ -321,10 +342,33 @@ class _EmbeddingBlock(Block):
             self.e = self.e * (self.ids != padding_idx).repeat(k, 1).unsqueeze(-1).to(cdt)
         self.weight_shape = weight_shape
 
+    def touched(self) -> tuple[Tensor, Tensor]:
+        """(U, F): the weight rows the ids touch (CPU; all rows on accelerators or with
+        EMBEDDING_GRAM_STATIC: static shapes) and each row's gradient on them, (M, |U|, d) in the
+        compute dtype. Cached."""
+        if getattr(self, "_touched", None) is None:
+            m, t, d = self.e.shape
+            ids = self.ids.repeat(self.k, 1) if self.k > 1 else self.ids  # (M, T)
+            if self.e.device.type == "cpu" and not EMBEDDING_GRAM_STATIC:
+                uniq, inv = torch.unique(ids, return_inverse=True)
+            else:
+                uniq, inv = torch.arange(self.weight_shape[0], device=ids.device), ids
+            u = uniq.shape[0]
+            rows = torch.arange(m, device=ids.device).unsqueeze(1) * u + inv  # (M, T)
+            f = torch.zeros(m * u, d, dtype=self.e.dtype, device=self.e.device)
+            self._touched = (uniq, f.index_add_(0, rows.reshape(-1), self.e.reshape(-1, d)).reshape(m, u, d))
+        return self._touched
+
     def gram(self) -> Tensor:
         if self.e.device.type != "cpu" or EMBEDDING_GRAM_STATIC:
             return self._gram_static()
         m, t, d = self.e.shape
+        n_ids = torch.unique(self.ids).shape[0]
+        if n_ids <= 8 * t and m * n_ids * d <= EMBEDDING_DENSE_MAX_ELEMENTS:
+            # few distinct ids for the positions (position / token-type embeddings, small vocabularies):
+            # the rows' gradients on the touched rows, densely, and one matmul
+            f = self.touched()[1].reshape(m, -1)
+            return (f @ f.T).to(ACC)
         dev = self.e.device
         vocab = self.weight_shape[0]
         ids = self.ids.repeat(self.k, 1)  # (M, T)
@@ -332,27 +376,42 @@ class _EmbeddingBlock(Block):
         # Sum each row's occurrences of the same id: compact f (L, d) with its row and id.
         key = (row * vocab + ids).reshape(-1)
         uniq, inv = torch.unique(key, return_inverse=True)
-        f = torch.zeros(uniq.shape[0], d, dtype=ACC, device=dev).index_add_(0, inv, self.e.reshape(-1, d).to(ACC))
+        f = torch.zeros(uniq.shape[0], d, dtype=self.cdt, device=dev).index_add_(0, inv, self.e.reshape(-1, d))
         f_row, f_id = uniq // vocab, uniq % vocab
-        # Group the compact entries by id; all ordered pairs within a group contribute.
+        # Group the compact entries by id: the Gram is the sum over ids of F_v F_v^T (F_v: the
+        # entries of id v, one per row holding it), scattered into (rows, rows). Groups are padded
+        # to the next power of two of their size and each size class is one batched matmul
+        # (padding costs at most 4x a group's own c^2 d; singletons add to the diagonal only).
         order = torch.argsort(f_id, stable=True)
         f, f_row, f_id = f[order], f_row[order], f_id[order]
         _, counts = torch.unique_consecutive(f_id, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        per_entry = torch.repeat_interleave(counts, counts)  # group size of each entry
-        entry_start = torch.repeat_interleave(starts, counts)
-        left = torch.repeat_interleave(torch.arange(f.shape[0], device=dev), per_entry)
-        block = torch.cumsum(per_entry, 0) - per_entry
-        right = torch.repeat_interleave(entry_start, per_entry) + (
-            torch.arange(left.shape[0], device=dev) - torch.repeat_interleave(block, per_entry)
-        )
-        out = torch.zeros(m * m, dtype=ACC, device=dev)
-        step = max(1, GHOST_CHUNK_ELEMENTS // max(1, d))
-        for p0 in range(0, left.shape[0], step):
-            li, ri = left[p0 : p0 + step], right[p0 : p0 + step]
-            dots = (f[li] * f[ri]).sum(dim=1)
-            out.index_add_(0, f_row[li] * m + f_row[ri], dots)
-        return out.reshape(m, m)
+        n_ent = f.shape[0]
+        group = torch.repeat_interleave(torch.arange(counts.shape[0], device=dev), counts)
+        pos = torch.arange(n_ent, device=dev) - torch.repeat_interleave(starts, counts)
+        size_class = torch.ceil(torch.log2(counts.to(torch.float64))).long()  # 0 for singletons
+        out = torch.zeros((m + 1) * (m + 1), dtype=ACC, device=dev)
+        single = (counts == 1)[group]
+        if bool(single.any()):
+            fs, rs = f[single], f_row[single]
+            out.index_add_(0, rs * (m + 2), (fs * fs).sum(dim=1).to(ACC))
+        for c in torch.unique(size_class[counts > 1]).tolist():
+            gsel = (size_class == c) & (counts > 1)
+            gid = torch.nonzero(gsel).squeeze(1)  # groups of this size class
+            slot = torch.full((counts.shape[0],), -1, dtype=torch.long, device=dev)
+            slot[gid] = torch.arange(gid.shape[0], device=dev)
+            ent = gsel[group]
+            cap = 1 << c
+            p_ = torch.zeros(gid.shape[0] * cap, d, dtype=f.dtype, device=dev)
+            r_ = torch.full((gid.shape[0] * cap,), m, dtype=torch.long, device=dev)  # padding -> dummy row m
+            at = slot[group[ent]] * cap + pos[ent]
+            p_[at], r_[at] = f[ent], f_row[ent]
+            p_ = p_.reshape(-1, cap, d)
+            r_ = r_.reshape(-1, cap)
+            blocks = torch.bmm(p_, p_.transpose(1, 2))  # (groups, cap, cap)
+            idx = r_[:, :, None] * (m + 1) + r_[:, None, :]
+            out.index_add_(0, idx.reshape(-1), blocks.reshape(-1).to(ACC))
+        return out.reshape(m + 1, m + 1)[:m, :m].contiguous()
 
     def _gram_static(self) -> Tensor:
         """The same Gram with static shapes and no host sync (accelerators): sum over position pairs
@@ -370,10 +429,15 @@ class _EmbeddingBlock(Block):
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         n = self.ids.shape[0]
-        ew = (self.e.to(ACC) * x.to(ACC)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
-        w = torch.zeros(self.weight_shape, dtype=ACC, device=self.e.device)
+        o = out[self.roles["weight"]]
+        dt = ACC if o.dtype == ACC else self.cdt
+        ew = (self.e.to(dt) * x.to(dt)[:, None, None]).reshape(self.k, n, *self.e.shape[1:]).sum(dim=0)
+        if o.dtype == dt:  # straight into the result (float64, or float32 parameters' float32 J^T x)
+            o.view(self.weight_shape).zero_().index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
+            return
+        w = torch.zeros(self.weight_shape, dtype=dt, device=self.e.device)
         w.index_add_(0, self.ids.reshape(-1), ew.reshape(-1, ew.shape[-1]))
-        out[self.roles["weight"]].copy_(w)
+        o.copy_(w.view(o.shape))
 
     def matrix(self) -> Tensor:
         m, t, d = self.e.shape
@@ -390,6 +454,69 @@ class _EmbeddingBlock(Block):
         return (e * gathered).sum(dim=(2, 3)).reshape(m)
 
 
+class _TiedBlock(_DenseBlock):
+    """A parameter held by several rule layers (tied weights, e.g. an Embedding and the Linear head):
+    its per-sample gradient is the sum of the holders' columns, so its Gram is the sum of the holders'
+    Grams (each by its own rule, nothing materialised) plus the cross terms <holder_a_i, holder_b_j>.
+    Embedding x Linear cross terms are formed on the rows of W the batch's ids touch only (U):
+    (M, |U|, d) per side in the compute dtype; any other pair by the holders' dense columns.
+    ``mats`` (the dense column block, as :class:`_DenseBlock`) is formed only when asked for
+    (iefcli.dist gathers it)."""
+
+    def __init__(self, name: str, parts: list[Block], shapes: dict[str, torch.Size]):
+        self.kind, self.roles, self.strategy = "tied", {"tied": name}, "sum"
+        self.parts, self.shapes, self.name = parts, shapes, name
+        self._mats: dict[str, Tensor] | None = None
+
+    @property
+    def mats(self) -> dict[str, Tensor]:
+        if self._mats is None:
+            self._mats = {self.name: self.matrix()}
+        return self._mats
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def matrix(self) -> Tensor:
+        return sum(b.matrix() for b in self.parts)
+
+    def gram(self) -> Tensor:
+        out = sum(b.gram() for b in self.parts)
+        for i, a in enumerate(self.parts):
+            for b in self.parts[i + 1 :]:
+                c = _tied_cross(a, b)
+                out = out + c + c.T
+        return out
+
+    def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        self.parts[0].combine_into(x, out)
+        tmp = {self.name: torch.empty_like(out[self.name])}
+        for b in self.parts[1:]:
+            b.combine_into(x, tmp)
+            out[self.name] += tmp[self.name]
+
+    def dot(self, v: dict[str, Tensor]) -> Tensor:
+        return sum(b.dot(v) for b in self.parts)
+
+
+def _tied_cross(a: Block, b: Block) -> Tensor:
+    """(M, M) float64: <a's columns of row i, b's columns of row j> for two holders of one parameter."""
+    if isinstance(b, _EmbeddingBlock) and isinstance(a, _MatmulBlock):
+        return _tied_cross(b, a).T
+    if isinstance(a, _EmbeddingBlock) and isinstance(b, _MatmulBlock) and b.kind == "linear" \
+            and tuple(b.weight_shape) == tuple(a.weight_shape):
+        # only the rows some id touches: the embedding side is zero elsewhere
+        uniq, ge = a.touched()  # (M, |U|, d)
+        m = ge.shape[0]
+        if b.e.shape[1] == 1:  # one position: outer products (a bmm with inner dim 1 is slower)
+            gl = b.e[:, 0, uniq][:, :, None] * b._x_rows()[:, 0, None, :]  # (M, |U|, d)
+        else:
+            gl = torch.bmm(b.e[..., uniq].transpose(1, 2), b._x_rows())  # (M, |U|, d)
+        return (ge.reshape(m, -1).to(gl.dtype) @ gl.reshape(m, -1).T).to(ACC)
+    return a.matrix() @ b.matrix().T
+
+
 def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
     """xhat (N, T, D) and D, recomputed from the captured input in ``cdt`` (LayerNorm or RMSNorm)."""
     m = layer.module
@@ -400,9 +527,9 @@ def _layernorm_features(layer: Layer, cdt: torch.dtype) -> tuple[Tensor, int]:
         eps = m.eps if m.eps is not None else torch.finfo(layer.x.dtype).eps
         xhat = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
     else:
-        mu = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-        xhat = (x - mu) / torch.sqrt(var + m.eps)
+        xc = x - x.mean(dim=dims, keepdim=True)
+        var = (xc * xc).mean(dim=dims, keepdim=True)  # (torch.var over short rows is slow on CPU)
+        xhat = xc * torch.rsqrt(var + m.eps)
     d = int(torch.Size(m.normalized_shape).numel())
     return _seq(xhat, x.shape[0], d), d
 

@@ -8,7 +8,8 @@ from torch.func import jvp as func_jvp
 
 import dataclasses
 
-from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, compute_dtype, make_block, replay_block
+from iefcli.core.fast.attention import Attn, plan_attention
+from iefcli.core.fast.blocks import MATERIALISE_MAX_ELEMENTS, _DenseBlock, _TiedBlock, compute_dtype, make_block, replay_block
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.fast.rules import (
     Call,
@@ -175,7 +176,8 @@ class FastJacobian:
     Attributes after construction:
       logits (N, ...) detached; layout (all trainable params);
       param_paths: param name -> a rule kind ("linear", "conv1d", "conv2d", "layernorm", "rmsnorm",
-        "groupnorm", "batchnorm", "embedding"), "replay" (the per-module fallback) or "vmap" (whole model);
+        "groupnorm", "batchnorm", "embedding", "attention", "tied"), "replay" (the per-module fallback)
+        or "vmap" (whole model);
       layer_paths: hooked module name -> its kind, for the modules on the fast path;
       fallback_reasons: param name -> why it takes the vmap path.
     """
@@ -211,13 +213,25 @@ class FastJacobian:
         self._inner, self._prefix = _uncompiled(model, params)
         layers, reasons = plan_layers(self._inner, self._strip(params))
         tied = _plan_tied(self._inner, layers, reasons, self._strip(params), batch_size_of(inputs))
+        layers, attns = plan_attention(self._inner, self._strip(params), layers, reasons)
         layers, calls = _plan_calls(self._inner, layers, reasons)
         self._tied = {self._prefix + p: k for p, k in tied.items()}
-        for cap in [*layers, *calls]:
+        for cap in [*layers, *calls, *attns]:
             cap.roles = {r: self._prefix + p for r, p in cap.roles.items()}
         self.fallback_reasons.update({self._prefix + k: v for k, v in reasons.items()})
+        self._vm: VmapJacobian | None = None
+        planned = {p for cap in [*layers, *calls, *attns] for p in cap.roles.values()} | set(self._tied)
+        whole = [p for p in params if p not in planned]  # certain to take the whole-model path
+        if 2 * sum(params[p].numel() for p in whole) >= sum(t.numel() for t in params.values()):
+            # Most of the parameters go through the model per sample anyway (a recurrent module, tied
+            # weights without rules): the plain path for all of them costs less than a hooked forward,
+            # the layer blocks AND that per-sample pass.
+            self._whole_model(whole)
+            return
         self._leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         handles = [cap.module.register_forward_hook(cap.hook, with_kwargs=True) for cap in [*layers, *calls]]
+        for att in attns:  # the attention rule runs its own forward in place of the module's
+            att.install()
         n_batch = batch_size_of(inputs)
         for layer in layers:
             layer.batch = n_batch if layer.kind == "embedding" else None
@@ -229,7 +243,7 @@ class FastJacobian:
                     if not any(layer.expanded for layer in layers):
                         raise
                     # the model did not take an expanded position embedding: run it as written
-                    for cap in [*layers, *calls]:
+                    for cap in [*layers, *calls, *attns]:
                         cap.reset()
                     for layer in layers:
                         layer.batch, layer.expanded = None, False
@@ -237,6 +251,8 @@ class FastJacobian:
         finally:
             for h in handles:
                 h.remove()
+            for att in attns:
+                att.remove()
         self._out = out
         self.logits = out.detach()
 
@@ -274,6 +290,17 @@ class FastJacobian:
             if layer.roles:
                 self._layers.append(layer)
             layer.x_ref = None  # only the detached copy is needed from here on
+        self._attns: list[Attn] = []
+        for att in attns:  # the rule applies exactly, or the module is replayed on its own as before
+            why = att.problem(uses, self._leaves, n_batch) if out.requires_grad else "logits do not require grad"
+            if why:
+                call = att.to_call()
+                calls.append(call)
+                for p in call.roles.values():
+                    self.fallback_reasons[p] = f"{att.name}: attention rule: {why}"
+            else:
+                self._attns.append(att)
+            att.x_refs = []
         self._calls: list[Call] = []
         nodes = None
         # uses of each leaf OUTSIDE the replayed modules (the walk does not enter their outputs' graphs):
@@ -292,14 +319,37 @@ class FastJacobian:
                     self.fallback_reasons[p] = f"{call.name}: {why}"
             else:
                 self._calls.append(call)
+                for p in call.roles.values():  # an attention module whose rule did not apply: replayed
+                    if self.fallback_reasons.get(p, "").startswith(f"{call.name}: attention rule:"):
+                        self.fallback_reasons[p] += " (replayed)"
         fast = {p: layer.kind for layer in self._layers for p in layer.roles.values()}
         fast.update({p: "tied" for p in self._tied})
         fast.update({p: "replay" for call in self._calls for p in call.roles.values()})
+        fast.update({p: "attention" for att in self._attns for p in att.roles.values()})
         self.param_paths = {name: fast.get(name, "vmap") for name in params}
         self.layer_paths = {layer.name: layer.kind for layer in self._layers}
         self.layer_paths.update({call.name: "replay" for call in self._calls})
+        self.layer_paths.update({att.name: "attention" for att in self._attns})
         self._fallback_names = [n for n in params if n not in fast]
         self._fallback: VmapJacobian | None = None
+
+    def _whole_model(self, whole: list[str]) -> None:
+        """Delegate everything to the plain path (:class:`VmapJacobian` over all parameters)."""
+        self._vm = VmapJacobian(self.model, self.params, self.inputs, forward=self.forward,
+                                chunk_size=self.chunk_size, randomness=self.randomness)
+        self.logits = self._vm.logits.detach()
+        total = sum(t.numel() for t in self.params.values())
+        share = sum(self.params[p].numel() for p in whole) / max(1, total)
+        first = f"{whole[0]}: {self.fallback_reasons.get(whole[0], 'no layer rule')}"
+        for p in self.params:
+            if p not in whole:
+                self.fallback_reasons[p] = (f"the plain path for the whole model: parameters that must go through "
+                                            f"it hold {100 * share:.0f}% of the numbers (e.g. {first})")
+        self.param_paths = {name: "vmap" for name in self.params}
+        self.layer_paths = {}
+        self._fallback_names = list(self.params)
+        self._fallback = self._vm
+        self._tied, self._layers, self._calls, self._attns = {}, [], [], []
 
     def _strip(self, params: Params) -> Params:
         """The caller's names -> the names inside the module that runs (compiled: without the prefix)."""
@@ -312,6 +362,8 @@ class FastJacobian:
 
     def vjp(self, cotangent: Tensor) -> Tensor:
         """sum_n Jz_n^T V_n, (P,), by one backward pass on the retained graph."""
+        if self._vm is not None:
+            return self._vm.vjp(cotangent)
         leaves = list(self._leaves.values())
         if not self._out.requires_grad:
             return torch.zeros(self.layout.size, dtype=self._dtype, device=self.logits.device)
@@ -323,6 +375,8 @@ class FastJacobian:
 
     def jvp(self, tangent: Tensor) -> Tensor:
         """Jz v, (N, ...), forward mode over the (hook-free) forward."""
+        if self._vm is not None:
+            return self._vm.jvp(tangent)
         tangents = self.layout.unflatten(tangent.to(self._dtype))
         _, out = func_jvp(lambda p: self.forward(self._inner, self._strip(p), self.inputs), (self.params,), (tangents,))
         return out
@@ -355,9 +409,12 @@ class FastJacobian:
 
     def rows(self, cotangents: Tensor) -> FastRows:
         """Rows Jz_n^T U_{kn} (K*N of them, k-major) for cotangents (K, N, ...), as FastRows."""
+        if self._vm is not None:
+            return self._whole_rows(cotangents)
         k = cotangents.shape[0]
         u = cotangents.to(self._out.dtype)
         targets = [layer.out for layer in self._layers] + [call.out for call in self._calls]
+        targets += [t for att in self._attns for t in att.targets]
         grads: list[list[Tensor]] = [[] for _ in targets]
         if targets:
             with torch.enable_grad():
@@ -375,11 +432,15 @@ class FastJacobian:
                 blocks.append(make_block(dataclasses.replace(layer, roles=own) if len(own) < len(layer.roles)
                                          else layer, gs, shapes, cdt))
             for r, p in layer.roles.items():
-                if p in self._tied:  # this holder's columns of the tied parameter, summed over holders
-                    mat = make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt).matrix()
-                    tied[p] = mat if p not in tied else tied[p] + mat
-        blocks += [_DenseBlock("tied", {"tied": p}, {"tied": mat}, shapes) for p, mat in tied.items()]
-        for call, gs in zip(self._calls, grads[nl:]):  # the per-module fallback: only this module per sample
+                if p in self._tied:  # this holder's share of the tied parameter (summed over holders)
+                    tied.setdefault(p, []).append(make_block(dataclasses.replace(layer, roles={r: p}), gs, shapes, cdt))
+        blocks += [_TiedBlock(p, parts, shapes) for p, parts in tied.items()]
+        nc = nl + len(self._calls)
+        for att in self._attns:  # the attention rule: its projections are sequence Linear blocks
+            nt = len(att.targets)
+            blocks += att.blocks(grads[nc : nc + nt], k, cdt)
+            nc += nt
+        for call, gs in zip(self._calls, grads[nl:nl + len(self._calls)]):  # the per-module fallback: only this module per sample
             try:
                 blocks.append(replay_block(call, gs, shapes, randomness=self.randomness))
             except RuntimeError as e:
@@ -392,20 +453,24 @@ class FastJacobian:
                 raise err from None
         fallback = fb_layout = None
         if self._fallback_names:
-            fj = self._fallback_jacobian()
-            try:
-                fallback, fb_layout = fj.rows(cotangents), fj.layout
-            except RuntimeError as e:
-                err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
-                                           + (" ..." if len(self._fallback_names) > 3 else ""))
-                if err is None:
-                    rnn = self._recurrent_owner()
-                    if rnn is None:
-                        raise
-                    err = ModelError(f"module {rnn} has no fast rule and torch.func could not run the model per "
-                                     f"sample through it ({str(e).splitlines()[0][:120]}); freeze it, or run it "
-                                     "outside the trainable part of the model")
-                raise err from None
+            fallback, fb_layout = self._whole_rows(cotangents), self._fallback_jacobian().layout
         n = self.logits.shape[0]
         return FastRows(blocks, fallback, fb_layout, self.layout, k * n, self._dtype, self.logits.device)
+
+    def _whole_rows(self, cotangents: Tensor):
+        """The whole-model (plain) rows of the fallback parameters, with one-line errors."""
+        fj = self._fallback_jacobian()
+        try:
+            return fj.rows(cotangents)
+        except RuntimeError as e:
+            err = translate_func_error(e, "the vmap fallback for " + ", ".join(self._fallback_names[:3])
+                                       + (" ..." if len(self._fallback_names) > 3 else ""))
+            if err is None:
+                rnn = self._recurrent_owner()
+                if rnn is None:
+                    raise
+                err = ModelError(f"module {rnn} has no fast rule and torch.func could not run the model per "
+                                 f"sample through it ({str(e).splitlines()[0][:120]}); freeze it, or run it "
+                                 "outside the trainable part of the model")
+            raise err from None
 

@@ -183,3 +183,21 @@ def test_cli_json_is_complete():
               "max_rel_diff_fast_vs_plain", "check_n", "max_rel_diff_vs_float64", "fallback_params"):
         assert k in row, k
     assert row["max_rel_diff_vs_float64"] < 1e-5 and row["check_n"] == 4
+
+
+@pytest.mark.parametrize("method", ["sgd", "ief", "ef"])
+def test_bench_times_the_step_between_log_lines_by_default(method):
+    """diagnostics=False (run_bench's default) is the step `ief train` runs between log lines: the
+    same new params bit for bit, without the logging step's diagnostics."""
+    wl = bench.build_workload(TINY, 6, dtype=torch.float64)
+    lean, full = (bench.make_step(method, wl, lr=0.1, damping=1e-3, diagnostics=d) for d in (False, True))
+    for _ in range(2):
+        lean(), full()
+    assert all(torch.equal(lean.params[k], full.params[k]) for k in full.params)
+    assert "grad_norm" in full.metrics and "grad_norm" not in lean.metrics
+    res = runner.invoke(app, ["bench", "--model", TINY, "-n", "4", "--repeats", "1", "--warmup", "0",
+                              "--no-memory", "--no-check", "--json", "-q", "--methods", f"sgd,{method}"])
+    assert res.exit_code == 0 and all(r["diagnostics"] is False for r in json.loads(res.stdout))
+    res = runner.invoke(app, ["bench", "--model", TINY, "-n", "4", "--repeats", "1", "--warmup", "0",
+                              "--no-memory", "--no-check", "--json", "-q", "--methods", "sgd", "--diagnostics"])
+    assert res.exit_code == 0 and all(r["diagnostics"] is True for r in json.loads(res.stdout))

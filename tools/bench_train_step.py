@@ -87,7 +87,9 @@ def measure(recipe_name: str, optimizer: str, *, steps: int, skip: int, tensorbo
     first = next(task.batches("train", bs, torch.Generator().manual_seed(0)))
     wl = Workload(f"recipe:{recipe_name}", task.model, first.inputs, first.targets, task.loss_fn, task.forward, bs)
     try:
-        bench = Step(optimizer, wl, config=plan.cfg)
+        # the bench's default step: the one `ief train` runs between log lines (the loop's mean
+        # includes its logging steps, so the ratio carries their cost)
+        bench = Step(optimizer, wl, config=plan.cfg, diagnostics=False)
     except TypeError:  # an older tree (before Step took a config): the same step by hand
         from iefcli.optim import make_optimizer
 

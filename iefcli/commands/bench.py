@@ -81,7 +81,8 @@ def render_table(rows: list[dict], *, wide: bool = False):
 
     first = rows[0]
     title = (f"ief bench: {first['model']} (P = {first['n_params']:,}), {first['device']}, "
-             f"{first['threads']} thread(s), median of {first['repeats']}")
+             f"{first['threads']} thread(s), median of {first['repeats']}"
+             + (", logging steps" if first.get("diagnostics") else ""))
     t = Table(title=title)
     cols = [("N", "right"), ("optimizer", "left"), ("path", "left"), ("wall ms", "right"), ("xSGD", "right"),
             ("CPU ms", "right"), ("xSGD", "right"), ("MiB", "right"), ("xSGD", "right")]
@@ -150,6 +151,7 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seeds the model and the random batch.")] = 0,
     memory: Annotated[bool, typer.Option(help="Measure peak memory (CPU: in a worker process).")] = True,
     check: Annotated[bool, typer.Option(help="Compare fast-path and plain-path directions.")] = True,
+    diagnostics: Annotated[bool, typer.Option(help="Time logging steps (grad norm, cosine, imbalance, ... for every method) instead of the step `ief train` runs between log lines.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of result objects on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress notes on stderr.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="One table with the direction checks as columns (wider than 80 columns).")] = False,
@@ -185,7 +187,7 @@ def bench(
             return
         rows = run_bench(model=model, batch_sizes=sizes, methods=method_list, jacobian=jacobian,
                          repeats=repeats, warmup=warmup, threads=threads, device=device, damping=damping,
-                         seed=seed, memory=memory, check=check, progress=note)
+                         seed=seed, memory=memory, check=check, progress=note, diagnostics=diagnostics)
         if json_out:
             from iefcli.train.jsonout import stamp  # a list: each result object carries the versions
 

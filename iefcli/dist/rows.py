@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iefcli.core.fast.blocks import ACC, Block, _ConvBlock, _DenseBlock, _EmbeddingBlock, _MatmulBlock
+from iefcli.core.fast.blocks import ACC, Block, _ConvBlock, _DenseBlock, _EmbeddingBlock, _MatmulBlock, _TiedBlock
 from iefcli.core.fast.rows import FastRows
 from iefcli.core.jacobian import DenseRows
 from iefcli.core.params import ParamLayout
@@ -198,7 +198,9 @@ def _strip(block: Block) -> Block:
     for attr in ("x", "e", "ids", "_g"):
         if hasattr(c, attr):
             setattr(c, attr, None)
-    if isinstance(c, _DenseBlock):
+    if isinstance(c, _TiedBlock):  # its dense mats are a lazy property; only their names are kept
+        c._mats, c.parts = dict.fromkeys(block.names), []
+    elif isinstance(c, _DenseBlock):
         c.mats = dict.fromkeys(block.mats)
     return c
 

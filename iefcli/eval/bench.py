@@ -315,7 +315,7 @@ class Step:
     call's ``params`` and ``state`` (held here; the module's own tensors are not touched)."""
 
     def __init__(self, method: str, wl: Workload, *, jacobian: str = "auto", damping: float = 1e-4,
-                 lr: float | None = None, seed: int = 0, config=None):
+                 lr: float | None = None, seed: int = 0, config=None, diagnostics: bool = True):
         from iefcli.core import trainable_params
         from iefcli.train.task import Batch
 
@@ -335,17 +335,23 @@ class Step:
         self.state = self.opt.init(self.params)
         self.steps = 0
         self.metrics: dict[str, Tensor] = {}
+        self.diagnostics = diagnostics
 
     def __call__(self) -> None:
-        self.params, self.state, self.metrics = self.opt.update(
-            self.params, self.state, self.batch, key=self.seed + self.steps, lr=self.lr)
+        from iefcli.optim.base import update_step
+
+        self.params, self.state, self.metrics = update_step(
+            self.opt, self.params, self.state, self.batch, key=self.seed + self.steps, lr=self.lr,
+            diagnostics=self.diagnostics)
         self.steps += 1
 
 
 def make_step(method: str, wl: Workload, *, jacobian: str = "auto", damping: float = 1e-4,
-              lr: float | None = None, seed: int = 0) -> Step:
-    """A callable running one real optimiser update of ``method`` on ``wl`` per call (see :class:`Step`)."""
-    return Step(method, wl, jacobian=jacobian, damping=damping, lr=lr, seed=seed)
+              lr: float | None = None, seed: int = 0, diagnostics: bool = True) -> Step:
+    """A callable running one real optimiser update of ``method`` on ``wl`` per call (see :class:`Step`).
+    ``diagnostics=False``: the step ``ief train`` runs between log lines (no grad norm, cosine,
+    imbalance, ...; the same new params)."""
+    return Step(method, wl, jacobian=jacobian, damping=damping, lr=lr, seed=seed, diagnostics=diagnostics)
 
 
 def _sync(device: torch.device) -> None:
@@ -495,13 +501,15 @@ def _memory_worker(cfg: dict) -> dict:
     # autograd engine) happens once per process and belongs to no step.
     wl = build_workload(cfg["model"], 2, seed=cfg["seed"])
     for m in cfg["methods"]:
-        make_step(m, wl, jacobian=cfg["jacobian"], damping=cfg["damping"], seed=cfg["seed"])()
+        make_step(m, wl, jacobian=cfg["jacobian"], damping=cfg["damping"], seed=cfg["seed"],
+                  diagnostics=cfg.get("diagnostics", True))()
     del wl
     out: dict[str, dict[str, float]] = {}
     for n in cfg["batch_sizes"]:
         wl = build_workload(cfg["model"], n, seed=cfg["seed"])
         held = _workload_bytes(wl)
-        steps = {m: make_step(m, wl, jacobian=cfg["jacobian"], damping=cfg["damping"], seed=cfg["seed"])
+        steps = {m: make_step(m, wl, jacobian=cfg["jacobian"], damping=cfg["damping"], seed=cfg["seed"],
+                              diagnostics=cfg.get("diagnostics", True))
                  for m in cfg["methods"]}
         for step in steps.values():  # warm-up: lazy initialisation is not the step's memory
             step()
@@ -529,12 +537,12 @@ def _workload_bytes(wl: Workload) -> int:
 
 
 def measure_cpu_memory(*, model: str, batch_sizes, methods, jacobian: str, damping: float, seed: int,
-                       threads: int) -> dict[str, dict[str, float]] | None:
+                       threads: int, diagnostics: bool = True) -> dict[str, dict[str, float]] | None:
     """Per N and method the CPU peak (MiB), from a fresh worker process; None where unsupported."""
     if not cpu_peak_supported():
         return None
     cfg = {"model": model, "batch_sizes": list(batch_sizes), "methods": list(methods), "jacobian": jacobian,
-           "damping": damping, "seed": seed, "threads": threads}
+           "damping": damping, "seed": seed, "threads": threads, "diagnostics": diagnostics}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), OMP_NUM_THREADS=str(threads))
     proc = subprocess.run([sys.executable, "-m", "iefcli.eval.bench", "--memory-worker", json.dumps(cfg)],
                           capture_output=True, text=True, env=env)
@@ -563,12 +571,16 @@ def run_bench(
     check: bool = True,
     check_max_numbers: int = 1 << 26,
     progress: Callable[[str], None] | None = None,
+    diagnostics: bool = False,
 ) -> list[dict]:
     """Run the benchmark; one result dict per (batch size, method). See the module docstring.
 
     Keys: model, optimizer, batch_size, n_params, jacobian, device, threads, repeats,
     ms_median, ms_min, ratio_to_sgd, peak_mb, peak_ratio_to_sgd,
-    max_rel_diff_fast_vs_plain, check_n.
+    max_rel_diff_fast_vs_plain, check_n, diagnostics.
+
+    ``diagnostics``: False (default) times the step ``ief train`` runs between log lines, True the
+    step of a logging line (grad norm, cosine, imbalance, ... for every method).
     """
     methods = tuple(methods)
     bad = [m for m in methods if m not in choices()]
@@ -615,14 +627,15 @@ def run_bench(
     if memory and dev.type == "cpu":
         say("measuring CPU peak memory in a worker process")
         cpu_mem = measure_cpu_memory(model=model, batch_sizes=batch_sizes, methods=methods, jacobian=jacobian,
-                                     damping=damping, seed=seed, threads=n_threads)
+                                     damping=damping, seed=seed, threads=n_threads, diagnostics=diagnostics)
 
     results: list[dict] = []
     for n in batch_sizes:
         say(f"N={n}: building {model}")
         wl = build_workload(model, n, seed=seed, device=dev)
         fell_back = fallback_params(wl) if jacobian != "vmap" else {}
-        steps = {m: make_step(m, wl, jacobian=jacobian, damping=damping, seed=seed) for m in methods}
+        steps = {m: make_step(m, wl, jacobian=jacobian, damping=damping, seed=seed, diagnostics=diagnostics)
+                 for m in methods}
         say(f"N={n}: timing {', '.join(methods)} ({warmup} warm-up + {repeats} alternating rounds)")
         cpu: dict[str, list[float]] = {}
         times = time_methods(steps, repeats=repeats, warmup=warmup, device=dev, cpu_times=cpu)
@@ -663,6 +676,7 @@ def run_bench(
                 "device": str(dev),
                 "threads": n_threads,
                 "repeats": repeats,
+                "diagnostics": diagnostics,
                 "ms_median": med[m],
                 "ms_min": min(times[m]) * 1e3,
                 "ratio_to_sgd": med[m] / med["sgd"] if "sgd" in med else None,

@@ -43,6 +43,11 @@ EMBEDDING_GRAM_STATIC = False
 # the dense (M, |U|, d) gradients on the touched rows when that holds at most this many numbers, else by
 # id groups (tests set 0 to check the grouped form).
 EMBEDDING_DENSE_MAX_ELEMENTS = 1 << 23
+# A tied parameter's per-sample gradients (M x numel, the sum of its holders' columns) are materialised
+# once in the compute dtype when they hold at most this many numbers: Gram = one matmul, J^T x = x @ G
+# (small tied weights: cheaper than the holders' own Grams plus their cross terms); above it, the
+# holders' blocks and cross terms (nothing of size M x numel formed).
+TIED_MATERIALISE_ELEMENTS = 1 << 20
 
 
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
@@ -467,6 +472,16 @@ class _TiedBlock(_DenseBlock):
         self.kind, self.roles, self.strategy = "tied", {"tied": name}, "sum"
         self.parts, self.shapes, self.name = parts, shapes, name
         self._mats: dict[str, Tensor] | None = None
+        self._g: Tensor | None = None
+        m = _n_rows(parts[0])
+        if m * int(torch.Size(shapes[name]).numel()) <= TIED_MATERIALISE_ELEMENTS:
+            self.strategy = "materialise"
+
+    def _per_sample(self) -> Tensor:
+        """(M, numel) per-sample gradients of the tied parameter in the compute dtype (materialise only)."""
+        if self._g is None:
+            self._g = sum(_holder_columns(b) for b in self.parts)
+        return self._g
 
     @property
     def mats(self) -> dict[str, Tensor]:
@@ -482,6 +497,9 @@ class _TiedBlock(_DenseBlock):
         return sum(b.matrix() for b in self.parts)
 
     def gram(self) -> Tensor:
+        if self.strategy == "materialise":
+            g = self._per_sample()
+            return (g @ g.T).to(ACC)
         out = sum(b.gram() for b in self.parts)
         for i, a in enumerate(self.parts):
             for b in self.parts[i + 1 :]:
@@ -490,6 +508,11 @@ class _TiedBlock(_DenseBlock):
         return out
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        o = out[self.name]
+        if self.strategy == "materialise" and (o.dtype != ACC or self._per_sample().dtype == ACC):
+            g = self._per_sample()  # a float64 result from float32 params: the holders' float64 paths below
+            o.copy_((x.to(g.dtype) @ g).view(o.shape))
+            return
         self.parts[0].combine_into(x, out)
         tmp = {self.name: torch.empty_like(out[self.name])}
         for b in self.parts[1:]:
@@ -498,6 +521,28 @@ class _TiedBlock(_DenseBlock):
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         return sum(b.dot(v) for b in self.parts)
+
+
+def _n_rows(b: Block) -> int:
+    e = getattr(b, "e", None)
+    return e.shape[0] if e is not None else next(iter(b.mats.values())).shape[0]
+
+
+def _holder_columns(b: Block) -> Tensor:
+    """One holder's columns of a tied parameter, (M, numel), in the holder's compute dtype."""
+    if isinstance(b, _EmbeddingBlock):
+        m, t, d = b.e.shape
+        vocab = b.weight_shape[0]
+        ids = b.ids.repeat(b.k, 1)  # (M, T)
+        rows = torch.arange(m, device=ids.device).unsqueeze(1) * vocab + ids
+        w = torch.zeros(m * vocab, d, dtype=b.e.dtype, device=b.e.device)
+        return w.index_add_(0, rows.reshape(-1), b.e.reshape(-1, d)).reshape(m, -1)
+    if isinstance(b, _MatmulBlock) and list(b.roles) == ["weight"]:
+        m = b.e.shape[0]
+        if b.e.shape[1] == 1:  # one position: an outer product per row
+            return (b.e[:, 0, :, None] * b._x_rows()[:, 0, None, :]).reshape(m, -1)
+        return torch.bmm(b.e.transpose(1, 2), b._x_rows()).reshape(m, -1)
+    return b.matrix()
 
 
 def _tied_cross(a: Block, b: Block) -> Tensor:

@@ -215,3 +215,17 @@ def module_rows(model, inputs, labels, loss, lengths=None) -> Tensor:
         grads = torch.autograd.grad(loss(z, labels[i : i + 1]), params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]).to(torch.float64))
     return torch.stack(rows)
+
+
+def check_rows(rf, J: Tensor, tol: float = 1e-12) -> None:
+    """Assert that a Rows object equals the dense per-sample gradients J (M, P): its dense matrix,
+    Gram, J^T x and J v, and each block's Gram against its own dense twin (float64, rel ``tol``)."""
+    assert rel_err(rf.matrix, J) < tol
+    assert rel_err(rf.gram(), J @ J.T) < tol
+    xs = torch.randn(rf.n_rows, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert rel_err(rf.combine(xs), J.T @ xs) < tol
+    v = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert rel_err(rf.dot(v), J @ v) < tol
+    for blk in getattr(rf, "blocks", []):
+        mat = blk.matrix()
+        assert rel_err(blk.gram(), mat @ mat.T) < tol, blk.kind

@@ -32,12 +32,8 @@ def _model(hidden, head_width):
 
 
 def _loop_rows(m, x, y):
-    ps = [p for p in m.parameters() if p.requires_grad]
-    rows = []
-    for n in range(x.shape[0]):
-        loss = nn.functional.cross_entropy(m(x[n : n + 1]), y[n : n + 1], reduction="sum")
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, ps)]))
-    return torch.stack(rows)
+    """(N, P) per-sample gradients of the unscaled cross-entropy, one autograd.grad per sample."""
+    return ref.module_rows(m, x, y, lambda z, t: nn.functional.cross_entropy(z, t, reduction="sum"))
 
 
 @pytest.mark.parametrize("hidden,head_width,whole", [(8, 4, True), (3, 64, False)])

@@ -112,12 +112,7 @@ PATHS = {  # parameter -> the path it must take
 
 def _loop_rows(m, x, y):
     """(N, P) per-sample gradients of the unscaled cross-entropy, one autograd.grad per sample."""
-    ps = [p for p in m.parameters() if p.requires_grad]
-    rows = []
-    for n in range(x.shape[0]):
-        loss = nn.functional.cross_entropy(m(x[n : n + 1]), y[n : n + 1], reduction="sum")
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, ps)]))
-    return torch.stack(rows)
+    return ref.module_rows(m, x, y, lambda z, t: nn.functional.cross_entropy(z, t, reduction="sum"))
 
 
 @pytest.mark.parametrize("unfold", [False, True], ids=["native-conv", "unfold"])
@@ -138,16 +133,8 @@ def test_rules_and_per_module_fallback_equal_the_loop(name, unfold, monkeypatch)
     assert all(paths[p] == want for p, want in PATHS[name].items()), paths
     assert "vmap" not in paths.values(), paths  # never the whole model
     rf = bf.rows
-    J = _loop_rows(m, x, y)
-    assert ref.rel_err(rf.matrix, J) < 1e-12
-    assert ref.rel_err(rf.gram(), J @ J.T) < 1e-12
-    xs = torch.randn(rf.n_rows, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    assert ref.rel_err(rf.combine(xs), J.T @ xs) < 1e-12
-    v = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert ref.rel_err(rf.dot(v), J @ v) < 1e-12
-    for blk in rf.blocks:  # each block's gram equals its dense twin's
-        mat = blk.matrix()
-        assert ref.rel_err(blk.gram(), mat @ mat.T) < 1e-12
+    ref.check_rows(rf, _loop_rows(m, x, y))  # and each block's gram equals its dense twin's
+    for blk in rf.blocks:
         if blk.kind.startswith("conv"):
             assert (blk.strategy == "native") != unfold, blk.strategy
 

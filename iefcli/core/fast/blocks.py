@@ -616,9 +616,9 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
             xhat = (x - m.running_mean.to(cdt)[:, None]) / torch.sqrt(m.running_var.to(cdt)[:, None] + m.eps)
         else:
             xg = x.reshape(x.shape[0], m.num_groups, -1)
-            mu = xg.mean(dim=-1, keepdim=True)
-            var = xg.var(dim=-1, unbiased=False, keepdim=True)
-            xhat = ((xg - mu) / torch.sqrt(var + m.eps)).reshape(x.shape)
+            xc = xg - xg.mean(dim=-1, keepdim=True)
+            var = (xc * xc).mean(dim=-1, keepdim=True)  # (torch.var is slow on CPU here)
+            xhat = (xc * torch.rsqrt(var + m.eps)).reshape(x.shape)
         xhat = xhat.transpose(1, 2)  # (N, S, C)
         e = _cat([g.to(cdt).reshape(n, c, -1).transpose(1, 2) for g in grads])  # (M, S, C)
         xr = xhat.repeat(k, 1, 1) if k > 1 else xhat

@@ -619,10 +619,10 @@ def make_block(layer: Layer, grads: list[Tensor], shapes: dict[str, torch.Size],
             xc = xg - xg.mean(dim=-1, keepdim=True)
             var = (xc * xc).mean(dim=-1, keepdim=True)  # (torch.var is slow on CPU here)
             xhat = (xc * torch.rsqrt(var + m.eps)).reshape(x.shape)
-        xhat = xhat.transpose(1, 2)  # (N, S, C)
-        e = _cat([g.to(cdt).reshape(n, c, -1).transpose(1, 2) for g in grads])  # (M, S, C)
+        # (N, C, S) and (M, C, S): the channel-major layout, reduced over the contiguous last dim
+        e = _cat([g.to(cdt).reshape(n, c, -1) for g in grads])
         xr = xhat.repeat(k, 1, 1) if k > 1 else xhat
-        mats = {"weight": (e * xr).sum(dim=1), "bias": e.sum(dim=1)}
+        mats = {"weight": (e * xr).sum(dim=2), "bias": e.sum(dim=2)}
         return _DenseBlock(layer.kind, layer.roles, mats, shapes)
     if layer.kind in ("layernorm", "rmsnorm"):
         xhat, d = _layernorm_features(layer, cdt)

@@ -447,8 +447,14 @@ def test_one_p_sized_all_reduce_per_step_on_two_ranks(tmp_path):
                "sgd": "--method sgd"}
     configs = {k: v + " --steps 2" for k, v in configs.items()}
     (tmp_path / "worker.py").write_text(BENCH_WORKER)
-    proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json"), json.dumps(configs)],
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    for _attempt in range(2):
+        proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json"),
+                               json.dumps(configs)], env=_env(), capture_output=True, text=True, timeout=120)
+        # Seen twice in ~15 runs on a loaded 2-core machine: a rank aborting in gloo's C++ teardown at
+        # process exit ("terminate called without an active exception", SIGABRT) AFTER its work was
+        # done; a known torch/gloo shutdown race, unrelated to the counts checked here: run it once more.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((tmp_path / "out.json").read_text())
     for name in ("ief", "ef", "ief-mom", "ief-acc", "ief-wide"):

@@ -366,12 +366,7 @@ class Preconditioner:
 
         if self._parts and self._logits is None:  # every micro-batch already kept by accumulate()
             return self._step_global(self._comm(self._parts[0][2].device))
-        if self._logits is None:
-            raise ModelError("pre.step(): no loss was recorded since the last forward: call pre.loss(logits, "
-                             "targets) (or pre.watch_loss) and loss.backward() first")
-        if self._gz is None:
-            raise ModelError("pre.step(): the backward did not reach the logits: call loss.backward() on a loss "
-                             "computed from the recorded logits before pre.step()")
+        self._check_recorded("pre.step(): ")
         comm = self._comm(self._logits.device)
         if self._parts or comm.distributed:
             return self._step_global(comm)
@@ -432,13 +427,15 @@ class Preconditioner:
             self.comm = Comm(dist.get_rank(), dist.get_world_size(), device=device) if use else Comm.local()
         return self.comm
 
-    def _check_recorded(self) -> None:
+    def _check_recorded(self, where: str = "") -> None:
+        """One line when no loss was recorded, or the backward did not reach the logits (``where``:
+        the calling method, e.g. "pre.step(): ")."""
         if self._logits is None:
-            raise ModelError("no loss was recorded since the last forward: call pre.loss(logits, targets) "
+            raise ModelError(f"{where}no loss was recorded since the last forward: call pre.loss(logits, targets) "
                              "(or pre.watch_loss) and loss.backward() first")
         if self._gz is None:
-            raise ModelError("the backward did not reach the logits: call loss.backward() on a loss computed from "
-                             "the recorded logits first")
+            raise ModelError(f"{where}the backward did not reach the logits: call loss.backward() on a loss "
+                             "computed from the recorded logits first")
 
     def _take_part(self):
         """The recorded micro-batch as (Piece, per-sample tensors), then a fresh record."""

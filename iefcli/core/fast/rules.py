@@ -80,8 +80,24 @@ def rule_for(module: nn.Module) -> tuple[str | None, str]:
     return None, f"no fast rule for {type(module).__name__}"
 
 
+class _Capture:
+    """What Layer and Call share: the call counting of their forward hook and the tensor hook that
+    keeps dL/d(output) from an ordinary backward."""
+
+    def _record_this_call(self) -> bool:
+        """Count a call; True only for the first call of an enabled capture (a second call is refused
+        by the caller's checks, from ``calls``)."""
+        if not self.enabled:
+            return False
+        self.calls += 1
+        return self.calls == 1
+
+    def _keep_grad(self, grad: Tensor) -> None:
+        self.grad = grad.detach()
+
+
 @dataclass
-class Layer:
+class Layer(_Capture):
     """One hooked module: what the forward hook saw."""
 
     name: str
@@ -105,14 +121,8 @@ class Layer:
         """Forget the last forward (a new one is about to be recorded)."""
         self.calls, self.x, self.x_ref, self.out, self.grad, self.reason = 0, None, None, None, None, ""
 
-    def _keep_grad(self, grad: Tensor) -> None:
-        self.grad = grad.detach()
-
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-        if not self.enabled:
-            return None
-        self.calls += 1
-        if self.calls > 1:
+        if not self._record_this_call():
             return None
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, Tensor) or not isinstance(output, Tensor) or not output.requires_grad:
@@ -153,7 +163,7 @@ class Layer:
 
 
 @dataclass
-class Call:
+class Call(_Capture):
     """One module WITHOUT a rule, captured for the per-module replay fallback: its arguments
     (detached), its output (in the graph) and, from the ordinary backward, dL/d(output)."""
 
@@ -174,14 +184,8 @@ class Call:
         self.calls, self.args, self.kwargs, self.out, self.grad, self.reason = 0, None, None, None, None, ""
         self.pick, self.extra = None, None
 
-    def _keep_grad(self, grad: Tensor) -> None:
-        self.grad = grad.detach()
-
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-        if not self.enabled:
-            return None
-        self.calls += 1
-        if self.calls > 1:
+        if not self._record_this_call():
             return None
         first = output
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):

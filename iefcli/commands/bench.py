@@ -82,7 +82,8 @@ def render_table(rows: list[dict], *, wide: bool = False):
     first = rows[0]
     title = (f"ief bench: {first['model']} (P = {first['n_params']:,}), {first['device']}, "
              f"{first['threads']} thread(s), median of {first['repeats']}"
-             + (", logging steps" if first.get("diagnostics") else ""))
+             + (", logging steps" if first.get("diagnostics") else "")
+             + (", system malloc" if first.get("cpu_allocator") == "system" else ""))
     t = Table(title=title)
     cols = [("N", "right"), ("optimizer", "left"), ("path", "left"), ("wall ms", "right"), ("xSGD", "right"),
             ("CPU ms", "right"), ("xSGD", "right"), ("MiB", "right"), ("xSGD", "right")]

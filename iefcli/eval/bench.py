@@ -54,6 +54,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from iefcli import allocator
 from iefcli.core.methods import BENCH_METHODS, GRAM_METHODS, METHODS as DIRECTION_METHODS
 from iefcli.errors import RunFailed, UsageError
 
@@ -575,7 +576,8 @@ def run_bench(
 ) -> list[dict]:
     """Run the benchmark; one result dict per (batch size, method). See the module docstring.
 
-    Keys: model, optimizer, batch_size, n_params, jacobian, device, threads, repeats,
+    Keys: model, optimizer, batch_size, n_params, jacobian, device, threads, cpu_allocator
+    (:func:`iefcli.allocator.state`), repeats,
     ms_median, ms_min, ratio_to_sgd, peak_mb, peak_ratio_to_sgd,
     max_rel_diff_fast_vs_plain, check_n, diagnostics.
 
@@ -675,6 +677,7 @@ def run_bench(
                 "jacobian": jacobian if m in DIRECTION_METHODS and m != "sgd" else "n/a",
                 "device": str(dev),
                 "threads": n_threads,
+                "cpu_allocator": allocator.state() if dev.type == "cpu" else None,
                 "repeats": repeats,
                 "diagnostics": diagnostics,
                 "ms_median": med[m],

@@ -115,17 +115,23 @@ def _loop_rows(m, x, y):
     return ref.module_rows(m, x, y, lambda z, t: nn.functional.cross_entropy(z, t, reduction="sum"))
 
 
-@pytest.mark.parametrize("unfold", [False, True], ids=["native-conv", "unfold"])
+@pytest.mark.parametrize("conv", ["grouped", "patches", "unfold"])
 @pytest.mark.parametrize("name", list(PATHS))
-def test_rules_and_per_module_fallback_equal_the_loop(name, unfold, monkeypatch):
-    """Convolutions: by torch's weight-gradient kernels (small layers) and by unfolded patches (layers
-    whose per-sample gradients would exceed MATERIALISE_MAX_ELEMENTS; forced here)."""
-    if unfold and "conv" not in name and name not in ("groupnorm", "batchnorm", "batchnorm1d_seq"):
+def test_rules_and_per_module_fallback_equal_the_loop(name, conv, monkeypatch):
+    """Convolutions: per-sample weight gradients by one grouped weight-gradient convolution or by
+    strided-view patches and a bmm (few input channels), J^T x by torch's weight-gradient kernel; and
+    by unfolded patches throughout (layers whose per-sample gradients would exceed
+    MATERIALISE_MAX_ELEMENTS). Each form forced here."""
+    if conv != "grouped" and "conv" not in name and name not in ("groupnorm", "batchnorm", "batchnorm1d_seq"):
         pytest.skip("no convolution")
     from iefcli.core.fast import blocks as fastblocks
 
+    unfold = conv == "unfold"
     if unfold:
         monkeypatch.setattr(fastblocks, "MATERIALISE_MAX_ELEMENTS", 1)
+    big = 1 << 30 if conv == "patches" else 0
+    monkeypatch.setattr(fastblocks, "IM2COL_MAX_FAN_IN_1D", big)
+    monkeypatch.setattr(fastblocks, "IM2COL_MAX_FAN_IN_2D", big)
     m, x, y = _model(name)
     params = trainable_params(m)
     bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")

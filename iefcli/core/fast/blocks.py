@@ -48,6 +48,11 @@ EMBEDDING_DENSE_MAX_ELEMENTS = 1 << 23
 # (small tied weights: cheaper than the holders' own Grams plus their cross terms); above it, the
 # holders' blocks and cross terms (nothing of size M x numel formed).
 TIED_MATERIALISE_ELEMENTS = 1 << 20
+# Conv per-sample weight gradients by patches + bmm (instead of one grouped weight-gradient convolution)
+# when C_in * prod(kernel) is at most this (CPU, one thread: patches win for an RGB/grayscale first layer
+# and for Conv1d up to 32 x 5, the grouped kernel from 8 x 3 x 3 on; tests set these to force either form).
+IM2COL_MAX_FAN_IN_2D = 32
+IM2COL_MAX_FAN_IN_1D = 256
 
 
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
@@ -244,10 +249,33 @@ class _ConvBlock(Block):
         shape = (e.shape[1], x.shape[1] // groups, *self.m.kernel_size)
         return fn(x, shape, e, groups=groups, **self._opts())
 
+    def _patches(self) -> Tensor:
+        """(N, C_in * k..., L) the input patches in weight.view(C_out, -1)'s column order, from strided
+        views of the padded input (one copy; F.unfold is several times slower on CPU)."""
+        m = self.m
+        pads = conv_padding(m)
+        x = F.pad(self.x, [q for p in reversed(pads) for q in (p, p)]) if any(pads) else self.x
+        for d, (k, dil, st) in enumerate(zip(m.kernel_size, m.dilation, m.stride)):
+            x = x.unfold(2 + d, (k - 1) * dil + 1, st)  # appends the window dim
+            if dil > 1:
+                x = x[..., ::dil]
+        # (N, C_in, O..., K...) -> (N, C_in, K..., O...)
+        nd = self.nd
+        x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+        return x.reshape(x.shape[0], -1, self.e[0, 0].numel())
+
     def _per_sample(self) -> Tensor:
         """(M, C_out * C_in * k...) per-sample weight gradients, in the compute dtype."""
         if self._g is None:
             m = self.e.shape[0]
+            fan_in = self.x.shape[1] * int(torch.Size(self.m.kernel_size).numel())
+            if fan_in <= (IM2COL_MAX_FAN_IN_1D if self.nd == 1 else IM2COL_MAX_FAN_IN_2D):
+                # few input channels (an image net's first layer): patches + one batched matmul beat the
+                # grouped weight-gradient convolution (~3x for RGB 3x3 at M = 32, one CPU thread)
+                p = self._patches()
+                pr = p.repeat(self.k, 1, 1) if self.k > 1 else p
+                self._g = torch.bmm(self.e.reshape(m, self.e.shape[1], -1), pr.transpose(1, 2)).reshape(m, -1)
+                return self._g
             xr = self.x.repeat(self.k, *([1] * (self.nd + 1))) if self.k > 1 else self.x
             xg = xr.reshape(1, -1, *xr.shape[2:])  # (1, M C_in, ...)
             eg = self.e.reshape(1, -1, *self.e.shape[2:])  # (1, M C_out, ...)

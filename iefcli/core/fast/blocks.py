@@ -508,7 +508,24 @@ class _TiedBlock(_DenseBlock):
     def _per_sample(self) -> Tensor:
         """(M, numel) per-sample gradients of the tied parameter in the compute dtype (materialise only)."""
         if self._g is None:
-            self._g = sum(_holder_columns(b) for b in self.parts)
+            # the non-embedding holders' columns summed in place, the embedding holders' rows scattered
+            # straight into them (no zero-filled M x numel per holder, no extra sums)
+            emb = [b for b in self.parts if isinstance(b, _EmbeddingBlock)]
+            rest = [b for b in self.parts if not isinstance(b, _EmbeddingBlock)]
+            g = _holder_columns(rest[0]) if rest else _holder_columns(emb.pop(0))
+            for b in rest[1:]:
+                c = _holder_columns(b)
+                g = g.add_(c) if c.dtype == g.dtype else g + c
+            for b in emb:
+                if b.e.dtype != g.dtype:
+                    g = g + _holder_columns(b)
+                    continue
+                m, _, d = b.e.shape
+                vocab = b.weight_shape[0]
+                ids = b.ids.repeat(b.k, 1) if b.k > 1 else b.ids
+                rows = (torch.arange(m, device=ids.device).unsqueeze(1) * vocab + ids).reshape(-1)
+                g.view(m * vocab, d).index_add_(0, rows, b.e.reshape(-1, d))
+            self._g = g
         return self._g
 
     @property

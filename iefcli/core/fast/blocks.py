@@ -55,6 +55,14 @@ IM2COL_MAX_FAN_IN_2D = 32
 IM2COL_MAX_FAN_IN_1D = 256
 
 
+def _mv_into(o: Tensor, g: Tensor, x: Tensor) -> None:
+    """o <- g^T x (g (M, numel), x (M,)) written straight into ``o`` (a view of the flat result)."""
+    if o.is_contiguous():
+        torch.mv(g.t(), x, out=o.view(-1))
+    else:
+        o.copy_((x @ g).view(o.shape))
+
+
 def _seq(t: Tensor, n: int, d: int) -> Tensor:
     """(N, ..., d) -> (N, T, d) with T = product of the middle dims (1 for (N, d))."""
     return t.reshape(n, -1, d)
@@ -161,9 +169,15 @@ class _MatmulBlock(Block):
             else:
                 out += _gram_weight_ghost(self._x_rows(), self.e)
         if "bias" in self.roles:
-            eb = self.e.sum(dim=1)  # (M, d_out)
+            eb = self._bias_rows()
             out += eb @ eb.T
         return out
+
+    def _bias_rows(self) -> Tensor:
+        """(M, d_out) per-sample bias gradients sum_t E_mt, in the compute dtype (cached)."""
+        if getattr(self, "_eb", None) is None:
+            self._eb = self.e.sum(dim=1)
+        return self._eb
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         # sum_m x_m E_m^T X_n(m) = (E with the rows' weights folded in)^T X: one matmul per layer.
@@ -177,9 +191,10 @@ class _MatmulBlock(Block):
         dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt
         g = getattr(self, "_g", None)
         if dt == self.cdt and w is not None and g is not None:  # the per-sample gradients kept by gram()
-            w.copy_((x.to(dt) @ g).view(d_out, d_in))
+            xd = x.to(dt)
+            _mv_into(w, g, xd)
             if b is not None:
-                b.copy_(x.to(dt) @ self.e.sum(dim=1))
+                _mv_into(b, self._bias_rows(), xd)
             return
         if dt != ACC:
             ex = self.e * x.to(dt)[:, None, None]  # (M, T, d_out)
@@ -343,8 +358,14 @@ class _DenseBlock(Block):
         return sum((g @ g.T).to(ACC) for g in map(_f32_at_least, self.mats.values()))
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
+        # a float64 result (SF's subtraction, ngd's residual) in float64; else in the columns' own dtype
+        # (float32 for float32 params: a sum over M rows, ~1e-7 relative, as the matmul blocks)
         for name, g in self.mats.items():
-            out[name].copy_((x.to(ACC) @ g.to(ACC)).view(out[name].shape))
+            o = out[name]
+            if o.dtype == ACC or g.dtype != o.dtype:
+                o.copy_((x.to(ACC) @ g.to(ACC)).view(o.shape))
+            else:
+                _mv_into(o, g, x.to(g.dtype))
 
     def dot(self, v: dict[str, Tensor]) -> Tensor:
         return sum(g.to(ACC) @ v[name].to(ACC).reshape(-1) for name, g in self.mats.items())

@@ -35,7 +35,11 @@ Linear (N, T, d)    W: sum_t E_mt^T X_nt -> per layer the cheaper of
                     (the M x d_out x d_in per-sample blocks of THIS layer),
                     O(M T d_in d_out + M^2 d_in d_out)
 bias (any)          sum_t E_mt  ->  Gram block (sum_t E)(sum_t E)^T
-Conv2d (groups=1)   a sequence Linear on unfolded patches (T = H_out W_out)
+Conv1d/2d (groups 1) per-sample W: one grouped weight-gradient convolution
+                    (groups = M), or, for few input channels (C_in k <= 32 in
+                    2-d, <= 256 in 1-d), strided-view patches + one bmm; J^T x
+                    one weight-gradient convolution; too big to materialise:
+                    a sequence Linear on unfolded patches (T = H_out W_out)
 LayerNorm           w: sum_t E_mt * xhat_nt, b: sum_t E_mt (M x D, materialised)
 Embedding           W: scatter of E_mt into rows ids_nt; Gram per id over the
                     rows holding it (one batched matmul per group-size class),

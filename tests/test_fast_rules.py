@@ -246,3 +246,25 @@ def test_broadcast_position_embedding(squeeze, static, monkeypatch):
         assert ref.rel_err(blk.gram(), mat @ mat.T) < 1e-12, blk.kind
     v = torch.randn(J.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert ref.rel_err(rf.dot(v), J @ v) < 1e-12
+
+
+@pytest.mark.parametrize("m,k", [(1, 3), (3, 5), (5, 2), (7, 9), (8, 8), (13, 4)])
+def test_symmetric_gram_by_blocks_equals_the_product(m, k, monkeypatch):
+    from iefcli.core.fast import blocks as fastblocks
+
+    monkeypatch.setattr(fastblocks, "SYMMETRIC_GRAM_MIN_ROWS", 1)
+    monkeypatch.setattr(fastblocks, "SYMMETRIC_GRAM_MIN_COLS", 1)
+    a = torch.randn(m, k, dtype=torch.float64, generator=torch.Generator().manual_seed(m * k))
+    want = torch.stack([torch.stack([a[i] @ a[j] for j in range(m)]) for i in range(m)])
+    assert ref.rel_err(fastblocks._aat(a), want) < 1e-14
+
+
+@pytest.mark.parametrize("name", ["encoder", "tied", "groupnorm", "conv1d"])
+def test_rules_with_symmetric_block_grams_equal_the_loop(name, monkeypatch):
+    from iefcli.core.fast import blocks as fastblocks
+
+    monkeypatch.setattr(fastblocks, "SYMMETRIC_GRAM_MIN_ROWS", 1)
+    monkeypatch.setattr(fastblocks, "SYMMETRIC_GRAM_MIN_COLS", 1)
+    m, x, y = _model(name)
+    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    ref.check_rows(bf.rows, _loop_rows(m, x, y))

@@ -38,7 +38,9 @@ def ref_mask(c: torch.Tensor, threshold) -> list[bool]:
     |C_ij / (n_i n_j)| > threshold and a larger norm, or the same norm and j < i."""
     m = c.shape[0]
     d = [float(c[i, i]) for i in range(m)]
-    n = [math.sqrt(max(v, TINY)) if not math.isnan(v) else math.nan for v in d]
+    # The norm is torch's float64 sqrt (on the CPU not always correctly rounded: math.sqrt can
+    # differ by an ulp, which decides a near-tie differently).
+    n = [float(torch.tensor(max(v, TINY), dtype=F64).sqrt()) if not math.isnan(v) else math.nan for v in d]
     keep = []
     for i in range(m):
         if not d[i] > 0:

@@ -370,3 +370,25 @@ def test_negative_damping_is_refused():
     c, b = _problem("full_rank")
     with pytest.raises(ValueError, match="damping must be >= 0"):
         solve_gram(c, b, -1e-3)
+
+
+# ----------------------------------------------------------------------------- the benchmark script
+
+
+def test_bench_solve_prints_old_and_new_per_size(capsys):
+    assert OLD.main(["--sizes", "4,8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cpu ms per call") and out[2].startswith("| M | solve_gram (threshold 0.99) |")
+    assert [line.split("|")[1].strip() for line in out[4:6]] == ["4", "8"]
+    r = OLD.measure(8, repeats=1, target_ms=0.5)
+    for k in ("solve", "solve_nodup", "mask"):
+        for clock in ("wall", "cpu"):
+            assert r[f"{k}_{clock}_old_ms"] > 0 and r[f"{k}_{clock}_new_ms"] > 0
+
+
+def test_bench_solve_models_mode_swaps_the_solve_back():
+    from iefcli import directions
+
+    rows = OLD.measure_models(["mlp:6-5-3"], 4, repeats=1, warmup=0)
+    assert set(rows[0]) >= {"sgd_ms", "ief_ms", "ief_old_solve_ms", "sgd_cpu_ms", "ief_cpu_ms", "ief_old_solve_cpu_ms"}
+    assert directions.solve_gram is solve_gram

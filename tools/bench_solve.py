@@ -2,6 +2,7 @@
 
     python tools/bench_solve.py                      # M = 32, 64, 128, 512, one thread
     python tools/bench_solve.py --sizes 32,64 --repeats 21 --json
+    python tools/bench_solve.py --models cnn-gn,tied,encoder -n 32   # whole steps, old vs new solve
 
 The previous implementation (before the fixed-cost rewrite, issue 14) is kept verbatim below as
 ``old_solve_gram`` / ``old_duplicate_mask``: the benchmark's baseline, and the tests' bitwise twin
@@ -10,6 +11,11 @@ float64) is solved with damping 1e-3 and the default duplicate threshold 0.99, a
 off; each round times a batch of calls of the old and then the new function (order alternating
 between rounds), so both see the same machine state, and the medians over rounds are reported.
 Absolute times on a shared machine are noisy; the ratios come from the paired rounds.
+
+``--models``: for each ``ief bench`` model spec, one process times an SGD step, an iEF step and
+an iEF step whose Gram solve is the old one (``iefcli.directions.solve_gram`` swapped for the
+duration of that step), alternating within every round (``iefcli.eval.bench.time_methods``),
+the step ``ief train`` runs between log lines (no diagnostics).
 """
 
 from __future__ import annotations
@@ -153,14 +159,62 @@ def measure(m: int, *, repeats: int = 11, target_ms: float = 20.0) -> dict:
     return out
 
 
+def measure_models(specs: list[str], n: int, *, repeats: int = 11, warmup: int = 2) -> list[dict]:
+    """Median ms (wall, process CPU) of sgd / ief / ief-with-the-old-solve steps per model spec."""
+    from iefcli import directions
+    from iefcli.eval import bench
+
+    out = []
+    for spec in specs:
+        wl = bench.build_workload(spec, n)
+        sgd = bench.make_step("sgd", wl, diagnostics=False)
+        new = bench.make_step("ief", wl, diagnostics=False)
+        old_step = bench.make_step("ief", wl, diagnostics=False)
+
+        def old() -> None:
+            directions.solve_gram = old_solve_gram
+            try:
+                old_step()
+            finally:
+                directions.solve_gram = solve_gram
+
+        cpu: dict[str, list[float]] = {}
+        wall = bench.time_methods({"sgd": sgd, "ief": new, "ief_old_solve": old}, repeats=repeats, warmup=warmup,
+                                  device=torch.device("cpu"), cpu_times=cpu)
+        row: dict = {"model": spec, "N": n}
+        for k in wall:
+            row[f"{k}_ms"] = statistics.median(wall[k]) * 1e3
+            row[f"{k}_cpu_ms"] = statistics.median(cpu[k]) * 1e3
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="32,64,128,512", help="comma-separated M")
     p.add_argument("--repeats", type=int, default=11, help="paired rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object per size instead of a table")
+    p.add_argument("--models", default="", help="comma-separated `ief bench` model specs: time whole steps instead")
+    p.add_argument("-n", type=int, default=32, help="batch size for --models")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.models:
+        rows = measure_models(args.models.split(","), args.n, repeats=args.repeats)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+            return 0
+        print("| model | N | SGD ms | iEF ms (old solve) | iEF ms (new solve) | iEF/SGD old | iEF/SGD new "
+              "| CPU: iEF/SGD old | CPU: iEF/SGD new |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['N']} | {r['sgd_ms']:.2f} | {r['ief_old_solve_ms']:.2f} | {r['ief_ms']:.2f} "
+                  f"| {r['ief_old_solve_ms'] / r['sgd_ms']:.2f} | {r['ief_ms'] / r['sgd_ms']:.2f} "
+                  f"| {r['ief_old_solve_cpu_ms'] / r['sgd_cpu_ms']:.2f} | {r['ief_cpu_ms'] / r['sgd_cpu_ms']:.2f} |")
+        print(f"(median of {args.repeats} alternating rounds, {args.threads} thread(s); wall ms; "
+              "absolute ms are noisy on a shared machine)")
+        return 0
     rows = [measure(int(m), repeats=args.repeats) for m in args.sizes.split(",")]
     if args.json:
         for r in rows:

@@ -17,6 +17,7 @@ import yaml
 
 import iefcli.train.loop as loop
 from iefcli.errors import Interrupted, RunFailed
+from iefcli.optim.base import _takes_diagnostics
 from iefcli.train import rundir
 from iefcli.train.launch import resume_run, train_recipe
 
@@ -91,8 +92,8 @@ class _Selections:
         self.device = self.host = 0
         real = loop._select
 
-        def spy(ok, new, old):
-            out = real(ok, new, old)
+        def spy(ok, new, old, host=None):
+            out = real(ok, new, old, host)
             if isinstance(new, tuple):  # the top-level call of a step
                 if out is loop._NO:
                     self.host += 1
@@ -163,9 +164,10 @@ def test_select_is_where_and_refuses_what_only_the_host_can_choose():
 
 
 class _Poison:
-    """The optimiser's update, with chosen update calls turned bad: NaN loss (or an infinite update
-    norm) AND NaN parameters and state, so that a bad step kept by mistake shows in every checkpoint;
-    ``interrupt_at``: that call raises KeyboardInterrupt."""
+    """The optimiser's update, with chosen steps (counted from 1: ``bad=(3,)`` is the step from 2 to 3)
+    turned bad: NaN loss (or an infinite update norm) AND NaN parameters and state, so that a bad step
+    kept by mistake shows in every checkpoint; ``interrupt_at``: that step raises KeyboardInterrupt.
+    Steps are told by their random key (a step taken again after a rollback is the same step)."""
 
     def __init__(self, monkeypatch, *, bad=(), inf_norm=(), interrupt_at=None):
         self.calls = 0
@@ -175,17 +177,19 @@ class _Poison:
         def factory(cfg, **kw):
             opt = real(cfg, **kw)
             inner = opt.update
+            kws = _takes_diagnostics(inner)
 
             def update(params, state, batch, *, key, lr, diagnostics=True):
                 me.calls += 1
-                if me.calls == interrupt_at:
+                step = key - loop.step_key(TINY["seed"], 0) + 1
+                if step == interrupt_at:
                     raise KeyboardInterrupt
-                new, st, m = inner(params, state, batch, key=key, lr=lr, diagnostics=diagnostics)
-                if me.calls in bad or me.calls in inf_norm:
+                new, st, m = inner(params, state, batch, key=key, lr=lr, **({"diagnostics": diagnostics} if kws else {}))
+                if step in bad or step in inf_norm:
                     nan = float("nan")
                     new = {k: torch.full_like(v, nan) for k, v in new.items()}
                     st = _map(st, lambda t: torch.full_like(t, nan) if t.is_floating_point() else t)
-                    if me.calls in bad:
+                    if step in bad:
                         m = dict(m, loss=torch.full_like(m["loss"], nan))
                     else:
                         m = dict(m, update_norm=torch.full_like(m["update_norm"], float("inf")))
@@ -201,12 +205,16 @@ def _map(d, f):
     return {k: _map(v, f) for k, v in d.items()} if isinstance(d, dict) else f(d) if isinstance(d, torch.Tensor) else d
 
 
-def _both(tmp_path, monkeypatch, p, *, expect=None, **poison):
-    """The run synchronously and lagged, under the same poison; returns the two run dirs and errors."""
-    outs, errs = [], []
+def _both(tmp_path, monkeypatch, p, *, expect=None, host_kept=False, **poison):
+    """The run synchronously and lagged, under the same poison: the two run dirs, errors, update calls.
+    ``host_kept``: the lagged run treats every 0-d state tensor (torch.optim's and K-FAC's step
+    counters) as kept on the host, as next to parameters on an accelerator (the rollback path)."""
+    outs, errs, calls = [], [], []
     for lagged in (False, True):
         monkeypatch.undo()
-        _Poison(monkeypatch, **poison)
+        poisoned = _Poison(monkeypatch, **poison)
+        if host_kept:
+            monkeypatch.setattr(loop, "on_host", lambda t, ok: t.dim() == 0)
         out = tmp_path / ("lag" if lagged else "sync")
         err = None
         try:
@@ -216,7 +224,8 @@ def _both(tmp_path, monkeypatch, p, *, expect=None, **poison):
         assert (type(err) if err else None) is expect, err
         outs.append(out)
         errs.append(err)
-    return outs, errs
+        calls.append(poisoned.calls)
+    return outs, errs, calls
 
 
 @pytest.mark.parametrize("opt", ["ief-momentum", "adamw", "sgd"])
@@ -225,7 +234,7 @@ def test_bad_steps_are_rejected_the_same(tmp_path, monkeypatch, opt):
     read-late steps (2, 7), a validated one (4), logged ones (6, 12: an infinite update norm) and a
     checkpointed one (10): the same lines, checkpoints and summary, nothing non-finite kept."""
     p = _recipe(tmp_path, OPTIMIZERS[opt])
-    (a, b), _ = _both(tmp_path, monkeypatch, p, bad=(1, 2, 4, 7, 10), inf_norm=(6, 12))
+    (a, b), _, _ = _both(tmp_path, monkeypatch, p, bad=(1, 2, 4, 7, 10), inf_norm=(6, 12))
     _assert_same_run(a, b)
     bad = [(r["step"], r["consecutive_bad_steps"]) for r in rundir.read_metrics(b) if r.get("event") == "bad_step"]
     assert bad == [(1, 1), (2, 2), (4, 1), (6, 1), (7, 2), (10, 1), (12, 1)]
@@ -239,7 +248,7 @@ def test_run_failed_one_step_late_has_the_same_summary_and_checkpoints(tmp_path,
     fails at step 7 with the same message, summary, lines and last good checkpoint (step 0: step 5's
     checkpoint holds the unchanged params of step 4), and step 8 is never counted."""
     p = _recipe(tmp_path, OPTIMIZERS["ief-momentum"])
-    (a, b), (ea, eb) = _both(tmp_path, monkeypatch, p, expect=RunFailed, bad=(5, 6, 7))
+    (a, b), (ea, eb), _ = _both(tmp_path, monkeypatch, p, expect=RunFailed, bad=(5, 6, 7))
     assert str(ea).replace(str(a), "RUN") == str(eb).replace(str(b), "RUN")
     assert "(last at step 7)" in str(eb) and str(rundir.checkpoint_dir(b, 5)) in str(eb)
     assert _strip(ea.summary) == _strip(eb.summary) and eb.summary["status"] == "failed"
@@ -250,7 +259,7 @@ def test_run_failed_one_step_late_has_the_same_summary_and_checkpoints(tmp_path,
 
 def test_run_failed_on_a_logged_step_and_every_step_bad(tmp_path, monkeypatch):
     p = _recipe(tmp_path, OPTIMIZERS["ief"])
-    (a, b), (ea, eb) = _both(tmp_path, monkeypatch, p, expect=RunFailed, bad=tuple(range(1, 14)))
+    (a, b), (ea, eb), _ = _both(tmp_path, monkeypatch, p, expect=RunFailed, bad=tuple(range(1, 14)))
     assert "3 consecutive steps" in str(eb) and "(last at step 3)" in str(eb)
     _assert_same_run(a, b)
     assert [s for s, _ in rundir.list_checkpoints(b)] == [0]
@@ -261,7 +270,7 @@ def test_interrupt_then_resume_is_the_same(tmp_path, monkeypatch, opt):
     """Ctrl-C in update call 8 (step 7, read late, still pending; step 7 itself bad): the same
     checkpoint and summary; both resumed runs end the same as an uninterrupted one."""
     p = _recipe(tmp_path, OPTIMIZERS[opt])
-    (a, b), (ea, eb) = _both(tmp_path, monkeypatch, p, expect=Interrupted, bad=(7,), interrupt_at=8)
+    (a, b), (ea, eb), _ = _both(tmp_path, monkeypatch, p, expect=Interrupted, bad=(7,), interrupt_at=8)
     assert ea.step == eb.step == 7
     _assert_same_run(a, b)
     assert [s for s, _ in rundir.list_checkpoints(b)] == [0, 5, 7]
@@ -280,7 +289,7 @@ def test_interrupt_while_the_failing_step_is_pending_fails_the_run(tmp_path, mon
     before call 8; the lagged one learns of step 7 only in the Ctrl-C handler: RunFailed too,
     same summary, no checkpoint of step 7."""
     p = _recipe(tmp_path, OPTIMIZERS["ief"])
-    (a, b), (ea, eb) = _both(tmp_path, monkeypatch, p, expect=RunFailed, bad=(5, 6, 7), interrupt_at=8)
+    (a, b), (ea, eb), _ = _both(tmp_path, monkeypatch, p, expect=RunFailed, bad=(5, 6, 7), interrupt_at=8)
     assert _strip(ea.summary) == _strip(eb.summary)
     _assert_same_run(a, b)
     assert [s for s, _ in rundir.list_checkpoints(b)] == [0, 5]
@@ -334,11 +343,13 @@ class _Reads:
         return out
 
 
-@pytest.mark.parametrize("opt", ["ief", "sgd"])
+@pytest.mark.parametrize("opt", ["ief", "sgd", "adamw-host"])
 def test_each_step_is_read_once_after_the_next_is_queued(tmp_path, monkeypatch, opt):
     # 10 steps, the first and only train line, validation and checkpoint at step 10
-    p = _recipe(tmp_path, OPTIMIZERS[opt], steps=10, log_every=10, eval_every=10, checkpoint_every=10)
+    p = _recipe(tmp_path, OPTIMIZERS[opt.split("-")[0]], steps=10, log_every=10, eval_every=10, checkpoint_every=10)
     monkeypatch.setattr(loop, "LAGGED_READ", True)
+    if opt == "adamw-host":  # its step counters as on an accelerator (kept on the host)
+        monkeypatch.setattr(loop, "on_host", lambda t, ok: t.dim() == 0)
     reads = _Reads(monkeypatch)
     train_recipe(p, out=tmp_path / "lag")
     after = reads.between_updates()
@@ -346,7 +357,7 @@ def test_each_step_is_read_once_after_the_next_is_queued(tmp_path, monkeypatch, 
     # after update k+1, ONE read: step k's (loss, update norm); sgd reads step 1 at once (torch.optim's
     # state starts empty: the host chooses), so nothing is left to read after update 2
     first = 1
-    if opt == "sgd":
+    if opt != "ief":
         assert len(after[0]) == 1 and after[0][0][2][0] == reads.losses[0] and after[1] == []
         first = 2
     else:
@@ -430,3 +441,38 @@ def test_two_ranks_with_the_lagged_read(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_same_run(tmp_path / "sync", tmp_path / "lag")
     assert [r["step"] for r in rundir.read_metrics(tmp_path / "lag") if r.get("event") == "bad_step"] == [3]
+
+
+# ----------------------------------------------------------------------------- state kept on the host
+
+
+@pytest.mark.parametrize("opt,rollbacks", [("adamw", 1), ("adafactor", 1), ("kfac", 3)])
+def test_host_kept_state_values_are_put_back_and_the_next_step_taken_again(tmp_path, monkeypatch, opt, rollbacks):
+    """On an accelerator torch.optim's and K-FAC's step counters stay on the CPU: the lagged read keeps
+    their new values as if the step were finite, and when it reads a bad step it puts the old ones
+    back; a step already taken on them is dropped and taken again. Here every 0-d state tensor plays
+    that part. Bad steps as above; a bad step read late (7; K-FAC also 1, 2) costs one update call."""
+    p = _recipe(tmp_path, OPTIMIZERS[opt])
+    (a, b), _, calls = _both(tmp_path, monkeypatch, p, host_kept=True, bad=(1, 2, 4, 7, 10), inf_norm=(6, 12))
+    _assert_same_run(a, b)
+    assert calls[1] - calls[0] == rollbacks, calls
+    bad = [r["step"] for r in rundir.read_metrics(b) if r.get("event") == "bad_step"]
+    assert bad == [1, 2, 4, 6, 7, 10, 12]
+
+
+@pytest.mark.parametrize("opt", ["adamw", "kfac"])
+def test_host_kept_state_values_with_run_failed_and_ctrl_c(tmp_path, monkeypatch, opt):
+    p = _recipe(tmp_path, OPTIMIZERS[opt])
+    (a, b), (ea, eb), _ = _both(tmp_path, monkeypatch, p, host_kept=True, expect=RunFailed, bad=(5, 6, 7))
+    assert _strip(ea.summary) == _strip(eb.summary)
+    _assert_same_run(a, b)
+    # Ctrl-C in step 8, step 7 bad and unread: the checkpoint of step 7 has the old counters
+    (a, b), _, _ = _both(tmp_path / "c", monkeypatch, p, host_kept=True, expect=Interrupted, bad=(7,),
+                         interrupt_at=8)
+    _assert_same_run(a, b)
+    monkeypatch.undo()
+    for out, lagged in ((a, False), (b, True)):
+        monkeypatch.setattr(loop, "LAGGED_READ", lagged)
+        monkeypatch.setattr(loop, "on_host", lambda t, ok: t.dim() == 0)
+        resume_run(out)
+    _assert_same_run(a, b)

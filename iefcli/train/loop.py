@@ -135,6 +135,7 @@ class Pending:
     logs: bool  # it writes a train line
     t0: float  # time.perf_counter() when it started
     new: tuple[Params, dict] | None = None  # read synchronously: its params and state, kept if finite
+    host: dict | None = None  # the old values of state tensors kept on the host (see _select), if any
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class TrainState:
             return dataclasses.replace(self, pending=rest, bad_steps=self.bad_steps + 1)
         params, opt_state = self.params, self.opt_state
         if p.new is not None:
-            assert not rest, "a step read synchronously is the only pending one"
+            assert not rest, "a step read synchronously is the newest pending one"
             params, opt_state = p.new
         return dataclasses.replace(self, params=params, opt_state=opt_state, pending=rest, bad_steps=0,
                                    recent_losses=(*self.recent_losses, loss)[-window:])
@@ -251,14 +252,27 @@ def _finite(m: dict[str, Any], device: torch.device) -> Tensor:
     return ok if ok.device == device else ok.to(device)
 
 
-def _select(ok: Tensor, new: Any, old: Any) -> Any:
+def on_host(t: Tensor, ok: Tensor) -> bool:
+    """A state tensor kept on the CPU next to a run on an accelerator (torch.optim's and K-FAC's step
+    counters: the optimiser reads them on the host). The lagged read cannot ``where`` it on the device."""
+    return t.device.type == "cpu" and ok.device.type != "cpu"
+
+
+def _select(ok: Tensor, new: Any, old: Any, host: dict | None = None) -> Any:
     """``torch.where(ok, new, old)`` tensor by tensor over matching nested dicts, on the device (no host
-    read); :data:`_NO` when the two do not match (keys, shapes, dtypes, a tensor on another device than
-    ``ok``, unequal non-tensors: torch.optim's state before its first step, the CPU step counters of
-    torch.optim or K-FAC next to parameters on an accelerator): then only the host can choose."""
+    read); :data:`_NO` when the two do not match (keys, shapes, dtypes, a tensor on another device,
+    unequal non-tensors: torch.optim's state before its first step): then only the host can choose.
+
+    A tensor :func:`on_host` (given ``host``, a dict) takes the NEW value, as if the step were finite;
+    its old value goes into ``host`` under the same keys: if the step turns out bad, the loop puts it
+    back (:func:`_put_back`) and takes the next step again."""
     if isinstance(new, Tensor):
-        if not isinstance(old, Tensor) or old.shape != new.shape or old.dtype != new.dtype \
-                or new.device != ok.device or old.device != ok.device:
+        if not isinstance(old, Tensor) or old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+            return _NO
+        if host is not None and on_host(new, ok):
+            host[_OLD] = old
+            return new
+        if new.device != ok.device:
             return _NO
         return new if new is old else torch.where(ok, new, old)
     if isinstance(new, dict):
@@ -266,19 +280,39 @@ def _select(ok: Tensor, new: Any, old: Any) -> Any:
             return _NO
         out = {}
         for k, v in new.items():
-            out[k] = _select(ok, v, old[k])
+            sub = {} if host is not None else None
+            out[k] = _select(ok, v, old[k], sub)
             if out[k] is _NO:
                 return _NO
+            if sub:
+                host[k] = sub
         return out
     if isinstance(new, (tuple, list)):
         if type(old) is not type(new) or len(old) != len(new):
             return _NO
-        out = [_select(ok, a, b) for a, b in zip(new, old)]
-        return _NO if any(o is _NO for o in out) else type(new)(out)
+        out = []
+        for i, (a, b) in enumerate(zip(new, old)):
+            sub = {} if host is not None else None
+            out.append(_select(ok, a, b, sub))
+            if out[-1] is _NO:
+                return _NO
+            if sub:
+                host[i] = sub
+        return type(new)(out)
     return new if type(new) is type(old) and isinstance(new, (int, float, str, bool, type(None))) and new == old \
         else _NO
 
 
+def _put_back(tree: Any, host: dict) -> Any:
+    """``tree`` with the old values :func:`_select` kept in ``host`` put back in their places."""
+    if _OLD in host:
+        return host[_OLD]
+    if isinstance(tree, dict):
+        return {k: _put_back(v, host[k]) if k in host else v for k, v in tree.items()}
+    return type(tree)(_put_back(v, host[i]) if i in host else v for i, v in enumerate(tree))
+
+
+_OLD = object()
 _NO = object()
 
 
@@ -438,6 +472,7 @@ def train(
                        "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
                        "device": str(plan.task.device)})
     lag = lagged_read(plan.task.device)
+    before = st  # the state the newest step was taken from
     last_read = -math.inf  # perf_counter() of the last host read of a step
 
     def read_oldest(st: TrainState) -> tuple[TrainState, tuple]:
@@ -480,20 +515,40 @@ def train(
             err.state = dataclasses.replace(st, step=p.step, lr=p.lr, pending=())
             raise err
 
-    def settle(keep: int = 0) -> None:
+    def settle(keep: int = 0) -> bool:
         """Read and account the pending steps of ``st``, all but the newest ``keep`` (one state
-        assignment per step read: a Ctrl-C leaves each read step counted once)."""
+        assignment per step read: a Ctrl-C leaves each read step counted once). True when a bad step
+        had kept state values on the host (:func:`_select`): the newer step, taken on them as if that
+        step were finite, is dropped and the state is the bad step's, with the old values put back;
+        the loop takes the newer step's batch again."""
         nonlocal st
         while len(st.pending) > keep:
             st, read = read_oldest(st)
             account(st, read)
+            p, good = read[0], read[1]
+            if not good and p.host is not None:
+                if not st.pending:  # p is the newest step: only its host-kept values to put back
+                    params, opt_state = _put_back((st.params, st.opt_state), p.host)
+                    st = dataclasses.replace(st, params=params, opt_state=opt_state)
+                    continue
+                assert before.pending[-1] is p and before.step == p.step, "the newer step started from p's state"
+                params, opt_state = _put_back((before.params, before.opt_state), p.host)
+                st = dataclasses.replace(before, params=params, opt_state=opt_state, pending=(),
+                                         bad_steps=st.bad_steps)
+                return True
+        return False
 
     try:
         if st.step == 0 and not resume:  # a resumed step-0 checkpoint already has its step-0 lines
             st = log.validate(st)
             log.checkpoint(st)
-        for batch in plan.batches_from(st.step):
+        batches, again = plan.batches_from(st.step), None
+        while True:
+            batch, again = (again, None) if again is not None else (next(batches, None), None)
+            if batch is None:
+                break
             t0 = time.perf_counter()
+            before = st
             lr = plan.lr(st.step)
             # the diagnostics (grad norm, cosine, imbalance, ...) only for a step that writes a log line
             logs = (st.step + 1) % tr["log_every"] == 0 or st.step + 1 == total
@@ -503,16 +558,19 @@ def train(
             chosen = _NO
             if lag:  # keep the new params/state only if the step is finite, decided on the device
                 ok = _finite(m, plan.task.device)
-                chosen = _select(ok, (new_params, new_opt_state), (st.params, st.opt_state))
+                host: dict = {}
+                chosen = _select(ok, (new_params, new_opt_state), (st.params, st.opt_state), host)
+                p = dataclasses.replace(p, host=host or None)
             if chosen is _NO:  # the synchronous read: the host chooses once it has read this step
-                settle()
                 st = st.queued(st.params, st.opt_state, dataclasses.replace(p, new=(new_params, new_opt_state)))
             else:
                 st = st.queued(*chosen, p)
             # Read the previous step now that this one is queued; this one too when its values are
             # needed at once (a log line, validation, a checkpoint, the last step).
             sees = logs or st.step % tr["eval_every"] == 0 or st.step % tr["checkpoint_every"] == 0
-            settle(keep=0 if sees or chosen is _NO else 1)
+            if settle(keep=0 if sees or chosen is _NO else 1):
+                again = batch  # rolled back to the state before this step: take it again
+                continue
             if st.step % tr["eval_every"] == 0 or st.step == total:
                 st = log.validate(st)
             if st.step % tr["checkpoint_every"] == 0 or st.step == total:

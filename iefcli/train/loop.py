@@ -6,16 +6,24 @@ checkpoint) -> for each step: lr from the schedule, one pure ``opt.update``,
 one host read (loss and update norm: is the step finite?), log, validate
 (best/ on improvement), checkpoint -> test at the best checkpoint -> summary.
 
+The lagged read (:data:`LAGGED_READ`; by default on every device but the CPU):
+step k is kept or rejected on the device (:func:`_select`: ``torch.where`` of
+the new and old params/state), step k+1 is queued, and only then is step k read
+and accounted (:class:`Pending` steps in the state; ``settle``). Steps whose
+values are needed at once (a train line, validation, a checkpoint, the last
+step, Ctrl-C) are read first, so every file written is the same as with the
+synchronous read.
+
 Determinism (what makes --resume exact): epoch e's batch order is
 ``randperm`` from a generator seeded with ``seed * 1_000_003 + e``; step t's
 random key (SF's label draws) is ``seed * 1_000_003 + 7_919 + t``; the lr is a
 function of t. A checkpoint therefore only needs (step, params, optimiser
 state, best-so-far): the batches and keys after it are recomputed exactly.
 
-Ctrl-C: the state moves from one step to the next by ONE assignment
-(``st = st.after_step(...)``), so a KeyboardInterrupt leaves either the old or
-the new state, never a mix; the loop saves a checkpoint of it and raises
-:class:`iefcli.errors.Interrupted`.
+Ctrl-C: the state moves by ONE assignment at a time (``st = st.queued(...)``
+when a step is taken, ``st.settled(...)`` when it is read), so a KeyboardInterrupt
+leaves a whole state, never a mix; the loop reads the steps still pending, saves a
+checkpoint and raises :class:`iefcli.errors.Interrupted`.
 """
 
 from __future__ import annotations
@@ -155,14 +163,6 @@ class TrainState:
     elapsed_s: float = 0.0
     recent_losses: tuple[float, ...] = field(default_factory=tuple)
     pending: tuple[Pending, ...] = ()  # steps taken whose loss / update norm are not read yet (oldest first)
-
-    def after_step(self, new_params: Params, new_opt_state: dict, loss: float, lr: float, window: int) -> TrainState:
-        return dataclasses.replace(self, params=new_params, opt_state=new_opt_state, step=self.step + 1, lr=lr,
-                                   bad_steps=0, recent_losses=(*self.recent_losses, loss)[-window:])
-
-    def after_bad_step(self, lr: float) -> TrainState:
-        """A skipped step (NaN/Inf loss or update): the step counts, the parameters stay."""
-        return dataclasses.replace(self, step=self.step + 1, lr=lr, bad_steps=self.bad_steps + 1)
 
     def queued(self, params: Params, opt_state: dict, p: Pending) -> TrainState:
         """Step ``p`` taken, its host values not read yet: the step counts; ``params`` / ``opt_state``

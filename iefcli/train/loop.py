@@ -164,25 +164,31 @@ class TrainState:
     recent_losses: tuple[float, ...] = field(default_factory=tuple)
     pending: tuple[Pending, ...] = ()  # steps taken whose loss / update norm are not read yet (oldest first)
 
+    def _with(self, **changes: Any) -> TrainState:
+        """``dataclasses.replace`` without its per-call field walk (twice per step in the loop)."""
+        new = object.__new__(TrainState)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
     def queued(self, params: Params, opt_state: dict, p: Pending) -> TrainState:
         """Step ``p`` taken, its host values not read yet: the step counts; ``params`` / ``opt_state``
         are already the right ones (lagged read: ``where(ok, new, old)`` on the device), or the old
         ones while ``p.new`` waits for the read (the synchronous read)."""
-        return dataclasses.replace(self, params=params, opt_state=opt_state, step=p.step, lr=p.lr,
-                                   pending=(*self.pending, p))
+        return self._with(params=params, opt_state=opt_state, step=p.step, lr=p.lr, pending=(*self.pending, p))
 
     def settled(self, good: bool, loss: float, window: int) -> TrainState:
         """The oldest pending step read: a good one resets the bad-step count and joins the recent
         losses (and, read synchronously, brings its params and state); a bad one counts."""
         p, rest = self.pending[0], self.pending[1:]
         if not good:
-            return dataclasses.replace(self, pending=rest, bad_steps=self.bad_steps + 1)
+            return self._with(pending=rest, bad_steps=self.bad_steps + 1)
         params, opt_state = self.params, self.opt_state
         if p.new is not None:
             assert not rest, "a step read synchronously is the newest pending one"
             params, opt_state = p.new
-        return dataclasses.replace(self, params=params, opt_state=opt_state, pending=rest, bad_steps=0,
-                                   recent_losses=(*self.recent_losses, loss)[-window:])
+        return self._with(params=params, opt_state=opt_state, pending=rest, bad_steps=0,
+                          recent_losses=(*self.recent_losses, loss)[-window:])
 
     def trainer_json(self, seed: int, steps_per_epoch: int) -> dict:
         epoch, batch = divmod(self.step, steps_per_epoch)
@@ -485,8 +491,8 @@ def train(
             loss, update_norm = host["loss"], host["update_norm"]
         else:
             host = None
-            loss, update_norm = torch.stack([torch.as_tensor(p.metrics["loss"]).to(torch.float64),
-                                             torch.as_tensor(p.metrics["update_norm"]).to(torch.float64)]).tolist()
+            loss, update_norm = torch.stack([p.metrics["loss"].to(torch.float64),
+                                             p.metrics["update_norm"].to(torch.float64)]).tolist()
         now = time.perf_counter()
         # the step's time: from its start, or from the previous read when that came later (the
         # lagged read: the host queued this step before reading the previous one), to its own read
@@ -554,23 +560,23 @@ def train(
             logs = (st.step + 1) % tr["log_every"] == 0 or st.step + 1 == total
             new_params, new_opt_state, m = update_step(plan.opt, st.params, st.opt_state, batch,
                                                        key=step_key(plan.seed, st.step), lr=lr, diagnostics=logs)
-            p = Pending(step=st.step + 1, lr=lr, metrics=m, logs=logs, t0=t0)
-            chosen = _NO
+            chosen, host = _NO, {}
             if lag:  # keep the new params/state only if the step is finite, decided on the device
                 ok = _finite(m, plan.task.device)
-                host: dict = {}
                 chosen = _select(ok, (new_params, new_opt_state), (st.params, st.opt_state), host)
-                p = dataclasses.replace(p, host=host or None)
             if chosen is _NO:  # the synchronous read: the host chooses once it has read this step
-                st = st.queued(st.params, st.opt_state, dataclasses.replace(p, new=(new_params, new_opt_state)))
+                st = st.queued(st.params, st.opt_state, Pending(step=st.step + 1, lr=lr, metrics=m, logs=logs, t0=t0,
+                                                                new=(new_params, new_opt_state)))
             else:
-                st = st.queued(*chosen, p)
+                st = st.queued(*chosen, Pending(step=st.step + 1, lr=lr, metrics=m, logs=logs, t0=t0,
+                                                host=host or None))
             # Read the previous step now that this one is queued; this one too when its values are
             # needed at once (a log line, validation, a checkpoint, the last step).
             sees = logs or st.step % tr["eval_every"] == 0 or st.step % tr["checkpoint_every"] == 0
             if settle(keep=0 if sees or chosen is _NO else 1):
                 again = batch  # rolled back to the state before this step: take it again
                 continue
+            before = st  # (what the next step starts from; the older state is not needed any more)
             if st.step % tr["eval_every"] == 0 or st.step == total:
                 st = log.validate(st)
             if st.step % tr["checkpoint_every"] == 0 or st.step == total:

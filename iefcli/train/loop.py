@@ -478,6 +478,7 @@ def train(
                        "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
                        "device": str(plan.task.device)})
     lag = lagged_read(plan.task.device)
+    pdev = next(iter(st.params.values())).device if st.params else plan.task.device  # where ok lives
     before = st  # the state the newest step was taken from
     last_read = -math.inf  # perf_counter() of the last host read of a step
 
@@ -562,7 +563,7 @@ def train(
                                                        key=step_key(plan.seed, st.step), lr=lr, diagnostics=logs)
             chosen, host = _NO, {}
             if lag:  # keep the new params/state only if the step is finite, decided on the device
-                ok = _finite(m, plan.task.device)
+                ok = _finite(m, pdev)
                 chosen = _select(ok, (new_params, new_opt_state), (st.params, st.opt_state), host)
             if chosen is _NO:  # the synchronous read: the host chooses once it has read this step
                 st = st.queued(st.params, st.opt_state, Pending(step=st.step + 1, lr=lr, metrics=m, logs=logs, t0=t0,

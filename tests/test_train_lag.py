@@ -166,10 +166,11 @@ def test_select_is_where_and_refuses_what_only_the_host_can_choose():
 class _Poison:
     """The optimiser's update, with chosen steps (counted from 1: ``bad=(3,)`` is the step from 2 to 3)
     turned bad: NaN loss (or an infinite update norm) AND NaN parameters and state, so that a bad step
-    kept by mistake shows in every checkpoint; ``interrupt_at``: that step raises KeyboardInterrupt.
+    kept by mistake shows in every checkpoint; ``interrupt_at``: that step raises KeyboardInterrupt;
+    ``grow_at``: from that step on the state has one more tensor.
     Steps are told by their random key (a step taken again after a rollback is the same step)."""
 
-    def __init__(self, monkeypatch, *, bad=(), inf_norm=(), interrupt_at=None):
+    def __init__(self, monkeypatch, *, bad=(), inf_norm=(), interrupt_at=None, grow_at=None):
         self.calls = 0
         real = loop.make_optimizer
         me = self
@@ -185,6 +186,8 @@ class _Poison:
                 if step == interrupt_at:
                     raise KeyboardInterrupt
                 new, st, m = inner(params, state, batch, key=key, lr=lr, **({"diagnostics": diagnostics} if kws else {}))
+                if grow_at is not None and step >= grow_at:  # the state gains a key: the host must choose
+                    st = {**st, "grown": torch.tensor([float(step >= grow_at + 2)])}
                 if step in bad or step in inf_norm:
                     nan = float("nan")
                     new = {k: torch.full_like(v, nan) for k, v in new.items()}
@@ -476,3 +479,15 @@ def test_host_kept_state_values_with_run_failed_and_ctrl_c(tmp_path, monkeypatch
         monkeypatch.setattr(loop, "on_host", lambda t, ok: t.dim() == 0)
         resume_run(out)
     _assert_same_run(a, b)
+
+
+@pytest.mark.parametrize("bad", [(), (7,), (7, 8)], ids=["none", "before", "before-and-at"])
+def test_a_step_the_host_must_decide_after_a_step_read_late(tmp_path, monkeypatch, bad):
+    """The state gains a tensor at step 8 (as K-FAC's when a layer moves to its fallback): step 8 is
+    read at once, on top of step 7 still pending (bad: with host-kept counters, step 8 is taken
+    again); steps 9.. are read late again."""
+    p = _recipe(tmp_path, OPTIMIZERS["adamw"])
+    (a, b), _, calls = _both(tmp_path, monkeypatch, p, host_kept=True, bad=bad, grow_at=8)
+    _assert_same_run(a, b)
+    assert calls[1] - calls[0] == (1 if 7 in bad else 0)
+    assert "grown" in rundir.load_optimizer_state(rundir.checkpoint_dir(b, 10))

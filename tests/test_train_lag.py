@@ -54,9 +54,9 @@ def _recipe(tmp_path: Path, optimizer: dict, **train) -> Path:
 def _strip(d, drop=WALL):
     if isinstance(d, dict):
         return {k: _strip(v, drop) for k, v in d.items() if k not in drop}
-    if isinstance(d, list):
+    if isinstance(d, (list, tuple)):
         return [_strip(v, drop) for v in d]
-    return d
+    return "nan" if isinstance(d, float) and math.isnan(d) else d  # NaN == NaN for the comparisons
 
 
 def _tensors_equal(a: dict, b: dict) -> bool:
@@ -111,7 +111,10 @@ def _run(monkeypatch, recipe: Path, out: Path, lagged: bool):
     """Train; the run's events (progress bar, checkpoints, ...) go to EVENTS[out], paths as RUN."""
     monkeypatch.setattr(loop, "LAGGED_READ", lagged)
     events = EVENTS[out] = []
-    on_event = lambda kind, payload: events.append((kind, _strip(json.loads(json.dumps(payload).replace(str(out), "RUN")))))
+
+    def on_event(kind, payload):
+        events.append((kind, _strip(json.loads(json.dumps(payload).replace(str(out), "RUN")))))
+
     return train_recipe(recipe, out=out, on_event=on_event)
 
 
@@ -185,7 +188,8 @@ class _Poison:
                 step = key - loop.step_key(TINY["seed"], 0) + 1
                 if step == interrupt_at:
                     raise KeyboardInterrupt
-                new, st, m = inner(params, state, batch, key=key, lr=lr, **({"diagnostics": diagnostics} if kws else {}))
+                extra = {"diagnostics": diagnostics} if kws else {}
+                new, st, m = inner(params, state, batch, key=key, lr=lr, **extra)
                 if grow_at is not None and step >= grow_at:  # the state gains a key: the host must choose
                     st = {**st, "grown": torch.tensor([float(step >= grow_at + 2)])}
                 if step in bad or step in inf_norm:

@@ -495,3 +495,18 @@ def test_a_step_the_host_must_decide_after_a_step_read_late(tmp_path, monkeypatc
     _assert_same_run(a, b)
     assert calls[1] - calls[0] == (1 if 7 in bad else 0)
     assert "grown" in rundir.load_optimizer_state(rundir.checkpoint_dir(b, 10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the lagged read's own device)")
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "ief-momentum", "kfac"])
+def test_on_cuda_the_lagged_read_is_the_default_and_writes_the_same_run(tmp_path, monkeypatch, opt):
+    """On a GPU, auto = lagged; adamw's and K-FAC's step counters really stay on the CPU there (the
+    put-back / take-again path), with bad steps read late (7) and at once (4, 10)."""
+    monkeypatch.setattr(loop, "LAGGED_READ", None)
+    assert loop.lagged_read("cuda")
+    r = dict(TINY, device="cuda", optimizer=OPTIMIZERS[opt])
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(r))
+    (a, b), _, calls = _both(tmp_path, monkeypatch, p, bad=(4, 7, 10))
+    _assert_same_run(a, b)
+    assert calls[1] - calls[0] == (1 if opt in ("adamw", "kfac") else 0)

@@ -6,16 +6,24 @@ checkpoint) -> for each step: lr from the schedule, one pure ``opt.update``,
 one host read (loss and update norm: is the step finite?), log, validate
 (best/ on improvement), checkpoint -> test at the best checkpoint -> summary.
 
+The lagged read (:data:`LAGGED_READ`; by default on every device but the CPU):
+step k is kept or rejected on the device (:func:`_select`: ``torch.where`` of
+the new and old params/state), step k+1 is queued, and only then is step k read
+and accounted (:class:`Pending` steps in the state; ``settle``). Steps whose
+values are needed at once (a train line, validation, a checkpoint, the last
+step, Ctrl-C) are read first, so every file written is the same as with the
+synchronous read.
+
 Determinism (what makes --resume exact): epoch e's batch order is
 ``randperm`` from a generator seeded with ``seed * 1_000_003 + e``; step t's
 random key (SF's label draws) is ``seed * 1_000_003 + 7_919 + t``; the lr is a
 function of t. A checkpoint therefore only needs (step, params, optimiser
 state, best-so-far): the batches and keys after it are recomputed exactly.
 
-Ctrl-C: the state moves from one step to the next by ONE assignment
-(``st = st.after_step(...)``), so a KeyboardInterrupt leaves either the old or
-the new state, never a mix; the loop saves a checkpoint of it and raises
-:class:`iefcli.errors.Interrupted`.
+Ctrl-C: the state moves by ONE assignment at a time (``st = st.queued(...)``
+when a step is taken, ``st.settled(...)`` when it is read), so a KeyboardInterrupt
+leaves a whole state, never a mix; the loop reads the steps still pending, saves a
+checkpoint and raises :class:`iefcli.errors.Interrupted`.
 """
 
 from __future__ import annotations
@@ -126,6 +134,19 @@ def plan_run(recipe: Recipe, task: Task) -> Plan:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A step taken whose host values (its loss and update norm: was it finite?) are not read yet."""
+
+    step: int  # the run's step count after it
+    lr: float
+    metrics: dict[str, Any]  # 0-d tensors: loss, update_norm (and a logging step's diagnostics)
+    logs: bool  # it writes a train line
+    t0: float  # time.perf_counter() when it started
+    new: tuple[Params, dict] | None = None  # read synchronously: its params and state, kept if finite
+    host: dict | None = None  # the old values of state tensors kept on the host (see _select), if any
+
+
+@dataclass(frozen=True)
 class TrainState:
     """Everything the loop carries from one step to the next; a checkpoint saves all of it.
 
@@ -141,14 +162,33 @@ class TrainState:
     bad_steps: int = 0
     elapsed_s: float = 0.0
     recent_losses: tuple[float, ...] = field(default_factory=tuple)
+    pending: tuple[Pending, ...] = ()  # steps taken whose loss / update norm are not read yet (oldest first)
 
-    def after_step(self, new_params: Params, new_opt_state: dict, loss: float, lr: float, window: int) -> TrainState:
-        return dataclasses.replace(self, params=new_params, opt_state=new_opt_state, step=self.step + 1, lr=lr,
-                                   bad_steps=0, recent_losses=(*self.recent_losses, loss)[-window:])
+    def _with(self, **changes: Any) -> TrainState:
+        """``dataclasses.replace`` without its per-call field walk (twice per step in the loop)."""
+        new = object.__new__(TrainState)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
-    def after_bad_step(self, lr: float) -> TrainState:
-        """A skipped step (NaN/Inf loss or update): the step counts, the parameters stay."""
-        return dataclasses.replace(self, step=self.step + 1, lr=lr, bad_steps=self.bad_steps + 1)
+    def queued(self, params: Params, opt_state: dict, p: Pending) -> TrainState:
+        """Step ``p`` taken, its host values not read yet: the step counts; ``params`` / ``opt_state``
+        are already the right ones (lagged read: ``where(ok, new, old)`` on the device), or the old
+        ones while ``p.new`` waits for the read (the synchronous read)."""
+        return self._with(params=params, opt_state=opt_state, step=p.step, lr=p.lr, pending=(*self.pending, p))
+
+    def settled(self, good: bool, loss: float, window: int) -> TrainState:
+        """The oldest pending step read: a good one resets the bad-step count and joins the recent
+        losses (and, read synchronously, brings its params and state); a bad one counts."""
+        p, rest = self.pending[0], self.pending[1:]
+        if not good:
+            return self._with(pending=rest, bad_steps=self.bad_steps + 1)
+        params, opt_state = self.params, self.opt_state
+        if p.new is not None:
+            assert not rest, "a step read synchronously is the newest pending one"
+            params, opt_state = p.new
+        return self._with(params=params, opt_state=opt_state, pending=rest, bad_steps=0,
+                          recent_losses=(*self.recent_losses, loss)[-window:])
 
     def trainer_json(self, seed: int, steps_per_epoch: int) -> dict:
         epoch, batch = divmod(self.step, steps_per_epoch)
@@ -195,6 +235,91 @@ def _host_values(metrics: dict[str, Any]) -> dict[str, Any]:
     host = {k: bool(x) if t.dtype == torch.bool else x if t.is_floating_point() else int(x)
             for (k, t), x in zip(tensors.items(), read)}
     return {k: host[k] if k in host else v if isinstance(v, (bool, int)) else float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- the lagged read
+
+LAGGED_READ: bool | None = None
+"""Read a step's loss and update norm to the host one step LATE (after the next step is queued):
+None (auto) on every device but the CPU, True / False to force it either way. On the CPU the read is a
+memory read and the per-step ``torch.where`` over the parameters would only cost a pass over them."""
+
+
+def lagged_read(device: torch.device | str) -> bool:
+    """Whether a run on ``device`` reads its steps' host values one step late (:data:`LAGGED_READ`)."""
+    if LAGGED_READ is not None:
+        return bool(LAGGED_READ)
+    return torch.device(device).type != "cpu"
+
+
+def _finite(m: dict[str, Any], device: torch.device) -> Tensor:
+    """The step's verdict as a 0-d bool tensor on ``device``, without a host read."""
+    ok = torch.isfinite(torch.as_tensor(m["loss"])) & torch.isfinite(torch.as_tensor(m["update_norm"]))
+    return ok if ok.device == device else ok.to(device)
+
+
+def on_host(t: Tensor, ok: Tensor) -> bool:
+    """A state tensor kept on the CPU next to a run on an accelerator (torch.optim's and K-FAC's step
+    counters: the optimiser reads them on the host). The lagged read cannot ``where`` it on the device."""
+    return t.device.type == "cpu" and ok.device.type != "cpu"
+
+
+def _select(ok: Tensor, new: Any, old: Any, host: dict | None = None) -> Any:
+    """``torch.where(ok, new, old)`` tensor by tensor over matching nested dicts, on the device (no host
+    read); :data:`_NO` when the two do not match (keys, shapes, dtypes, a tensor on another device,
+    unequal non-tensors: torch.optim's state before its first step): then only the host can choose.
+
+    A tensor :func:`on_host` (given ``host``, a dict) takes the NEW value, as if the step were finite;
+    its old value goes into ``host`` under the same keys: if the step turns out bad, the loop puts it
+    back (:func:`_put_back`) and takes the next step again."""
+    if isinstance(new, Tensor):
+        if not isinstance(old, Tensor) or old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+            return _NO
+        if host is not None and on_host(new, ok):
+            host[_OLD] = old
+            return new
+        if new.device != ok.device:
+            return _NO
+        return new if new is old else torch.where(ok, new, old)
+    if isinstance(new, dict):
+        if not isinstance(old, dict) or new.keys() != old.keys():
+            return _NO
+        out = {}
+        for k, v in new.items():
+            sub = {} if host is not None else None
+            out[k] = _select(ok, v, old[k], sub)
+            if out[k] is _NO:
+                return _NO
+            if sub:
+                host[k] = sub
+        return out
+    if isinstance(new, (tuple, list)):
+        if type(old) is not type(new) or len(old) != len(new):
+            return _NO
+        out = []
+        for i, (a, b) in enumerate(zip(new, old)):
+            sub = {} if host is not None else None
+            out.append(_select(ok, a, b, sub))
+            if out[-1] is _NO:
+                return _NO
+            if sub:
+                host[i] = sub
+        return type(new)(out)
+    return new if type(new) is type(old) and isinstance(new, (int, float, str, bool, type(None))) and new == old \
+        else _NO
+
+
+def _put_back(tree: Any, host: dict) -> Any:
+    """``tree`` with the old values :func:`_select` kept in ``host`` put back in their places."""
+    if _OLD in host:
+        return host[_OLD]
+    if isinstance(tree, dict):
+        return {k: _put_back(v, host[k]) if k in host else v for k, v in tree.items()}
+    return type(tree)(_put_back(v, host[i]) if i in host else v for i, v in enumerate(tree))
+
+
+_OLD = object()
+_NO = object()
 
 
 def _better(a: float, b: float | None, mode: str) -> bool:
@@ -352,50 +477,126 @@ def train(
     log.emit("start", {"total_steps": total, "start_step": st.step, "steps_per_epoch": plan.steps_per_epoch,
                        "run_dir": str(run_dir), "metric": plan.task.metric_name, "optimizer": plan.cfg.name,
                        "device": str(plan.task.device)})
+    lag = lagged_read(plan.task.device)
+    pdev = next(iter(st.params.values())).device if st.params else plan.task.device  # where ok lives
+    before = st  # the state the newest step was taken from
+    last_read = -math.inf  # perf_counter() of the last host read of a step
+
+    def read_oldest(st: TrainState) -> tuple[TrainState, tuple]:
+        """The host read of the oldest pending step (ONE read: its loss and update norm, or on a
+        logging step every metric) and the state that counts it."""
+        nonlocal last_read
+        p = st.pending[0]
+        if p.logs:
+            host = _host_values(p.metrics)
+            loss, update_norm = host["loss"], host["update_norm"]
+        else:
+            host = None
+            loss, update_norm = torch.stack([p.metrics["loss"].to(torch.float64),
+                                             p.metrics["update_norm"].to(torch.float64)]).tolist()
+        now = time.perf_counter()
+        # the step's time: from its start, or from the previous read when that came later (the
+        # lagged read: the host queued this step before reading the previous one), to its own read
+        step_time, last_read = now - max(p.t0, last_read), now
+        good = math.isfinite(loss) and math.isfinite(update_norm)
+        return st.settled(good, loss, window=plan.steps_per_epoch), (p, good, loss, update_norm, host, step_time)
+
+    def account(st: TrainState, read: tuple) -> None:
+        """A read step's lines and events; RunFailed after max_bad_steps bad steps in a row."""
+        p, good, loss, update_norm, host, step_time = read
+        if good:
+            if p.logs:  # a log line reads every diagnostic (read with the loss: one host read)
+                log.record({"step": p.step, "epoch": plan.epoch(p.step), "split": "train", **host,
+                            "lr": p.lr, "time": log.now(), "step_time_s": step_time})
+            log.emit("step", {"step": p.step, "epoch": plan.epoch(p.step), "loss": loss, "lr": p.lr,
+                              "step_time_s": step_time, "total": total})
+            return
+        log.record({"step": p.step, "epoch": plan.epoch(p.step), "split": "train", "event": "bad_step",
+                    "loss": loss, "update_norm": update_norm, "lr": p.lr, "time": log.now(), "skipped": True,
+                    "consecutive_bad_steps": st.bad_steps}, "bad_step")
+        if st.bad_steps >= tr["max_bad_steps"]:
+            err = RunFailed(f"{st.bad_steps} consecutive steps with NaN/Inf loss or update "
+                            f"(last at step {p.step}); stopped; the last good checkpoint is "
+                            f"{log.last_checkpoint}")
+            # the state as of that step (under the lagged read the next step is already queued: dropped)
+            err.state = dataclasses.replace(st, step=p.step, lr=p.lr, pending=())
+            raise err
+
+    def settle(keep: int = 0) -> bool:
+        """Read and account the pending steps of ``st``, all but the newest ``keep`` (one state
+        assignment per step read: a Ctrl-C leaves each read step counted once). True when a bad step
+        had kept state values on the host (:func:`_select`): the newer step, taken on them as if that
+        step were finite, is dropped and the state is the bad step's, with the old values put back;
+        the loop takes the newer step's batch again."""
+        nonlocal st
+        while len(st.pending) > keep:
+            st, read = read_oldest(st)
+            account(st, read)
+            p, good = read[0], read[1]
+            if not good and p.host is not None:
+                if not st.pending:  # p is the newest step: only its host-kept values to put back
+                    params, opt_state = _put_back((st.params, st.opt_state), p.host)
+                    st = dataclasses.replace(st, params=params, opt_state=opt_state)
+                    continue
+                assert before.pending[-1] is p and before.step == p.step, "the newer step started from p's state"
+                params, opt_state = _put_back((before.params, before.opt_state), p.host)
+                st = dataclasses.replace(before, params=params, opt_state=opt_state, pending=(),
+                                         bad_steps=st.bad_steps)
+                return True
+        return False
+
     try:
         if st.step == 0 and not resume:  # a resumed step-0 checkpoint already has its step-0 lines
             st = log.validate(st)
             log.checkpoint(st)
-        for batch in plan.batches_from(st.step):
+        batches, again = plan.batches_from(st.step), None
+        while True:
+            batch, again = (again, None) if again is not None else (next(batches, None), None)
+            if batch is None:
+                break
             t0 = time.perf_counter()
+            before = st
             lr = plan.lr(st.step)
             # the diagnostics (grad norm, cosine, imbalance, ...) only for a step that writes a log line
             logs = (st.step + 1) % tr["log_every"] == 0 or st.step + 1 == total
             new_params, new_opt_state, m = update_step(plan.opt, st.params, st.opt_state, batch,
                                                        key=step_key(plan.seed, st.step), lr=lr, diagnostics=logs)
-            # The one host read of an ordinary step: the loss and the update norm.
-            loss, update_norm = torch.stack([m["loss"].to(torch.float64), m["update_norm"].to(torch.float64)]).tolist()
-            if math.isfinite(loss) and math.isfinite(update_norm):
-                st = st.after_step(new_params, new_opt_state, loss, lr, window=plan.steps_per_epoch)
-                step_time = time.perf_counter() - t0
-                if st.step % tr["log_every"] == 0 or st.step == total:
-                    # a log line reads every diagnostic: one more host read, every log_every steps
-                    log.record({"step": st.step, "epoch": plan.epoch(st.step), "split": "train", **_host_values(m),
-                                "lr": lr, "time": log.now(), "step_time_s": step_time})
-                log.emit("step", {"step": st.step, "epoch": plan.epoch(st.step), "loss": loss, "lr": lr,
-                                  "step_time_s": step_time, "total": total})
+            chosen, host = _NO, {}
+            if lag:  # keep the new params/state only if the step is finite, decided on the device
+                ok = _finite(m, pdev)
+                chosen = _select(ok, (new_params, new_opt_state), (st.params, st.opt_state), host)
+            if chosen is _NO:  # the synchronous read: the host chooses once it has read this step
+                st = st.queued(st.params, st.opt_state, Pending(step=st.step + 1, lr=lr, metrics=m, logs=logs, t0=t0,
+                                                                new=(new_params, new_opt_state)))
             else:
-                st = st.after_bad_step(lr)
-                log.record({"step": st.step, "epoch": plan.epoch(st.step), "split": "train", "event": "bad_step",
-                            "loss": loss, "update_norm": update_norm, "lr": lr, "time": log.now(), "skipped": True,
-                            "consecutive_bad_steps": st.bad_steps}, "bad_step")
-                if st.bad_steps >= tr["max_bad_steps"]:
-                    raise RunFailed(f"{st.bad_steps} consecutive steps with NaN/Inf loss or update "
-                                    f"(last at step {st.step}); stopped; the last good checkpoint is "
-                                    f"{log.last_checkpoint}")
+                st = st.queued(*chosen, Pending(step=st.step + 1, lr=lr, metrics=m, logs=logs, t0=t0,
+                                                host=host or None))
+            # Read the previous step now that this one is queued; this one too when its values are
+            # needed at once (a log line, validation, a checkpoint, the last step).
+            sees = logs or st.step % tr["eval_every"] == 0 or st.step % tr["checkpoint_every"] == 0
+            if settle(keep=0 if sees or chosen is _NO else 1):
+                again = batch  # rolled back to the state before this step: take it again
+                continue
+            before = st  # (what the next step starts from; the older state is not needed any more)
             if st.step % tr["eval_every"] == 0 or st.step == total:
                 st = log.validate(st)
             if st.step % tr["checkpoint_every"] == 0 or st.step == total:
                 log.checkpoint(st)
+        settle()
     except KeyboardInterrupt:
         with _sigint_deferred():  # a second Ctrl-C waits until the checkpoint and summary.json are written
+            try:
+                settle()  # the steps taken and not read yet (one may end the run: RunFailed)
+            except RunFailed as e:
+                e.summary = log.finish(e.state, "failed")
+                raise e from None
             saved = log.checkpoint(st)
             log.finish(st, "interrupted")
         raise Interrupted(f"interrupted at step {st.step}; " + ("checkpoint saved" if saved else
                           f"its loss is not finite: the last good checkpoint is {log.last_checkpoint}"),
                           run_dir=run_dir, step=st.step) from None
     except RunFailed as e:
-        e.summary = log.finish(st, "failed")  # for the --json error object
+        e.summary = log.finish(getattr(e, "state", st), "failed")  # for the --json error object
         raise
     return log.finish(st, "completed")
 

@@ -94,7 +94,7 @@ class CurvatureOptimizer:
             new_params = {k: torch.add(v, dv[k], alpha=-lr) for k, v in params.items()}
             unorm = abs(lr) * _norm(d)
             # a step whose new params overflow (inf / nan) must read as non-finite, as theta - new would
-            ext = torch.stack([t for v in new_params.values() for t in (v.amax(), v.amin())]).to(torch.float64)
+            ext = torch.stack([t for v in new_params.values() for t in torch.aminmax(v)]).to(torch.float64)
             unorm = torch.where(torch.isfinite(ext).all(), unorm, torch.full_like(unorm, float("inf")))
             metrics["update_norm"] = unorm
             if stats is not None:

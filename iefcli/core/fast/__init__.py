@@ -36,8 +36,8 @@ Linear (N, T, d)    W: sum_t E_mt^T X_nt -> per layer the cheaper of
                     O(M T d_in d_out + M^2 d_in d_out)
 bias (any)          sum_t E_mt  ->  Gram block (sum_t E)(sum_t E)^T
 Conv1d/2d (groups 1) per-sample W: one grouped weight-gradient convolution
-                    (groups = M), or, for few input channels (C_in k <= 32 in
-                    2-d, <= 256 in 1-d), strided-view patches + one bmm; J^T x
+                    (groups = M), or, on the CPU for few input channels (C_in k
+                    <= 32 in 2-d, <= 256 in 1-d), strided-view patches + one bmm; J^T x
                     one weight-gradient convolution; too big to materialise:
                     a sequence Linear on unfolded patches (T = H_out W_out)
 LayerNorm           w: sum_t E_mt * xhat_nt, b: sum_t E_mt (M x D, materialised)

@@ -48,12 +48,12 @@ EMBEDDING_DENSE_MAX_ELEMENTS = 1 << 23
 # (small tied weights: cheaper than the holders' own Grams plus their cross terms); above it, the
 # holders' blocks and cross terms (nothing of size M x numel formed).
 TIED_MATERIALISE_ELEMENTS = 1 << 20
-# Conv per-sample weight gradients by patches + bmm (instead of one grouped weight-gradient convolution)
-# when C_in * prod(kernel) is at most this (CPU, one thread: patches win for an RGB/grayscale first layer
-# and for Conv1d up to 32 x 5, the grouped kernel from 8 x 3 x 3 on; tests set these to force either form).
 # a a^T by blocks of its upper triangle (see _aat) from this size on (tests set 1 to check it on tiny layers)
 SYMMETRIC_GRAM_MIN_ROWS = 192
 SYMMETRIC_GRAM_MIN_COLS = 256
+# CPU: conv per-sample weight gradients by patches + bmm (instead of one grouped weight-gradient convolution)
+# when C_in * prod(kernel) is at most this (one thread: patches win for an RGB/grayscale first layer
+# and for Conv1d up to 32 x 5, the grouped kernel from 8 x 3 x 3 on; tests set these to force either form).
 IM2COL_MAX_FAN_IN_2D = 32
 IM2COL_MAX_FAN_IN_1D = 256
 
@@ -303,9 +303,10 @@ class _ConvBlock(Block):
         if self._g is None:
             m = self.e.shape[0]
             fan_in = self.x.shape[1] * int(torch.Size(self.m.kernel_size).numel())
-            if fan_in <= (IM2COL_MAX_FAN_IN_1D if self.nd == 1 else IM2COL_MAX_FAN_IN_2D):
-                # few input channels (an image net's first layer): patches + one batched matmul beat the
-                # grouped weight-gradient convolution (~3x for RGB 3x3 at M = 32, one CPU thread)
+            if self.x.device.type == "cpu" and fan_in <= (IM2COL_MAX_FAN_IN_1D if self.nd == 1 else IM2COL_MAX_FAN_IN_2D):
+                # few input channels (an image net's first layer): on the CPU patches + one batched matmul
+                # beat the grouped weight-gradient convolution (~3x for RGB 3x3 at M = 32, one thread);
+                # accelerators keep the grouped kernel (not measured there)
                 p = self._patches()
                 pr = p.repeat(self.k, 1, 1) if self.k > 1 else p
                 self._g = torch.bmm(self.e.reshape(m, self.e.shape[1], -1), pr.transpose(1, 2)).reshape(m, -1)

@@ -201,3 +201,23 @@ def test_bench_times_the_step_between_log_lines_by_default(method):
     res = runner.invoke(app, ["bench", "--model", TINY, "-n", "4", "--repeats", "1", "--warmup", "0",
                               "--no-memory", "--no-check", "--json", "-q", "--methods", "sgd", "--diagnostics"])
     assert res.exit_code == 0 and all(r["diagnostics"] is True for r in json.loads(res.stdout))
+
+
+@pytest.mark.skipif(not bench.cpu_peak_supported(), reason="needs /proc peak RSS (Linux)")
+def test_loop_bench_honours_threads_and_sees_the_steps_memory():
+    """`ief bench --loop`, in a fresh process as a user runs it (the allocator tuned at start-up): one
+    thread means one thread (process CPU time within wall time), and the peaks are measured after the
+    timing on a trimmed heap, so the preconditioner's captured layer tensors show (an untrimmed heap
+    served them from freed pages: every path read as the model and batch alone)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "iefcli", "bench", "--loop", "--model", "mlp:64-1024-10", "-n", "64",
+                           "--threads", "1", "--repeats", "2", "--warmup", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["path"]: r for r in json.loads(proc.stdout)}
+    for r in rows.values():
+        assert r["cpu_ms"] <= 1.05 * r["wall_ms"] + 0.5, r  # one thread cannot use more CPU than wall time
+    # E of the 1024-wide layer alone is 64 x 1024 float32 = 0.25 MiB, kept by the hooks for pre.step()
+    assert rows["precond_loop"]["peak_mib"] > rows["sgd_loop"]["peak_mib"] + 0.25, rows

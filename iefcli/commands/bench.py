@@ -178,8 +178,10 @@ def bench(
 
             method = next((m for m in method_list if m in CURVATURE), "ief")
             build_workload(model, 1, seed=seed)  # a bad --model fails here, with one line
+            if threads is not None and threads < 1:
+                raise UsageError("--threads must be >= 1")
             rows = bench_loop(model=model, batch_sizes=sizes, method=method, repeats=repeats, warmup=warmup,
-                              seed=seed, device=device, memory=memory)
+                              seed=seed, device=device, memory=memory, threads=threads)
             if json_out:
                 sys.stdout.write(json.dumps(rows, indent=2) + "\n")
                 sys.stdout.flush()

@@ -54,7 +54,11 @@ def _peak_setup() -> bool:
 
         if not cpu_peak_supported():
             return False
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: freed big blocks go back to the OS
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: freed big blocks go back to the OS
+        # and what the heap already holds free (`ief` keeps it: iefcli.allocator) goes back now, or the
+        # steps below would be served from it and the resident set would not show their peak
+        libc.malloc_trim(0)
         return True
     except (OSError, AttributeError, ImportError):
         return False
@@ -78,25 +82,38 @@ def _peak_mib(step: Callable[[], None], device: torch.device, held: int, cpu_ok:
     return ((_proc_kib("VmHWM") - before) * 1024 + held) / 2**20
 
 
-def bench_loop(*, model: str = "mlp", batch_sizes=(32, 64, 128), method: str = "ief", damping: float = 1e-7,
-               lr: float = 1e-6, repeats: int = 5, warmup: int = 2, seed: int = 0, device: str = "cpu",
-               memory: bool = True) -> list[dict[str, Any]]:
-    """Rows ``{model, n, path, wall_ms, cpu_ms, peak_mib, wall_vs_sgd, cpu_vs_sgd}``, one per batch size
-    and path (:data:`PATHS`); ``peak_mib`` is None where it cannot be measured. The lr is tiny so
-    that repeated steps stay at (almost) the same point."""
-    from iefcli.eval.bench import Step, _workload_bytes, build_workload
+def _paths(wl, *, method: str, damping: float, lr: float, seed: int):
+    """The three steps of :data:`PATHS` on ``wl`` (each on its own copy of the model) and the preconditioner."""
+    from iefcli.eval.bench import Step
     from iefcli.precond.preconditioner import Preconditioner
 
+    m_sgd, m_pre = copy.deepcopy(wl.model), copy.deepcopy(wl.model)
+    pre = Preconditioner(m_pre, method=method, damping=damping, loss=wl.loss_fn)
+    steps = {"sgd_loop": _loop_step(wl, m_sgd, lr=lr),
+             "precond_loop": _loop_step(wl, m_pre, pre=pre, lr=lr),
+             "cli_fast": Step(method, wl, jacobian="fast", damping=damping, lr=lr, seed=seed)}
+    return steps, pre
+
+
+def bench_loop(*, model: str = "mlp", batch_sizes=(32, 64, 128), method: str = "ief", damping: float = 1e-7,
+               lr: float = 1e-6, repeats: int = 5, warmup: int = 2, seed: int = 0, device: str = "cpu",
+               memory: bool = True, threads: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``{model, n, path, wall_ms, cpu_ms, peak_mib, wall_vs_sgd, cpu_vs_sgd}``, one per batch size
+    and path (:data:`PATHS`); ``peak_mib`` is None where it cannot be measured. The lr is tiny so
+    that repeated steps stay at (almost) the same point. ``threads``: torch's CPU threads (None: as is).
+
+    Every batch size is timed first; the CPU peaks are measured afterwards, in a second pass on fresh
+    copies, because measuring them asks glibc to return freed blocks to the OS (``_peak_setup``),
+    which would make every timed step fault its temporaries in again."""
+    from iefcli.eval.bench import _workload_bytes, build_workload
+
     dev = torch.device(device)
-    cpu_ok = memory and dev.type == "cpu" and _peak_setup()
+    if threads is not None:
+        torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
     for n in batch_sizes:
         wl = build_workload(model, n, seed=seed, device=dev)
-        m_sgd, m_pre = copy.deepcopy(wl.model), copy.deepcopy(wl.model)
-        pre = Preconditioner(m_pre, method=method, damping=damping, loss=wl.loss_fn)
-        steps = {"sgd_loop": _loop_step(wl, m_sgd, lr=lr),
-                 "precond_loop": _loop_step(wl, m_pre, pre=pre, lr=lr),
-                 "cli_fast": Step(method, wl, jacobian="fast", damping=damping, lr=lr, seed=seed)}
+        steps, pre = _paths(wl, method=method, damping=damping, lr=lr, seed=seed)
         wall: dict[str, list[float]] = {k: [] for k in steps}
         cpu: dict[str, list[float]] = {k: [] for k in steps}
         for r in range(warmup + repeats):
@@ -110,16 +127,27 @@ def bench_loop(*, model: str = "mlp", batch_sizes=(32, 64, 128), method: str = "
                 if r >= warmup:
                     wall[k].append(time.perf_counter() - t0)
                     cpu[k].append(time.process_time() - c0)
-        held = _workload_bytes(wl)
-        peaks = {k: (_peak_mib(f, dev, held, cpu_ok) if memory else None) for k, f in steps.items()}
         base_w, base_c = statistics.median(wall["sgd_loop"]), statistics.median(cpu["sgd_loop"])
         for k in steps:
             w, c = statistics.median(wall[k]), statistics.median(cpu[k])
             rows.append({"model": model, "n": n, "path": k, "method": method if k != "sgd_loop" else "sgd",
-                         "wall_ms": 1e3 * w, "cpu_ms": 1e3 * c, "peak_mib": peaks[k],
+                         "wall_ms": 1e3 * w, "cpu_ms": 1e3 * c, "peak_mib": None,
                          "wall_vs_sgd": w / base_w, "cpu_vs_sgd": c / base_c})
         pre.remove()
-        del wl, steps, pre, m_sgd, m_pre
+        del wl, steps, pre
+    if memory:
+        cpu_ok = dev.type == "cpu" and _peak_setup()
+        for n in batch_sizes:
+            wl = build_workload(model, n, seed=seed, device=dev)
+            steps, pre = _paths(wl, method=method, damping=damping, lr=lr, seed=seed)
+            for f in steps.values():  # lazy initialisation is not the step's memory
+                f()
+            held = _workload_bytes(wl)
+            for row in rows:
+                if row["n"] == n:
+                    row["peak_mib"] = _peak_mib(steps[row["path"]], dev, held, cpu_ok)
+            pre.remove()
+            del wl, steps, pre
     return rows
 
 

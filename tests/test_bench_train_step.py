@@ -3,19 +3,12 @@ one real training run. Structure only: timings are never asserted (the machine i
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_train_step.py"
-
+from tool_scripts import load_tool
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_train_step", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_train_step")
 
 
 @pytest.mark.parametrize("optimizer, plain", [("sgd", True), ("ief", False)])

@@ -6,25 +6,18 @@ branched one and the accelerator's branch-free one, forced with ``branch_free=Tr
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from iefcli.core.solve import SolveInfo, duplicate_mask, solve_gram
+from tool_scripts import load_tool
 
 F64 = torch.float64
 TINY = torch.finfo(F64).tiny
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_solve.py"
-
-
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_solve", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_solve")
 
 
 OLD = _tool()

@@ -494,3 +494,24 @@ def test_compiled_model_is_not_a_silent_zero(name):
     assert ref.rel_err(bc.jac.jvp(v), bg.jac.jvp(v)) < 1e-12
     with pytest.raises(ModelError, match="torch.compile wrapper"):
         FastJacobian(compiled, case.params, case.inputs)
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["outer", "materialise"])
+def test_low_precision_model_combine_matches_float64(seq):
+    """A bf16 model: J^T x lands in bf16 from float32 blocks (an outer Linear, and a sequence Linear
+    whose kept per-sample gradients are float32), equal to the float64 model's to bf16 precision."""
+    torch.manual_seed(0)
+    t = 5 if seq else 1
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Flatten(), nn.Linear(6 * t, 3)).double().eval()
+    x = torch.randn(7, t, 4, dtype=torch.float64) if seq else torch.randn(7, 4, dtype=torch.float64)
+    u = torch.randn(1, 7, 3, dtype=torch.float64)
+    coef = torch.randn(7, dtype=torch.float64)
+    want = FastJacobian(model, trainable_params(model), x).rows(u).combine(coef)
+    model.to(torch.bfloat16)
+    rows = FastJacobian(model, trainable_params(model), x.to(torch.bfloat16)).rows(u.to(torch.bfloat16))
+    if seq:
+        assert rows.strategies["0.weight"] == "linear:materialise"
+    rows.gram()  # as in a step: a materialised layer keeps its float32 per-sample gradients for J^T x
+    got = rows.combine(coef)
+    assert got.dtype == torch.bfloat16
+    assert ref.rel_err(got.double(), want) < 5e-2

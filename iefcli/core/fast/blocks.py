@@ -74,11 +74,20 @@ def _aat(a: Tensor) -> Tensor:
     return out
 
 
+def _acc_sum(terms: list[Tensor]) -> Tensor:
+    """The float64 sum of a block's fresh Gram terms, in order (each rounded once into float64; the
+    same values as adding them into zeros, 0 + a being a)."""
+    out = terms[0].to(ACC)
+    for t in terms[1:]:
+        out += t
+    return out
+
+
 def _mv_into(o: Tensor, g: Tensor, x: Tensor) -> None:
     """o <- g^T x (g (M, numel), x (M,)) written straight into ``o`` (a view of the flat result)."""
-    if o.is_contiguous():
+    if o.is_contiguous() and o.dtype == g.dtype:
         torch.mv(g.t(), x, out=o.view(-1))
-    else:
+    else:  # e.g. bf16 params, float32 blocks: one rounding into the result's dtype
         o.copy_((x @ g).view(o.shape))
 
 
@@ -102,7 +111,7 @@ class Block:
         return list(self.roles.values())
 
     def gram(self) -> Tensor:
-        """This block's share of R R^T, (M, M), float64."""
+        """This block's share of R R^T, (M, M), float64: a fresh tensor (FastRows sums into it)."""
         ...
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
@@ -170,27 +179,26 @@ class _MatmulBlock(Block):
         # Formed in the compute dtype (float32 for float32 params: the per-block products lose
         # ~1e-7 relative), each block rounded once into float64, where the blocks are summed.
         m = self.e.shape[0]
-        out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
+        terms = []
         if "weight" in self.roles:
             if self.x.shape[1] == 1:
                 x, e = self.x[:, 0], self.e[:, 0]
                 xx = _aat(x)  # (N, N)
                 if self.k > 1:
                     xx = xx.repeat(self.k, self.k)
-                out += xx * _aat(e)  # Hadamard product of the two Grams
+                terms.append(xx * _aat(e))  # Hadamard product of the two Grams
             elif self.strategy == "materialise":
                 # this layer's per-sample gradients, (M, d_out*d_in), as the plain path would form them;
                 # kept (small layers) for J^T x in the compute dtype: one (M) x (M, P_layer) product
                 g = torch.bmm(self.e.transpose(1, 2), self._x_rows()).reshape(m, -1)
-                out += _aat(g)
+                terms.append(_aat(g))
                 if g.numel() <= KEEP_PER_SAMPLE_ELEMENTS:
                     self._g = g
             else:
-                out += _gram_weight_ghost(self._x_rows(), self.e)
+                terms.append(_gram_weight_ghost(self._x_rows(), self.e))
         if "bias" in self.roles:
-            eb = self._bias_rows()
-            out += _aat(eb)
-        return out
+            terms.append(_aat(self._bias_rows()))
+        return _acc_sum(terms)
 
     def _bias_rows(self) -> Tensor:
         """(M, d_out) per-sample bias gradients sum_t E_mt, in the compute dtype (cached)."""
@@ -220,9 +228,15 @@ class _MatmulBlock(Block):
             if self.k > 1:
                 ex = ex.reshape(self.k, n, *ex.shape[1:]).sum(dim=0)
             if w is not None:
-                w.copy_(ex.reshape(-1, d_out).T @ self.x.reshape(-1, d_in))
+                if w.dtype == dt:
+                    torch.mm(ex.reshape(-1, d_out).T, self.x.reshape(-1, d_in), out=w)
+                else:  # e.g. bf16 params, float32 blocks
+                    w.copy_(ex.reshape(-1, d_out).T @ self.x.reshape(-1, d_in))
             if b is not None:
-                b.copy_(ex.sum(dim=(0, 1)))
+                if b.dtype == dt:
+                    torch.sum(ex, dim=(0, 1), out=b)
+                else:
+                    b.copy_(ex.sum(dim=(0, 1)))
             return
         x64 = x.to(ACC)[:, None, None]
         xin = self.x.reshape(-1, d_in).to(ACC)
@@ -321,15 +335,12 @@ class _ConvBlock(Block):
         return self.e.reshape(*self.e.shape[:2], -1).sum(dim=2)  # (M, C_out)
 
     def gram(self) -> Tensor:
-        m = self.e.shape[0]
-        out = torch.zeros(m, m, dtype=ACC, device=self.e.device)
+        terms = []
         if "weight" in self.roles:
-            g = self._per_sample()
-            out += _aat(g)
+            terms.append(_aat(self._per_sample()))
         if "bias" in self.roles:
-            eb = self._bias_rows()
-            out += _aat(eb)
-        return out
+            terms.append(_aat(self._bias_rows()))
+        return _acc_sum(terms)
 
     def combine_into(self, x: Tensor, out: dict[str, Tensor]) -> None:
         dt = ACC if next(iter(out.values())).dtype == ACC else self.cdt

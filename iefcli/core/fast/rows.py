@@ -49,12 +49,14 @@ class FastRows:
     def gram(self) -> Tensor:
         """R R^T, (M, M), float64."""
         if self._gram is None:
-            g = torch.zeros(self.n_rows, self.n_rows, dtype=ACC, device=self.device)
-            for b in self.blocks:
-                g += b.gram()
+            g = None
+            for b in self.blocks:  # each block's gram() is a fresh float64 tensor: the first one is the sum
+                gb = b.gram()
+                g = gb if g is None else g.add_(gb)
             if self.fallback is not None:
-                g += self.fallback.gram()
-            self._gram = g
+                fb = self.fallback.gram()  # DenseRows caches its Gram: never summed into in place
+                g = fb.clone() if g is None else g.add_(fb)
+            self._gram = g if g is not None else torch.zeros(self.n_rows, self.n_rows, dtype=ACC, device=self.device)
         return self._gram
 
     def combine(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -212,12 +212,14 @@ def test_loop_bench_honours_threads_and_sees_the_steps_memory():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "iefcli", "bench", "--loop", "--model", "mlp:64-1024-10", "-n", "64",
+    proc = subprocess.run([sys.executable, "-m", "iefcli", "bench", "--loop", "--model", "mlp", "-n", "32",
                            "--threads", "1", "--repeats", "2", "--warmup", "1", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["path"]: r for r in json.loads(proc.stdout)}
     for r in rows.values():
         assert r["cpu_ms"] <= 1.05 * r["wall_ms"] + 0.5, r  # one thread cannot use more CPU than wall time
-    # E of the 1024-wide layer alone is 64 x 1024 float32 = 0.25 MiB, kept by the hooks for pre.step()
-    assert rows["precond_loop"]["peak_mib"] > rows["sgd_loop"]["peak_mib"] + 0.25, rows
+    # the iEF paths allocate ~8 MiB more than an SGD step during the step on the bench MLP (the layer
+    # blocks, the Gram, J^T x); on an untrimmed heap the three mostly read the same (model and batch)
+    peaks = {k: r["peak_mib"] for k, r in rows.items()}
+    assert peaks["precond_loop"] > peaks["sgd_loop"] + 4 and peaks["cli_fast"] > peaks["sgd_loop"] + 4, peaks

@@ -402,3 +402,16 @@ def test_a_layer_called_twice_is_refused_and_falls_back():
     d, info = kfac_direction("ekfac", model, _params(model), x, y, CrossEntropy(), fwd, 1e-3)
     assert int(info["kfac_layers"]) == 1 and int(info["kfac_fallback_params"]) == 2
     assert torch.isfinite(d).all()
+
+
+def test_optim_config_and_kfac_options_share_their_defaults():
+    """OptimConfig repeats KFACOptions' defaults (each module importing the other would be an import
+    cycle through iefcli.optim): a recipe without K-FAC keys and the library's KFACOptions() must agree."""
+    import dataclasses
+
+    from iefcli.optim.base import OptimConfig
+
+    config_fields = {f.name: f for f in dataclasses.fields(OptimConfig)}
+    for f in dataclasses.fields(KFACOptions):
+        assert f.name in config_fields, f.name
+        assert config_fields[f.name].default == f.default, (f.name, config_fields[f.name].default, f.default)

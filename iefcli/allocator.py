@@ -5,7 +5,7 @@ largest block freed so far) by a fresh ``mmap`` and gives them back to the syste
 freed, and it trims the top of its heap when more than twice that threshold is free there. A
 training step allocates and frees the same multi-MB tensors every step (activations, per-sample
 gradient blocks, Gram temporaries), so without a fixed setting each step faults those pages in
-again: on one CPU thread that was 25-35% of an iEF step on the small conv nets and the
+again: on one CPU thread that was 15-30% of an iEF step on the small conv nets and the
 transformer encoder of ``ief bench --model`` (e.g. encoder iEF/SGD 2.4 -> 1.8, resnet-gn
 2.2 -> 1.6). :func:`tune_cpu_allocator` sets both thresholds once, as jemalloc / tcmalloc
 (what PyTorch's CPU performance guide recommends preloading) would behave: blocks up to 32 MiB

@@ -39,7 +39,11 @@ class OneLineUsageErrors(TyperGroup):
         except (Abort, KeyboardInterrupt):
             print("ief: error: interrupted", file=sys.stderr)
             sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+        code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        comm = sys.modules.get("iefcli.dist.comm")  # loaded only when the command used torch.distributed
+        if comm is not None and code == 0:
+            comm.finished()  # a clean exit: meet the other ranks before the process group goes
+        sys.exit(code)
 
 
 app = typer.Typer(

@@ -31,7 +31,7 @@ from torch import nn
 
 from iefcli.core.losses import CrossEntropy
 from iefcli.core.params import trainable_params
-from iefcli.dist.comm import init_from_env
+from iefcli.dist.comm import finished, init_from_env
 from iefcli.dist.grads import DistModelFn
 from iefcli.optim import OptimConfig, make_optimizer
 from iefcli.train.task import Batch
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _memory(a.model, a.cap_mb)
 
     comm = init_from_env("cpu")
+    finished(False)  # until this run ends without error (see iefcli.dist.comm: the barrier at exit)
     torch.manual_seed(0)
     model = _model(a.d_in, a.hidden, a.depth, a.classes)
     params = trainable_params(model)
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if comm.rank == 0:
         print(json.dumps(out))
+    finished()
     return out
 
 

@@ -17,6 +17,13 @@ docs/distributed.md.
 Failure: :func:`init_from_env` sets a timeout on every collective
 (``IEF_DIST_TIMEOUT_S``, default 600 s), so a rank that stops answering ends the job
 instead of hanging it; a rank that exits is seen by torchrun, which stops the others.
+
+Exit: the process group iefcli created is destroyed at exit. After :func:`finished` (a
+command or a bench that ended without error) a gloo rank first meets the others in a
+bounded barrier (``EXIT_BARRIER_S``), so that no rank tears its connections down while a
+peer still uses them: in CI a rank that had done all its work was seen aborting at exit
+("terminate called without an active exception", SIGABRT in gloo's teardown). A rank on an
+error path exits at once (torchrun's agent stops the others).
 """
 
 from __future__ import annotations
@@ -62,10 +69,26 @@ def init_from_env(device: str = "cpu") -> "Comm":
     return Comm(dist.get_rank(), dist.get_world_size(), device=torch.device(device))
 
 
+EXIT_BARRIER_S = 30.0
+_finished = False
+
+
+def finished(done: bool = True) -> None:
+    """Mark this rank's work as ended without error (``done``), or not: at exit a finished gloo rank
+    meets the other ranks before its process group is destroyed (see the module doc)."""
+    global _finished
+    _finished = bool(done)
+
+
 def _destroy() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if _finished and dist.get_backend() == "gloo":
+            try:  # bounded: a peer that is gone costs at most EXIT_BARRIER_S, then the teardown goes on
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+            except Exception:  # noqa: BLE001 - at exit, after the work: nothing left to report
+                pass
         dist.destroy_process_group()
 
 

@@ -115,6 +115,8 @@ def test_cli_table():
         (["--damping", "0"], "--damping"),
         (["--repeats", "0"], "--repeats"),
         (["--device", "gpu"], "--device"),
+        (["--threads", "0"], "--threads"),
+        (["--loop", "--threads", "0", "--model", TINY], "--threads"),
     ],
 )
 def test_cli_bad_input_exit_2(args, needle):

@@ -112,12 +112,23 @@ CASES = {
 }
 
 
+def _batch(n=5):
+    """The fixed float64 inputs (n, L, 4) and labels every test here uses."""
+    x = torch.randn(n, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1))
+    return x, y
+
+
 def _case(name, n=5):
     torch.manual_seed(0)
     m = AttnNet(**CASES[name]).double().eval()
-    x = torch.randn(n, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1))
-    return m, x, y
+    return (m, *_batch(n))
+
+
+def _fast(m):
+    """(x, y, the fast path's BatchGrads) of ``m`` on the fixed batch."""
+    x, y = _batch()
+    return x, y, batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
 
 
 def _loop_rows(m, x, y):
@@ -207,9 +218,7 @@ def test_encoder_layers_take_the_attention_rule():
     layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)
     m = nn.Sequential(nn.Linear(4, D), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
                       nn.Flatten(), nn.Linear(L * D, 3)).double().eval()
-    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    x, y, bf = _fast(m)
     paths = bf.jac.param_paths
     assert paths["1.layers.1.self_attn.in_proj_weight"] == "attention"
     assert paths["1.layers.0.self_attn.out_proj.bias"] == "attention"
@@ -222,9 +231,7 @@ def test_not_covered_is_replayed_and_exact():
     torch.manual_seed(0)
     m = AttnNet(add_bias_kv=True).double().eval()
     assert "add_bias_kv" in attention_rule(m.attn)
-    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    x, y, bf = _fast(m)
     assert bf.jac.param_paths["attn.in_proj_weight"] == "replay"
     assert "add_bias_kv" in bf.jac.fallback_reasons["attn.in_proj_weight"]
     _check_rows(bf.rows, _loop_rows(m, x, y))
@@ -234,9 +241,7 @@ def test_not_covered_with_weights_used_takes_the_whole_model_path():
     """The replay replays output 0 only: attention weights reaching the loss send it to the whole model."""
     torch.manual_seed(0)
     m = AttnNet(add_bias_kv=True, need_weights=True, use_weights=True).double().eval()
-    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    x, y, bf = _fast(m)
     assert bf.jac.param_paths["attn.in_proj_weight"] == "vmap"
     assert "tuple" in bf.jac.fallback_reasons["attn.in_proj_weight"]
     _check_rows(bf.rows, _loop_rows(m, x, y))
@@ -257,9 +262,7 @@ class Twice(nn.Module):
 def test_attention_called_twice_falls_back_exactly():
     torch.manual_seed(0)
     m = Twice().double().eval()
-    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    x, y, bf = _fast(m)
     assert bf.jac.param_paths["attn.in_proj_weight"] == "vmap"
     assert "called 2 times" in bf.jac.fallback_reasons["attn.in_proj_weight"]
     assert "forward" not in m.attn.__dict__  # the rule's forward is removed after the batched forward
@@ -282,9 +285,7 @@ class ReadOutside(Twice):
 def test_attention_parameter_read_outside_falls_back_exactly():
     torch.manual_seed(0)
     m = ReadOutside().double().eval()
-    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    x, y, bf = _fast(m)
     assert bf.jac.param_paths["attn.out_proj.bias"] == "vmap"
     assert "outside the module" in bf.jac.fallback_reasons["attn.out_proj.bias"]
     _check_rows(bf.rows, _loop_rows(m, x, y))
@@ -348,9 +349,7 @@ class InPlaceAfter(nn.Module):
 def test_in_place_ops_on_the_attention_output():
     torch.manual_seed(0)
     m = InPlaceAfter().double().eval()
-    x = torch.randn(5, L, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    bf = batch_grads(m, trainable_params(m), x, y, CrossEntropy(), jacobian="fast")
+    x, y, bf = _fast(m)
     assert bf.jac.param_paths["attn.out_proj.weight"] == "attention"
     _check_rows(bf.rows, _loop_rows(m, x, y))
 

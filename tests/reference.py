@@ -229,3 +229,14 @@ def check_rows(rf, J: Tensor, tol: float = 1e-12) -> None:
     for blk in getattr(rf, "blocks", []):
         mat = blk.matrix()
         assert rel_err(blk.gram(), mat @ mat.T) < tol, blk.kind
+
+
+def fast_and_plain(model, inputs, labels):
+    """The fast path's and the plain (vmap) path's BatchGrads of the summed cross-entropy on one batch,
+    for tests that compare the two paths' Grams."""
+    from iefcli.core import trainable_params
+    from iefcli.core.jacobian import batch_grads
+    from iefcli.core.losses import CrossEntropy
+
+    params = trainable_params(model)
+    return tuple(batch_grads(model, params, inputs, labels, CrossEntropy(), jacobian=j) for j in ("fast", "vmap"))

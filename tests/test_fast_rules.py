@@ -150,9 +150,7 @@ def test_attention_weights_used_downstream_take_the_whole_model_path():
     replay's tuple check (weights reaching the loss -> whole model) is in tests/test_fast_attn.py."""
     m, x, y = _model("mha")
     m.use_weights = True  # the second output reaches the loss: replaying only output 0 would be wrong
-    params = trainable_params(m)
-    bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")
-    bv = batch_grads(m, params, x, y, CrossEntropy(), jacobian="vmap")
+    bf, bv = ref.fast_and_plain(m, x, y)
     assert bf.jac.param_paths["attn.in_proj_weight"] == "attention"
     assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-12
 
@@ -160,9 +158,7 @@ def test_attention_weights_used_downstream_take_the_whole_model_path():
 def test_float32_replay_close_to_plain():
     m, x, y = _model("encoder")
     m, x = m.float(), x.float()
-    params = trainable_params(m)
-    bf = batch_grads(m, params, x, y, CrossEntropy(), jacobian="fast")
-    bv = batch_grads(m, params, x, y, CrossEntropy(), jacobian="vmap")
+    bf, bv = ref.fast_and_plain(m, x, y)
     assert ref.rel_err(bf.rows.gram(), bv.rows.gram()) < 1e-5
 
 
